@@ -1,0 +1,76 @@
+"""xmipp_accel: GPU-accelerated single-particle analysis for Scipion.
+
+FlexAlign movie alignment, DeepAlign-style angular assignment with GPU
+projection matching, gather-based 3D Fourier reconstruction, FSC and local
+resolution, and the machinery that makes them fast (FFT size advisor, kernel
+autotuning, a task runtime). Algorithms live in :mod:`xmipp_accel.gpu`
+(NumPy or CuPy), conventions in :mod:`xmipp_accel.em`, file formats in
+:mod:`xmipp_accel.io`, the ``xmipp-accel`` command in :mod:`xmipp_accel.cli`
+and the Scipion adapters in :mod:`xmipp_accel.protocols` and
+:mod:`xmipp_accel.viewers`.
+
+The Scipion ``Plugin`` class is defined only when Scipion (pwem) is importable,
+so the algorithms and the command line work without Scipion.
+"""
+import os
+import sys
+
+__version__ = "0.1.0"
+
+_logo = "xmipp_accel_logo.png"
+_references = ["Strelak2020FlexAlign", "Strelak2019Reconstruction", "JimenezMoreno2021DeepAlign",
+               "Petrovic2020KTT", "Strelak2018cuFFTAdvisor", "Strelak2023Umpalumpa"]
+
+try:  # Scipion is optional for the algorithms and the CLI
+    import pwem
+    import pyworkflow.utils as pwutils
+except Exception:  # pragma: no cover - exercised where Scipion is absent (GPU machine)
+    pwem = None
+
+if pwem is not None:
+    from . import constants as _c
+
+    class Plugin(pwem.Plugin):
+        """Scipion plugin for xmipp_accel (pure Python: nothing to install with installb)."""
+        _homeVar = None
+        _pathVars = []
+        _supportedVersions = [__version__]
+        _url = "https://github.com/scipion-em/scipion-em-xmipp-accel"
+
+        @classmethod
+        def _defineVariables(cls):
+            cls._defineVar(_c.XMIPP_ACCEL_DEVICE, "auto")
+            cls._defineVar(_c.XMIPP_ACCEL_GPU, "")
+            cls._defineVar(_c.XMIPP_ACCEL_CACHE, "")
+            cls._defineVar(_c.XMIPP_ACCEL_PYTHON, sys.executable)
+            cls._defineVar(_c.XMIPP_ACCEL_CHIMERAX, "ChimeraX")
+
+        @classmethod
+        def getEnviron(cls):
+            """Environment for ``runJob``: our variables exported, progress bars off in logs."""
+            env = pwutils.Environ(os.environ)
+            for var in (_c.XMIPP_ACCEL_DEVICE, _c.XMIPP_ACCEL_CACHE):
+                value = cls.getVar(var)
+                if value:
+                    env[var] = value
+            env["PYTHONUNBUFFERED"] = "1"
+            return env
+
+        @classmethod
+        def getCommand(cls) -> str:
+            """The program that protocols run: ``<python> -m xmipp_accel``."""
+            return f"{cls.getVar(_c.XMIPP_ACCEL_PYTHON) or sys.executable} -m xmipp_accel"
+
+        @classmethod
+        def validateInstallation(cls):
+            """Return a list of problems (empty when fine)."""
+            errors = []
+            try:
+                import mrcfile  # noqa: F401
+            except ImportError:
+                errors.append("mrcfile is missing: pip install mrcfile")
+            return errors
+
+        @classmethod
+        def defineBinaries(cls, env):
+            """Pure-Python plugin: dependencies come from pip (extras gpu, deep, mpi)."""
