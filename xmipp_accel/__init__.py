@@ -54,7 +54,23 @@ if pwem is not None:
                 if value:
                     env[var] = value
             env["PYTHONUNBUFFERED"] = "1"
+            env.setdefault("TQDM_MININTERVAL", "10")  # keep progress bars from flooding run.stderr
             return env
+
+        @classmethod
+        def gpuAvailable(cls) -> bool:
+            """True when CuPy can use a CUDA device on this machine (imports CuPy lazily, once)."""
+            if not hasattr(cls, "_gpuAvailable"):
+                from .gpu import backend
+                cls._gpuAvailable = bool(backend.gpu_available())
+            return cls._gpuAvailable
+
+        @classmethod
+        def getGpuError(cls) -> str:
+            """The message a protocol shows when a GPU is requested but none is usable."""
+            return ("No usable GPU was found on this machine (CuPy is missing or sees no CUDA device). "
+                    "Set 'Use GPU?' to No to run on the CPU (same results, slower), or install the "
+                    "GPU extra: pip install 'scipion-em-xmipp-accel[gpu]'.")
 
         @classmethod
         def getCommand(cls) -> str:
@@ -65,10 +81,15 @@ if pwem is not None:
         def validateInstallation(cls):
             """Return a list of problems (empty when fine)."""
             errors = []
-            try:
-                import mrcfile  # noqa: F401
-            except ImportError:
-                errors.append("mrcfile is missing: pip install mrcfile")
+            for module, package in (("mrcfile", "mrcfile"), ("tifffile", "tifffile"), ("scipy", "scipy")):
+                try:
+                    __import__(module)
+                except ImportError:
+                    errors.append(f"{module} is missing: pip install {package}")
+            python = cls.getVar(_c.XMIPP_ACCEL_PYTHON)
+            if python and os.path.isabs(python) and not os.path.exists(python):
+                errors.append(f"{_c.XMIPP_ACCEL_PYTHON}={python} does not exist: unset it or point it to the "
+                              "Python that has xmipp_accel installed")
             return errors
 
         @classmethod

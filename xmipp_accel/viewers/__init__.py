@@ -2,3 +2,12 @@
 Scipion viewers (FSC curves, local-resolution slices and histogram, ChimeraX
 scripts, movie-alignment shift plots).
 """
+import sys as _sys
+
+# The Scipion viewer classes are imported only inside a Scipion process (pyworkflow already loaded,
+# as when Scipion discovers the plugin's viewers): the command line imports ``viewers.plots`` without
+# paying for pyworkflow and pwem.
+if "pyworkflow" in _sys.modules:
+    from .viewer_assign_angles import XmippAccelAssignAnglesViewer  # noqa: F401
+    from .viewer_movie_alignment import XmippAccelMovieAlignViewer  # noqa: F401
+    from .viewer_resolution import XmippAccelFscViewer, XmippAccelLocalResolutionViewer  # noqa: F401

@@ -1,0 +1,103 @@
+"""FFT helpers shared by the movie-alignment stages (private).
+
+NumPy arrays go through :mod:`scipy.fft` (single precision kept, all cores), CuPy
+arrays through ``cupy.fft`` (cuFFT, plans cached by CuPy). Transform sizes come
+from the FFT size advisor (:mod:`xmipp_accel.gpu.tuning.fft_advisor`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from .. import backend
+
+__all__ = ["rfft2", "irfft2", "fast_size", "fast_shape", "rfft_freqs", "fourier_crop_rfft"]
+
+_WORKERS = max(1, os.cpu_count() or 1)
+
+
+def rfft2(x):
+    """Real-to-complex 2D transform over the last two axes (complex64 for float32 input)."""
+    xp = backend.get_xp(x)
+    if xp is np:
+        import scipy.fft as sfft
+        return sfft.rfft2(x, axes=(-2, -1), workers=_WORKERS)
+    return xp.fft.rfft2(x, axes=(-2, -1))
+
+
+def irfft2(spec, shape: Sequence[int]):
+    """Complex-to-real 2D transform over the last two axes to real ``shape`` (y, x)."""
+    xp = backend.get_xp(spec)
+    shape = tuple(int(s) for s in shape)
+    if xp is np:
+        import scipy.fft as sfft
+        return sfft.irfft2(spec, s=shape, axes=(-2, -1), workers=_WORKERS)
+    return xp.fft.irfft2(spec, s=shape, axes=(-2, -1))
+
+
+def fast_size(n: int, *, allow_crop: bool = False, real: bool = False, even: bool = True) -> int:
+    """A transform length >= ``n`` (or slightly below with ``allow_crop``) that cuFFT runs fast.
+
+    Uses the FFT size advisor's cost model (deterministic, GPU independent); falls back to the
+    next 2^a·3^b·5^c·7^d size when the advisor is unavailable.
+    """
+    n = int(n)
+    try:
+        from ..tuning.fft_advisor import good_fft_size
+        return int(good_fft_size(n, allow_crop=allow_crop, real=real, multiple_of=2 if even else 1))
+    except ImportError:  # pragma: no cover - the advisor ships with the package
+        m = max(n, 1)
+        while True:
+            k = m
+            for p in (2, 3, 5, 7):
+                while k % p == 0:
+                    k //= p
+            if k == 1 and (not even or m % 2 == 0):
+                return m
+            m += 1
+
+
+def fast_shape(shape: Sequence[int]) -> Tuple[int, int]:
+    """Fast (y, x) transform shape, each axis padded (never cropped) to a fast even length."""
+    ny, nx = (int(s) for s in shape)
+    return fast_size(ny), fast_size(nx, real=True)
+
+
+def rfft_freqs(shape: Sequence[int], xp=np, dtype=np.float32):
+    """Frequencies of an rfft2 half spectrum in cycles per pixel.
+
+    Returns
+    -------
+    ky : (ny, 1) array, signed frequency of each row.
+    kx : (1, nx//2 + 1) array, non-negative frequency of each column.
+    """
+    ny, nx = (int(s) for s in shape)
+    ky = xp.asarray(np.fft.fftfreq(ny).astype(dtype)).reshape(ny, 1)
+    kx = xp.asarray(np.fft.rfftfreq(nx).astype(dtype)).reshape(1, nx // 2 + 1)
+    return ky, kx
+
+
+def fourier_crop_rfft(spec, in_shape: Sequence[int], out_shape: Sequence[int]):
+    """Keep the low frequencies of rfft2 half spectra: (..., ny, nx//2+1) -> (..., oy, ox//2+1).
+
+    The result is scaled by ``(oy·ox)/(ny·nx)`` so that the inverse transform at the new size keeps the
+    mean value per pixel (Fourier binning / downscaling with the mean preserved). Output sizes must not
+    exceed the input sizes; equal sizes return a scaled copy.
+    """
+    xp = backend.get_xp(spec)
+    ny, nx = (int(s) for s in in_shape)
+    oy, ox = (int(s) for s in out_shape)
+    if oy > ny or ox > nx:
+        raise ValueError(f"Fourier crop from {ny}x{nx} to {oy}x{ox}: the output must not be larger")
+    scale = np.float32(oy * ox / (ny * nx))
+    oxh = ox // 2 + 1
+    lead = spec.shape[:-2]
+    out = xp.empty(lead + (oy, oxh), dtype=spec.dtype)
+    top = (oy + 1) // 2        # rows 0 .. top-1 are the non-negative frequencies
+    bottom = oy - top          # the last `bottom` rows are the negative ones
+    xp.multiply(spec[..., :top, :oxh], scale, out=out[..., :top, :])
+    if bottom:
+        xp.multiply(spec[..., ny - bottom:, :oxh], scale, out=out[..., top:, :])
+    return out

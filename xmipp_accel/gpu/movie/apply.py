@@ -1,0 +1,213 @@
+"""Applying the motion: Fourier shifts, local (B-spline) correction by interpolation, sums and PSD.
+
+* Global shifts are applied in Fourier space (:func:`shift_spectra`): exact for any sub-pixel shift.
+* Local shifts (the B-spline field of :mod:`.bspline`, what remains after the global shifts) are
+  applied by Keys cubic convolution (a = -0.5) in real space (:func:`correct_local_motion`): on the
+  GPU by the CUDA kernel in ``apply.cu`` (one thread per output pixel, the spline evaluated on the fly
+  from the frame's 4×4 active control points), on the CPU by :func:`correct_local_motion_reference`,
+  the same arithmetic in NumPy, which is also the test oracle.
+* :func:`power_spectrum` gives the averaged periodogram of a micrograph for CTF estimation.
+
+Sign: moving the content of frame n by ``+s`` gives ``aligned(p) = frame(p - s(p))``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .. import backend
+from ._fft import rfft2, rfft_freqs
+
+__all__ = ["shift_spectra", "keys_weights", "correct_local_motion", "correct_local_motion_reference",
+           "power_spectrum"]
+
+_KERNEL_FILE = os.path.join(os.path.dirname(__file__), "apply.cu")
+
+
+def shift_spectra(spectra, shifts_xy, shape: Sequence[int], *, out=None):
+    """Move the content of images by ``+shift`` by multiplying their rfft2 spectra by phase ramps.
+
+    Parameters
+    ----------
+    spectra : complex64 array (N, ny, nx//2 + 1)
+    shifts_xy : float array (N, 2)
+        (x, y) shift per image in pixels; ``image'(p) = image(p - shift)``.
+    shape : (ny, nx)
+        Real-space size.
+    out : array like ``spectra``, optional
+        Destination (may be ``spectra`` itself for an in-place shift).
+
+    Returns
+    -------
+    complex64 array (N, ny, nx//2 + 1)
+    """
+    xp = backend.get_xp(spectra)
+    ny, nx = (int(s) for s in shape)
+    s = np.asarray(backend.to_host(shifts_xy), dtype=np.float64).reshape(-1, 2)
+    ky, kx = rfft_freqs((ny, nx), xp=xp, dtype=np.float64)               # (ny,1), (1,nxh)
+    sx = xp.asarray(s[:, 0]).reshape(-1, 1, 1)
+    sy = xp.asarray(s[:, 1]).reshape(-1, 1, 1)
+    ramp_x = xp.exp(-2j * np.pi * kx[None] * sx).astype(np.complex64)      # (N, 1, nxh)
+    ramp_y = xp.exp(-2j * np.pi * ky[None] * sy).astype(np.complex64)      # (N, ny, 1)
+    if out is None:
+        out = spectra * ramp_y
+    else:
+        xp.multiply(spectra, ramp_y, out=out)
+    out *= ramp_x
+    return out
+
+
+def keys_weights(t, xp=np):
+    """Keys (a = -0.5) cubic convolution weights for taps at offsets -1, 0, 1, 2 from ``floor(u)``.
+
+    Parameters
+    ----------
+    t : float array
+        Fractional part ``u - floor(u)`` in [0, 1).
+
+    Returns
+    -------
+    tuple of four arrays like ``t``
+    """
+    t2 = t * t
+    t3 = t2 * t
+    return (-0.5 * t3 + t2 - 0.5 * t,
+            1.5 * t3 - 2.5 * t2 + 1.0,
+            -1.5 * t3 + 2.0 * t2 + 0.5 * t,
+            0.5 * t3 - 0.5 * t2)
+
+
+def _sample_keys(frame, ys, xs, xp):
+    """Keys cubic samples of ``frame`` (y, x) at float positions; indices clamped to the frame."""
+    ny, nx = frame.shape
+    fy = xp.floor(ys)
+    fx = xp.floor(xs)
+    wy = keys_weights((ys - fy).astype(np.float32), xp)
+    wx = keys_weights((xs - fx).astype(np.float32), xp)
+    iy = fy.astype(np.int64)
+    ix = fx.astype(np.int64)
+    flat = frame.ravel()
+    cols = [xp.clip(ix + (b - 1), 0, nx - 1) for b in range(4)]
+    out = xp.zeros(ys.shape, dtype=np.float32)
+    for a in range(4):
+        base = xp.clip(iy + (a - 1), 0, ny - 1) * nx
+        row = wx[0] * xp.take(flat, base + cols[0])
+        for b in range(1, 4):
+            row += wx[b] * xp.take(flat, base + cols[b])
+        out += wy[a] * row
+    return out
+
+
+def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Sequence[float], *, out=None,
+                                   rows_per_chunk: int = 256):
+    """NumPy twin of the CUDA kernel: undo a smooth local shift field by Keys cubic interpolation.
+
+    Parameters
+    ----------
+    frames : float32 array (N, ny, nx)
+        Frames already corrected for the global shifts.
+    frame_coefficients : float array (N, 2, Ly, Lx)
+        Per frame, the B-spline coefficients in x and y of the remaining shift (pixels) after summing
+        over the time basis (:meth:`BSplineShiftModel.frame_coefficients`).
+    spacing_yx : (hy, hx)
+        Control-point spacing in pixels; control point j sits at ``(j - 1) h``.
+    out : float32 array (N, ny, nx), optional
+
+    Returns
+    -------
+    float32 array (N, ny, nx): ``out[n](p) = frames[n](p - s_n(p))``.
+    """
+    from .bspline import basis_matrix
+    xp = backend.get_xp(frames)
+    n, ny, nx = frames.shape
+    coef = xp.asarray(frame_coefficients, dtype=np.float32)
+    ly, lx = coef.shape[-2:]
+    hy, hx = (float(v) for v in spacing_yx)
+    bx = basis_matrix(np.arange(nx, dtype=np.float64), lx, hx).astype(np.float32)   # (nx, Lx)
+    by = basis_matrix(np.arange(ny, dtype=np.float64), ly, hy).astype(np.float32)   # (ny, Ly)
+    bx, by = xp.asarray(bx), xp.asarray(by)
+    if out is None:
+        out = xp.empty_like(frames, dtype=np.float32)
+    xs_all = xp.arange(nx, dtype=np.float32)[None, :]
+    for f in range(n):
+        cx_t = coef[f, 0] @ bx.T       # (Ly, nx)
+        cy_t = coef[f, 1] @ bx.T
+        for r0 in range(0, ny, rows_per_chunk):
+            r1 = min(ny, r0 + rows_per_chunk)
+            sx = by[r0:r1] @ cx_t      # (rows, nx)
+            sy = by[r0:r1] @ cy_t
+            ys = xp.arange(r0, r1, dtype=np.float32)[:, None] - sy
+            xs = xs_all - sx
+            out[f, r0:r1] = _sample_keys(frames[f], ys, xs, xp)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_id: int):
+    cp = backend.cupy_module()
+    with open(_KERNEL_FILE) as fh:
+        src = fh.read()
+    module = backend.get_raw_module(src, name_expressions=None)
+    return module.get_function("correct_local_motion")
+
+
+def correct_local_motion(frames, frame_coefficients, spacing_yx: Sequence[float], *, out=None):
+    """Undo a smooth local shift field by Keys cubic interpolation (GPU kernel; NumPy twin on the CPU).
+
+    Same parameters and result as :func:`correct_local_motion_reference`, which runs for NumPy input.
+    """
+    xp = backend.get_xp(frames)
+    if xp is np:
+        return correct_local_motion_reference(frames, frame_coefficients, spacing_yx, out=out)
+    n, ny, nx = frames.shape
+    frames = xp.ascontiguousarray(frames, dtype=np.float32)
+    coef = xp.ascontiguousarray(xp.asarray(frame_coefficients, dtype=np.float32))
+    ly, lx = coef.shape[-2:]
+    if out is None:
+        out = xp.empty_like(frames)
+    hy, hx = (float(v) for v in spacing_yx)
+    kern = _kernel(xp.cuda.Device().id)
+    block = (32, 8, 1)
+    grid = ((nx + 31) // 32, (ny + 7) // 8, n)
+    kern(grid, block, (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
+                       np.float32(1.0 / hx), np.float32(1.0 / hy)))
+    return out
+
+
+def power_spectrum(image, *, tile: int = 512):
+    """Averaged periodogram of a micrograph (Welch: half-overlapping tiles, mean removed per tile).
+
+    Parameters
+    ----------
+    image : float array (ny, nx)
+    tile : int
+        Tile (and output) size in pixels; reduced to the image's smaller even side if larger.
+
+    Returns
+    -------
+    float32 array (tile, tile): power spectrum with zero frequency at ``(tile//2, tile//2)``.
+    """
+    xp = backend.get_xp(image)
+    ny, nx = image.shape
+    tile = int(min(tile, ny - ny % 2, nx - nx % 2))
+    step = tile // 2
+    ys = list(range(0, ny - tile + 1, step))
+    xs = list(range(0, nx - tile + 1, step))
+    acc = xp.zeros((tile, tile // 2 + 1), dtype=np.float64)
+    count = 0
+    for y0 in ys:
+        row = xp.stack([image[y0:y0 + tile, x0:x0 + tile] for x0 in xs]).astype(np.float32)
+        row = row - row.mean(axis=(1, 2), keepdims=True)
+        acc += (xp.abs(rfft2(row)) ** 2).sum(axis=0)
+        count += len(xs)
+    half = (acc / max(count, 1) / (tile * tile)).astype(np.float32)
+    # expand the half spectrum to the full plane, then centre it
+    full = xp.empty((tile, tile), dtype=np.float32)
+    full[:, :tile // 2 + 1] = half
+    kx = np.arange(tile // 2 + 1, tile)
+    ky = (-np.arange(tile)) % tile
+    full[:, tile // 2 + 1:] = half[xp.asarray(ky)][:, xp.asarray(tile - kx)]
+    return xp.fft.fftshift(full)

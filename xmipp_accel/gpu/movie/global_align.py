@@ -1,0 +1,465 @@
+"""Global (whole-frame) alignment: all-pairs cross-correlation at a coarse resolution, robust least squares.
+
+FlexAlign (Střelák et al., Electronics 9(6):1040, 2020, doi:10.3390/electronics9061040), as Xmipp's
+``xmipp_cuda_movie_alignment_correlation`` does it:
+
+1. Each frame is Fourier-cropped to a pixel size ``R / (8 c)`` (``c = sqrt(-1 / (2 ln 0.5))``) and
+   multiplied by a Gaussian low-pass whose value is 0.5 at the correlation resolution ``R`` (default 30 Å):
+   :func:`correlation_shape`, :func:`lowpass_filter`. Before correlating, the coarse frames have their mean
+   removed and their edges tapered (:func:`correlation_spectra`) so the frame border, fixed on the
+   detector, does not pull the peaks towards zero.
+2. Every pair ``i < j`` is correlated in Fourier space, in batches (:func:`correlate_pairs`); the integer
+   maximum inside an ellipse of radius ``max_shift`` around zero is refined to a small fraction of a
+   pixel by evaluating the band-limited correlation on finer grids with matrix-multiply DFTs
+   (Guizar-Sicairos et al., Opt. Lett. 33:156, 2008, doi:10.1364/OL.33.000156), then a parabola.
+3. The N-1 frame-to-frame shifts are the least-squares solution of one equation per pair (ones for the
+   frames in ``[i, j)``); rows whose residual exceeds 3σ get weight 0 and the system is solved again,
+   twice (:func:`solve_relative_shifts`).
+4. The reference frame is the one whose largest shift to any other frame is smallest
+   (:func:`reference_frame`); shifts are reported relative to it.
+
+Shift sign (MotionCor2, RELION): frame n satisfies ``frame_n(x) = reference(x + s_n)``, so moving the
+content of frame n by ``+s_n`` aligns it. The correlation ``ifft(F_i · conj(F_j))`` of frames i and j
+peaks at ``s_j - s_i``. Shifts are ``(x, y)`` pairs in pixels.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import backend
+from ._fft import fast_size, irfft2, rfft2, rfft_freqs
+
+__all__ = ["GAUSS_C", "correlation_pixel_size", "correlation_shape", "lowpass_filter", "edge_taper",
+           "correlation_spectra", "frame_pairs", "correlate_pairs", "refine_peaks_dft", "solve_relative_shifts",
+           "reference_frame", "GlobalAlignment", "estimate_global_shifts"]
+
+logger = logging.getLogger(__name__)
+
+#: c in FlexAlign's downscaling rule: the Gaussian low-pass exp(-k²/(2σ²)) with σ = c / R is 0.5 at 1/R
+GAUSS_C = math.sqrt(-1.0 / (2.0 * math.log(0.5)))
+
+
+def correlation_pixel_size(max_res_A: float) -> float:
+    """Pixel size (Å) at which frames are correlated for a correlation resolution ``max_res_A`` (Å)."""
+    return float(max_res_A) / (8.0 * GAUSS_C)
+
+
+def correlation_shape(work_shape: Sequence[int], pixel_size_A: float, max_res_A: float) -> Tuple[int, int]:
+    """Size (y, x) of the coarse frames used for correlation.
+
+    Parameters
+    ----------
+    work_shape : (ny, nx)
+        Frame size in pixels (after binning and FFT padding).
+    pixel_size_A : float
+        Pixel size of those frames in Å.
+    max_res_A : float
+        Correlation resolution R in Å (default 30).
+
+    Returns
+    -------
+    (cy, cx) : even sizes that cuFFT transforms fast, never larger than ``work_shape``
+        (for 4096 px at 1 Å/px and R = 30 Å: 926 rounded up to 960).
+    """
+    scale = pixel_size_A / correlation_pixel_size(max_res_A)
+    out = []
+    for i, n in enumerate(work_shape):
+        n = int(n)
+        if scale >= 1.0:
+            out.append(n)
+            continue
+        m = fast_size(int(math.ceil(n * scale)), real=(i == 1))
+        out.append(min(m, n))
+    return int(out[0]), int(out[1])
+
+
+def lowpass_filter(shape: Sequence[int], pixel_size_yx_A: Sequence[float], max_res_A: float, xp=np):
+    """Gaussian low-pass on an rfft2 half spectrum, 0.5 at the frequency ``1/max_res_A``.
+
+    Parameters
+    ----------
+    shape : (ny, nx)
+        Real-space size of the spectrum's frames.
+    pixel_size_yx_A : (float, float)
+        Pixel size along y and x in Å (they differ slightly after padding and cropping).
+    max_res_A : float
+        Resolution R (Å) where the filter is 0.5.
+
+    Returns
+    -------
+    float32 array, shape (ny, nx//2 + 1)
+    """
+    ky, kx = rfft_freqs(shape, xp=xp, dtype=np.float64)
+    sigma = GAUSS_C / float(max_res_A)
+    k2 = (ky / pixel_size_yx_A[0]) ** 2 + (kx / pixel_size_yx_A[1]) ** 2
+    return xp.exp(-k2 / (2.0 * sigma * sigma)).astype(np.float32)
+
+
+def edge_taper(shape: Sequence[int], *, width_fraction: float = 0.05, margin_yx: Sequence[int] = (0, 0), xp=np):
+    """Separable raised-cosine window (y, x) float32.
+
+    0 over an outer margin of ``margin_yx`` pixels, rising over a band of ``width_fraction`` of the size
+    (at least 2 pixels) to 1 inside.
+    """
+    def axis(n, margin):
+        w = np.ones(n, dtype=np.float64)
+        margin = int(min(max(margin, 0), n // 2 - 2))
+        e = max(2, int(round(width_fraction * n)))
+        e = min(e, n // 2 - margin)
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(e) + 0.5) / e)
+        w[:margin] = 0.0
+        w[n - margin:] = 0.0
+        w[margin:margin + e] = ramp
+        w[n - margin - e:n - margin] = ramp[::-1]
+        return w
+    ny, nx = (int(s) for s in shape)
+    my, mx = (int(v) for v in margin_yx)
+    return xp.asarray(np.outer(axis(ny, my), axis(nx, mx)).astype(np.float32))
+
+
+def correlation_spectra(frames, *, margin_yx: Sequence[int] = (0, 0)):
+    """Spectra ready for correlation: weighted mean removed, edges tapered, rfft2.
+
+    Parameters
+    ----------
+    frames : float32 array, shape (..., y, x)
+        Coarse (already low-passed) frames or patches.
+    margin_yx : (int, int)
+        Border (pixels) left out entirely, e.g. where pre-aligned frames wrapped around.
+
+    Returns
+    -------
+    complex64 array, shape (..., y, x//2 + 1)
+    """
+    xp = backend.get_xp(frames)
+    taper = edge_taper(frames.shape[-2:], margin_yx=margin_yx, xp=xp)
+    mean = (frames * taper).sum(axis=(-2, -1), keepdims=True, dtype=np.float32) / taper.sum(dtype=np.float32)
+    centred = frames - mean
+    centred *= taper
+    return rfft2(centred)
+
+
+def frame_pairs(n_frames: int, *, min_gap: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """All pairs ``i < j`` with ``j - i >= min_gap`` (int64 arrays, frame indices from 0)."""
+    i, j = np.triu_indices(int(n_frames), k=max(1, int(min_gap)))
+    return i.astype(np.int64), j.astype(np.int64)
+
+
+def _hermitian_weights(nx: int, xp):
+    """Weights of the columns of an rfft half spectrum so that Re(sum) equals the full-spectrum sum."""
+    w = np.full(nx // 2 + 1, 2.0)
+    w[0] = 1.0
+    if nx % 2 == 0:
+        w[-1] = 1.0
+    return xp.asarray(w)
+
+
+def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
+                     stages: Sequence[Tuple[int, float]] = ((9, 0.25), (9, 0.03125))):
+    """Sub-pixel maxima of correlations given by their spectra, near integer maxima.
+
+    The correlation ``c(x) = Re Σ_k P(k) exp(2πi k·x / n)`` is band limited, so it can be evaluated at
+    any point. Each stage evaluates it on an ``m × m`` grid of spacing ``step`` around the current best
+    point with two matrix products per pair (a matrix-multiply DFT); a parabola through the final 3×3
+    neighbourhood gives the last digits.
+
+    Parameters
+    ----------
+    products : complex64 array, shape (B, ny, nx//2 + 1)
+        Cross-power spectra ``F_i · conj(F_j)`` (rfft half spectra).
+    centres_xy : float array, shape (B, 2)
+        Starting points (x, y) in pixels (integer maxima), signed.
+    shape : (ny, nx)
+        Real-space size of the correlation.
+    stages : sequence of (m, step)
+        Grid points per axis (odd) and spacing in pixels of each refinement stage.
+
+    Returns
+    -------
+    float64 array (B, 2): refined (x, y) maxima in pixels.
+    """
+    xp = backend.get_xp(products)
+    ny, nx = (int(s) for s in shape)
+    B = products.shape[0]
+    ky = xp.asarray(np.fft.fftfreq(ny) * ny)                     # signed integer frequencies (float64)
+    kx = xp.asarray(np.arange(nx // 2 + 1, dtype=np.float64))
+    w = _hermitian_weights(nx, xp)
+    products = products.astype(np.complex128)  # the finer stages need double precision sums
+    best = xp.asarray(centres_xy, dtype=np.float64).reshape(B, 2).copy()
+    grid = None
+    last_step = None
+    for m, step in stages:
+        for _ in range(3):  # re-centre while the maximum sits on the grid's border
+            offs = xp.asarray((np.arange(m) - m // 2) * float(step))
+            xs = best[:, 0:1] + offs[None, :]                         # (B, m)
+            ys = best[:, 1:2] + offs[None, :]
+            ex = xp.exp((2j * np.pi / nx) * kx[None, :, None] * xs[:, None, :]) * w[None, :, None]
+            ey = xp.exp((2j * np.pi / ny) * ys[:, :, None] * ky[None, None, :])
+            grid = xp.matmul(ey, xp.matmul(products, ex)).real       # (B, m_y, m_x)
+            flat = grid.reshape(B, -1).argmax(axis=1)
+            iy, ix = flat // m, flat % m
+            best = xp.stack([xs[xp.arange(B), ix], ys[xp.arange(B), iy]], axis=1)
+            on_border = (iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)
+            if not bool(on_border.any()):
+                break
+        last_step = float(step)
+        last = (iy, ix, m)
+    # parabola through the 3x3 neighbourhood of the last grid's maximum (skipped on the grid border)
+    iy, ix, m = last
+    inner = (iy > 0) & (iy < m - 1) & (ix > 0) & (ix < m - 1)
+    iyc, ixc = xp.clip(iy, 1, m - 2), xp.clip(ix, 1, m - 2)
+    b = xp.arange(B)
+    c0 = grid[b, iyc, ixc]
+    dx = (grid[b, iyc, ixc + 1] - grid[b, iyc, ixc - 1]) / 2.0
+    dxx = grid[b, iyc, ixc + 1] - 2.0 * c0 + grid[b, iyc, ixc - 1]
+    dy = (grid[b, iyc + 1, ixc] - grid[b, iyc - 1, ixc]) / 2.0
+    dyy = grid[b, iyc + 1, ixc] - 2.0 * c0 + grid[b, iyc - 1, ixc]
+    ox = xp.where((dxx < 0) & inner, -dx / xp.where(dxx < 0, dxx, -1.0), 0.0)
+    oy = xp.where((dyy < 0) & inner, -dy / xp.where(dyy < 0, dyy, -1.0), 0.0)
+    ox = xp.clip(ox, -0.5, 0.5) * last_step
+    oy = xp.clip(oy, -0.5, 0.5) * last_step
+    return best + xp.stack([ox, oy], axis=1)
+
+
+def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *,
+                    batch_bytes: float = 1.0e9) -> Tuple[np.ndarray, np.ndarray]:
+    """Relative shifts of pairs of images from the maxima of their cross-correlations.
+
+    Parameters
+    ----------
+    spectra : complex64 array, shape (M, ny, nx//2 + 1)
+        rfft2 of the (low-passed, tapered) images.
+    idx_a, idx_b : int arrays, shape (P,)
+        Indices into ``spectra`` of the pairs.
+    shape : (ny, nx)
+        Real-space size of the images.
+    max_shift_px : float or (float, float)
+        Largest relative shift searched, in pixels of these images (along y, x); the integer maximum is
+        searched inside this ellipse around zero.
+    batch_bytes : float
+        Memory budget of one batch of pairs.
+
+    Returns
+    -------
+    shifts : float64 ndarray (P, 2)
+        ``(x, y)`` of the correlation maximum of ``ifft(F_a · conj(F_b))``: ``s_b - s_a`` in the
+        MotionCor2 sign (host array).
+    peak_z : float64 ndarray (P,)
+        Height of the maximum above the map's mean in units of the map's standard deviation.
+    """
+    xp = backend.get_xp(spectra)
+    ny, nx = (int(s) for s in shape)
+    ry, rx = (max_shift_px, max_shift_px) if np.isscalar(max_shift_px) else max_shift_px
+    ry = float(min(max(ry, 1.0), ny // 2 - 1))
+    rx = float(min(max(rx, 1.0), nx // 2 - 1))
+    iry, irx = int(math.floor(ry)), int(math.floor(rx))
+    oy = np.arange(-iry, iry + 1)
+    ox = np.arange(-irx, irx + 1)
+    inside = ((oy[:, None] / ry) ** 2 + (ox[None, :] / rx) ** 2) <= 1.0
+    rows = xp.asarray(oy % ny)
+    cols = xp.asarray(ox % nx)
+    outside = xp.asarray(~inside)
+    oy_d, ox_d = xp.asarray(oy), xp.asarray(ox)
+    idx_a = np.asarray(idx_a, dtype=np.int64)
+    idx_b = np.asarray(idx_b, dtype=np.int64)
+    P = idx_a.size
+    per_pair = ny * (nx // 2 + 1) * 8 * 2 + ny * nx * 4 * 2
+    batch = int(max(1, min(P, batch_bytes // per_pair)))
+    shifts = []
+    zs = []
+    for s in range(0, P, batch):
+        a = xp.asarray(idx_a[s:s + batch])
+        b = xp.asarray(idx_b[s:s + batch])
+        prod = spectra[a] * xp.conj(spectra[b])
+        corr = irfft2(prod, (ny, nx))
+        B = corr.shape[0]
+        flat = corr.reshape(B, -1)
+        mean = flat.mean(axis=1)
+        std = flat.std(axis=1)
+        win = corr[:, rows][:, :, cols]
+        win = xp.where(outside[None], -xp.inf, win)
+        k = win.reshape(B, -1).argmax(axis=1)
+        py = oy_d[k // ox.size]
+        px = ox_d[k % ox.size]
+        peak = win.reshape(B, -1)[xp.arange(B), k]
+        z = (peak - mean) / xp.where(std > 0, std, 1.0)
+        start = xp.stack([px, py], axis=1).astype(np.float64)
+        refined = refine_peaks_dft(prod, start, (ny, nx))
+        shifts.append(refined)
+        zs.append(z.astype(np.float64))
+        del prod, corr, win
+    return backend.to_host(xp.concatenate(shifts)), backend.to_host(xp.concatenate(zs))
+
+
+def _design_matrix(idx_a: np.ndarray, idx_b: np.ndarray, n_frames: int) -> np.ndarray:
+    cols = np.arange(n_frames - 1)
+    return ((cols[None, :] >= idx_a[:, None]) & (cols[None, :] < idx_b[:, None])).astype(np.float64)
+
+
+def solve_relative_shifts(idx_a, idx_b, pair_shifts, n_frames: int, *, n_passes: int = 2,
+                          n_sigma: float = 3.0, weights=None) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-frame shifts from pairwise relative shifts, by least squares with outlier rejection.
+
+    Unknowns are the N-1 frame-to-frame shifts ``δ_m = s_{m+1} - s_m``; pair ``(i, j)`` gives one equation
+    ``Σ_{m=i}^{j-1} δ_m = d_ij`` for x and one for y. After each solve, rows whose x or y residual exceeds
+    ``n_sigma`` standard deviations of the residuals get weight 0 (unless that would leave the system
+    underdetermined) and the system is solved again; ``n_passes`` rejection rounds (Xmipp: 2, 3σ).
+
+    Parameters
+    ----------
+    idx_a, idx_b : int arrays (P,)
+        Frame indices of each pair, ``idx_a < idx_b``.
+    pair_shifts : float array (P, 2)
+        Measured ``s_b - s_a`` as (x, y) in pixels.
+    n_frames : int
+    weights : float array (P,), optional
+        Initial row weights (default 1).
+
+    Returns
+    -------
+    shifts : float64 (N, 2)
+        ``s_n`` relative to frame 0 (``s_0 = 0``).
+    inliers : bool (P,)
+        Rows kept in the final solve.
+    """
+    idx_a = np.asarray(idx_a, dtype=np.int64)
+    idx_b = np.asarray(idx_b, dtype=np.int64)
+    d = np.asarray(pair_shifts, dtype=np.float64).reshape(-1, 2)
+    A = _design_matrix(idx_a, idx_b, n_frames)
+    w = np.ones(len(d)) if weights is None else (np.asarray(weights, dtype=np.float64) > 0).astype(np.float64)
+    full_rank = n_frames - 1
+
+    def solve(wt):
+        keep = wt > 0
+        sol, *_ = np.linalg.lstsq(A[keep], d[keep], rcond=None)
+        return sol
+
+    delta = solve(w)
+    for _ in range(int(n_passes)):
+        res = d - A @ delta
+        keep = w > 0
+        sx = res[keep, 0].std() if keep.any() else 0.0
+        sy = res[keep, 1].std() if keep.any() else 0.0
+        out = (np.abs(res[:, 0]) > n_sigma * sx) | (np.abs(res[:, 1]) > n_sigma * sy)
+        new_w = np.where(out, 0.0, w)
+        if new_w.sum() == w.sum():
+            break
+        if np.linalg.matrix_rank(A[new_w > 0]) < full_rank:
+            logger.debug("outlier rejection would leave the shift system underdetermined; keeping the rows")
+            break
+        w = new_w
+        delta = solve(w)
+    shifts = np.zeros((n_frames, 2))
+    shifts[1:] = np.cumsum(delta, axis=0)
+    return shifts, w > 0
+
+
+def reference_frame(shifts) -> int:
+    """FlexAlign's reference: the frame whose largest shift to any other frame is smallest.
+
+    Parameters
+    ----------
+    shifts : array (N, 2)
+        Per-frame shifts (any common origin).
+    """
+    s = np.asarray(shifts, dtype=np.float64)
+    dist = np.sqrt(((s[:, None, :] - s[None, :, :]) ** 2).sum(axis=-1))
+    return int(np.argmin(dist.max(axis=1)))
+
+
+@dataclass
+class GlobalAlignment:
+    """Result of the global alignment.
+
+    Attributes
+    ----------
+    shifts_px : float64 ndarray (N, 2)
+        Per-frame (x, y) shifts in pixels of the frames given to :func:`estimate_global_shifts` (full
+        resolution, after binning), MotionCor2 sign, zero at the reference frame.
+    reference_frame : int
+        Index (from 0) of the reference frame.
+    pair_a, pair_b : int64 ndarray (P,)
+        The correlated pairs.
+    pair_shifts_px : float64 ndarray (P, 2)
+        Measured relative shifts ``s_b - s_a`` in the same pixels.
+    inliers : bool ndarray (P,)
+        Pairs kept by the robust least squares.
+    peak_z : float64 ndarray (P,)
+        Correlation peak heights in standard deviations of the map.
+    residual_rms_px : float
+        RMS residual of the kept pairs, in pixels.
+    """
+    shifts_px: np.ndarray
+    reference_frame: int
+    pair_a: np.ndarray
+    pair_b: np.ndarray
+    pair_shifts_px: np.ndarray
+    inliers: np.ndarray
+    peak_z: np.ndarray
+    residual_rms_px: float
+
+
+def estimate_global_shifts(coarse_spectra, coarse_shape: Sequence[int], *, scale_yx: Sequence[float],
+                           max_shift_px: float, refine: bool = True, batch_bytes: float = 1.0e9,
+                           n_passes: int = 2, n_sigma: float = 3.0) -> GlobalAlignment:
+    """Global per-frame shifts from the low-passed coarse spectra of the frames.
+
+    A first pass correlates the tapered coarse frames. Because the frames are cut-outs of a moving
+    specimen, content entering and leaving the field biases large shifts towards zero by ~0.5% of the
+    shift (0.1 px for 20 px on a 512 px frame). With ``refine`` a second pass moves every coarse frame
+    by its first estimate (Fourier shift), masks a border wider than the largest shift (where content
+    wrapped around) and measures the small residuals the same way; the sum of both passes is returned.
+
+    Parameters
+    ----------
+    coarse_spectra : complex64 array (N, cy, cx//2 + 1)
+        rfft2 of the low-passed coarse frames (no taper).
+    coarse_shape : (cy, cx)
+    scale_yx : (float, float)
+        Coarse pixels per full-resolution pixel along y and x (``cy / ny``, ``cx / nx``).
+    max_shift_px : float
+        Largest shift between any two frames, in full-resolution pixels.
+    refine : bool
+        Run the second (pre-aligned) pass.
+
+    Returns
+    -------
+    GlobalAlignment (host arrays; shifts in full-resolution pixels).
+    """
+    from .apply import shift_spectra  # local import: apply imports this module's helpers
+    n = int(coarse_spectra.shape[0])
+    sy, sx = (float(v) for v in scale_yx)
+    to_full = np.array([sx, sy])
+    a, b = frame_pairs(n)
+    coarse = irfft2(coarse_spectra, coarse_shape)
+    d, z = correlate_pairs(correlation_spectra(coarse), a, b, coarse_shape, (max_shift_px * sy, max_shift_px * sx),
+                           batch_bytes=batch_bytes)
+    del coarse
+    d_full = d / to_full
+    shifts, inl = solve_relative_shifts(a, b, d_full, n, n_passes=n_passes, n_sigma=n_sigma)
+    if refine:
+        centred = shifts - shifts.mean(axis=0)
+        coarse_px = centred * to_full
+        margin = np.ceil(np.abs(coarse_px).max(axis=0)).astype(int) + 1      # (x, y)
+        aligned = irfft2(shift_spectra(coarse_spectra, coarse_px, coarse_shape), coarse_shape)
+        spectra = correlation_spectra(aligned, margin_yx=(margin[1], margin[0]))
+        del aligned
+        r, z = correlate_pairs(spectra, a, b, coarse_shape, (max(4.0, 0.1 * max_shift_px * sy),
+                                                              max(4.0, 0.1 * max_shift_px * sx)),
+                               batch_bytes=batch_bytes)
+        del spectra
+        r_full = r / to_full
+        resid, inl = solve_relative_shifts(a, b, r_full, n, n_passes=n_passes, n_sigma=n_sigma)
+        shifts = centred + resid
+        d_full = r_full + (centred[b] - centred[a])
+    ref = reference_frame(shifts)
+    shifts = shifts - shifts[ref]
+    res = d_full - (shifts[b] - shifts[a])
+    rms = float(np.sqrt((res[inl] ** 2).sum(axis=1).mean())) if inl.any() else float("nan")
+    return GlobalAlignment(shifts_px=shifts, reference_frame=ref, pair_a=a, pair_b=b, pair_shifts_px=d_full,
+                           inliers=inl, peak_z=z, residual_rms_px=rms)

@@ -1,0 +1,490 @@
+"""Gather insertion of projections into a Fourier volume, and its symmetrisation.
+
+Two implementations of the same math, selected by the array module of ``data``:
+a CUDA kernel (``insert.cu``, CuPy ``RawModule``) and a vectorised NumPy twin that
+is both the CPU path and the oracle of the GPU tests.
+
+The volume is the Hermitian half (rfft layout) of the padded volume's transform:
+``data (M, M, M//2+1) complex64`` and ``weight (M, M, M//2+1) float32``, indexed
+``[kz, ky, kx]`` with ``kz, ky`` in FFT order. Projection transforms are the rfft2 of
+the padded, centred projections, ``(B, M, M//2+1) complex64`` indexed ``[ky, kx]``.
+A voxel ``k = (kx, ky, kz)`` lies at ``q = A k`` in the frame of a projection of
+rotation ``A`` (:mod:`xmipp_accel.em.geometry`): ``q_z`` is its distance to the
+central plane and ``(q_x, q_y)`` its place in the 2-D transform. Each voxel within
+the blob radius ``a`` of a plane gathers
+
+    data(k)   += sum_p b(|q - (p, 0)|) F(p)
+    weight(k) += sum_p b(|q - (p, 0)|) W(p)
+
+over the pixels ``p`` within the blob, with ``F(-p) = conj F(p)`` for pixels of
+negative x, ``W`` the per-pixel weight (``CTF²`` for Wiener, else 1) and ``b`` the
+Kaiser-Bessel blob (:mod:`.blob`). Only voxels and pixels with ``|k|² <= kmax²`` and
+every component within ``K = min(floor(kmax), M/2 - 1)`` take part (the ambiguous
+Nyquist row ``-M/2`` is left out).
+
+References
+----------
+D. Střelák, C. O. S. Sorzano, J. M. Carazo, J. Filipovič, "A GPU acceleration of 3-D
+Fourier reconstruction in cryo-EM", IJHPCA 33 (2019) 948, doi:10.1177/1094342019832958.
+S. H. W. Scheres, "RELION", J. Struct. Biol. 180 (2012) 519 (symmetrising the
+accumulated data and weights), doi:10.1016/j.jsb.2012.09.006.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .. import backend
+from .blob import DEFAULT_TABLE_SIZE, KaiserBesselBlob
+
+__all__ = ["FourierGrid", "INSERT_TUNING_SPACE", "DEFAULT_INSERT_TUNING", "BLOB_MODES", "dominant_axis",
+           "insert_gather", "insert_gather_numpy", "insert_gather_gpu", "symmetrize_fourier_volume",
+           "symmetrize_fourier_volume_numpy", "symmetrize_fourier_volume_gpu", "insertion_count"]
+
+#: ``"table"``: blob values interpolated linearly from a 10 000-entry table indexed by squared
+#: distance; ``"onthefly"``: the Bessel function evaluated for each pixel.
+BLOB_MODES = ("table", "onthefly")
+
+#: Parameters of the insertion kernel the autotuner may vary (all give the same result up to
+#: float32 rounding). ``block_x``/``block_y``: threads per block over the face of the volume
+#: (x is the fast memory axis); ``tile``: entries staged in shared memory per pass;
+#: ``table_memory``: where the blob table is read from in ``"table"`` mode.
+INSERT_TUNING_SPACE = {
+    "block_x": [16, 32, 64, 128],
+    "block_y": [1, 2, 4, 8],
+    "tile": [8, 16, 32, 64],
+    "table_memory": ["shared", "global"],
+}
+DEFAULT_INSERT_TUNING = {"block_x": 32, "block_y": 4, "tile": 32, "table_memory": "shared"}
+
+_CU_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "insert.cu")
+
+
+@dataclass(frozen=True)
+class FourierGrid:
+    """The padded Fourier grid and the frequencies that take part in a reconstruction.
+
+    Attributes
+    ----------
+    padded_box : int
+        ``M``, the padded box (voxels); even.
+    kmax : float
+        Largest frequency inserted, in voxels of the padded grid (``<= M / 2``).
+    """
+
+    padded_box: int
+    kmax: float
+
+    def __post_init__(self):
+        if self.padded_box < 4 or self.padded_box % 2:
+            raise ValueError(f"padded box must be even and >= 4, got {self.padded_box}")
+        if not 0 < self.kmax <= self.padded_box / 2:
+            raise ValueError(f"kmax must be in (0, {self.padded_box / 2}], got {self.kmax}")
+
+    @property
+    def half(self) -> int:
+        """``M // 2 + 1``: length of the rfft (x) axis."""
+        return self.padded_box // 2 + 1
+
+    @property
+    def shape(self) -> tuple:
+        """Shape ``(M, M, M//2+1)`` of the half-volume accumulators."""
+        return (self.padded_box, self.padded_box, self.half)
+
+    @property
+    def K(self) -> int:
+        """Largest |component| of a voxel or pixel taking part."""
+        return int(min(math.floor(self.kmax), self.padded_box // 2 - 1))
+
+    @property
+    def kmax2(self) -> int:
+        """``floor(kmax²)``: integer bound on ``|k|²`` (exact for integer frequencies)."""
+        return int(math.floor(self.kmax * self.kmax + 1e-9))
+
+
+def dominant_axis(matrices) -> np.ndarray:
+    """Axis (0: x, 1: y, 2: z) along which each projection's plane normal is largest.
+
+    Parameters
+    ----------
+    matrices : array ``(n, 3, 3)``; the normal is the third row.
+
+    Returns
+    -------
+    ndarray ``(n,)`` int64 (ties go to the lower axis).
+    """
+    m = backend.to_host(matrices)
+    return np.argmax(np.abs(m[:, 2, :]), axis=1)
+
+
+def insertion_count(grid: FourierGrid, blob: KaiserBesselBlob) -> dict:
+    """Expected work of inserting one projection: voxels in the slab and pixel contributions.
+
+    Returns a dict with ``voxels`` (half-volume voxels within the blob radius of a plane and
+    within ``kmax``: ``pi kmax² a``) and ``contributions`` (pixel-voxel pairs inside the blob:
+    voxels times the mean disc area ``2/3 pi a²``), used for the FLOP/byte floor.
+    """
+    a = blob.radius
+    voxels = math.pi * grid.kmax ** 2 * a  # half of the slab pi kmax^2 * 2a
+    return {"voxels": voxels, "contributions": voxels * (2.0 / 3.0) * math.pi * a * a}
+
+
+# ---------------------------------------------------------------------------------------------- NumPy twin
+
+def _face(grid: FourierGrid, axis: int):
+    """Face coordinates ``(u, v)`` (columns) inside the sphere and each column's range ``[c_lo, c_hi]``."""
+    K = grid.K
+    u = np.arange(-K if axis == 0 else 0, K + 1)
+    v = np.arange(-K, K + 1)
+    uu, vv = np.meshgrid(u, v, indexing="xy")
+    uu, vv = uu.ravel(), vv.ravel()
+    rem = grid.kmax2 - uu * uu - vv * vv
+    keep = rem >= 0
+    uu, vv, rem = uu[keep], vv[keep], rem[keep]
+    cs = np.floor(np.sqrt(rem.astype(np.float64))).astype(np.int64)
+    cs += (cs + 1) ** 2 <= rem
+    cs -= cs * cs > rem
+    cs = np.minimum(cs, K)
+    c_lo = np.zeros_like(cs) if axis == 0 else -cs
+    return uu, vv, c_lo, cs
+
+
+def _axis_components(axis: int):
+    """Indices (c, u, v) of the vector components for a column axis."""
+    return {2: (2, 0, 1), 1: (1, 0, 2), 0: (0, 1, 2)}[axis]
+
+
+def _blob_lookup(blob: KaiserBesselBlob, blob_mode: str, table_size: int):
+    """A function of squared distances (float64 array, all <= radius²) giving blob values (float64)."""
+    if blob_mode == "onthefly":
+        return blob.value_squared
+    tab = blob.table(table_size).astype(np.float64)
+    step = np.append(np.diff(tab), 0.0)
+    scale = blob.table_scale(table_size)
+    last = table_size - 1
+
+    def lookup(d2: np.ndarray) -> np.ndarray:
+        t = d2 * scale
+        i = np.minimum(t.astype(np.int64), last)
+        return tab[i] + (t - i) * step[i]
+    return lookup
+
+
+def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, proj_weight: Optional[np.ndarray],
+                        matrices: np.ndarray, image_index: np.ndarray, grid: FourierGrid,
+                        blob: KaiserBesselBlob = KaiserBesselBlob(), *, blob_mode: str = "table",
+                        table_size: int = DEFAULT_TABLE_SIZE, chunk_elements: int = 1 << 17) -> None:
+    """NumPy twin of the gather kernel: accumulate projections into ``data`` and ``weight`` in place.
+
+    Parameters
+    ----------
+    data : ndarray ``(M, M, M//2+1)`` complex64 (or complex128), updated in place.
+    weight : ndarray ``(M, M, M//2+1)`` float32 (or float64), updated in place.
+    proj : ndarray ``(B, M, M//2+1)`` complex: rfft2 of the padded projections (CTF-multiplied
+        for Wiener, sign-flipped for phase flipping).
+    proj_weight : ndarray ``(B, M, M//2+1)`` real or None: per-pixel weights (``CTF²``); None means 1.
+    matrices : ndarray ``(E, 3, 3)``: rotation of each entry (an image times a symmetry operator).
+    image_index : ndarray ``(E,)`` int: image of ``proj`` each entry inserts.
+    grid : FourierGrid
+    blob : KaiserBesselBlob
+    blob_mode : {"table", "onthefly"}
+    table_size : int
+        Entries of the blob table (``"table"`` mode).
+    chunk_elements : int
+        Bound on the column candidates handled at once (memory use and cache locality).
+
+    Notes
+    -----
+    The sums are done in float64 and added to the accumulators once per call; the voxels
+    visited and the pixels gathered are the kernel's (``insert.cu``).
+    """
+    if blob_mode not in BLOB_MODES:
+        raise ValueError(f"blob_mode must be one of {BLOB_MODES}, got {blob_mode!r}")
+    matrices = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
+    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+    if matrices.shape[0] != image_index.shape[0]:
+        raise ValueError(f"{matrices.shape[0]} matrices but {image_index.shape[0]} image indices")
+    if matrices.shape[0] == 0:
+        return
+    M, Mh = grid.padded_box, grid.half
+    K, kmax2 = grid.K, grid.kmax2
+    r, r2 = blob.radius, blob.radius * blob.radius
+    blob_at = _blob_lookup(blob, blob_mode, table_size)
+    axes = dominant_axis(matrices)
+    plane = M * Mh
+    proj_re = np.ascontiguousarray(proj.real, dtype=np.float64).reshape(-1)
+    proj_im = np.ascontiguousarray(proj.imag, dtype=np.float64).reshape(-1)
+    pw_flat = None if proj_weight is None else np.asarray(proj_weight, dtype=np.float64).reshape(-1)
+    size = data.size
+    acc_re = np.zeros(size)
+    acc_im = np.zeros(size)
+    acc_w = np.zeros(size)
+    n_c = int(math.ceil(2 * r * math.sqrt(3.0))) + 2   # voxels a column can have in a slab
+    n_p = int(math.floor(2 * r)) + 1                     # pixels per axis a blob can cover
+    offsets = np.arange(n_p)
+    for axis in range(3):
+        sel = np.nonzero(axes == axis)[0]
+        if sel.size == 0:
+            continue
+        uu, vv, c_lo, c_hi = _face(grid, axis)
+        ic, iu, iv = _axis_components(axis)
+        step = max(1, chunk_elements // max(1, uu.size * n_c))
+        for start in range(0, sel.size, step):
+            ent = sel[start:start + step]
+            A = matrices[ent]
+            n = A[:, 2, :]
+            t = n[:, iu, None] * uu[None, :] + n[:, iv, None] * vv[None, :]
+            inv = 1.0 / n[:, ic, None]
+            a = (-r - t) * inv
+            b = (r - t) * inv
+            c0 = np.maximum(np.ceil(np.minimum(a, b)).astype(np.int64), c_lo[None, :])
+            c1 = np.minimum(np.floor(np.maximum(a, b)).astype(np.int64), c_hi[None, :])
+            # voxels of each (entry, column) inside the slab
+            cand = c0[:, :, None] + np.arange(n_c)[None, None, :]
+            e_i, f_i, j_i = np.nonzero(cand <= c1[:, :, None])
+            if e_i.size == 0:
+                continue
+            k = np.empty((e_i.size, 3), dtype=np.int64)
+            k[:, ic] = cand[e_i, f_i, j_i]
+            k[:, iu] = uu[f_i]
+            k[:, iv] = vv[f_i]
+            q = np.einsum("nij,nj->ni", A[e_i], k.astype(np.float64))
+            qz2 = q[:, 2] ** 2
+            inslab = qz2 <= r2
+            e_i, k, q, qz2 = e_i[inslab], k[inslab], q[inslab], qz2[inslab]
+            # candidate pixels: an n_p x n_p square around (qx, qy), separable distances
+            px = np.ceil(q[:, 0] - r).astype(np.int64)[:, None] + offsets[None, :]
+            py = np.ceil(q[:, 1] - r).astype(np.int64)[:, None] + offsets[None, :]
+            dx2 = (px - q[:, 0, None]) ** 2
+            dy2 = (py - q[:, 1, None]) ** 2 + qz2[:, None]
+            d2 = dy2[:, :, None] + dx2[:, None, :]
+            valid = ((d2 <= r2) & ((py * py)[:, :, None] + (px * px)[:, None, :] <= kmax2)
+                     & (np.abs(py) <= K)[:, :, None] & (np.abs(px) <= K)[:, None, :])
+            flat = np.flatnonzero(valid)
+            vi, rest = np.divmod(flat, n_p * n_p)
+            yi, xi = np.divmod(rest, n_p)
+            w = blob_at(d2.reshape(-1)[flat])
+            pxv = px[vi, xi]
+            pyv = py[vi, yi]
+            neg = pxv < 0
+            ay = np.where(neg, -pyv, pyv)
+            pix = image_index[ent[e_i[vi]]] * plane + np.where(ay < 0, ay + M, ay) * Mh + np.abs(pxv)
+            # sum over each voxel's pixels first, then scatter the voxel sums into the volume
+            nv = e_i.size
+            s_re = np.bincount(vi, weights=w * proj_re[pix], minlength=nv)
+            s_im = np.bincount(vi, weights=np.where(neg, -w, w) * proj_im[pix], minlength=nv)
+            s_w = np.bincount(vi, weights=w if pw_flat is None else w * pw_flat[pix], minlength=nv)
+            vox = ((np.where(k[:, 2] < 0, k[:, 2] + M, k[:, 2]) * M
+                    + np.where(k[:, 1] < 0, k[:, 1] + M, k[:, 1])) * Mh + k[:, 0])
+            acc_re += np.bincount(vox, weights=s_re, minlength=size)
+            acc_im += np.bincount(vox, weights=s_im, minlength=size)
+            acc_w += np.bincount(vox, weights=s_w, minlength=size)
+    data += (acc_re + 1j * acc_im).reshape(data.shape).astype(data.dtype)
+    weight += acc_w.reshape(weight.shape).astype(weight.dtype)
+
+
+def _sphere_voxels(grid: FourierGrid):
+    """Flat indices and frequency vectors ``(n, 3)`` (x, y, z) of the half-volume voxels that take part."""
+    M, Mh, K = grid.padded_box, grid.half, grid.K
+    f = np.fft.fftfreq(M, 1.0 / M).round().astype(np.int64)
+    kz, ky, kx = np.meshgrid(f, f, np.arange(Mh), indexing="ij")
+    inside = ((kx <= K) & (np.abs(ky) <= K) & (np.abs(kz) <= K) & (kx * kx + ky * ky + kz * kz <= grid.kmax2))
+    flat = np.nonzero(inside.ravel())[0]
+    k = np.stack([kx.ravel()[flat], ky.ravel()[flat], kz.ravel()[flat]], axis=1)
+    return flat, k
+
+
+def symmetrize_fourier_volume_numpy(data: np.ndarray, weight: np.ndarray, sym_matrices, grid: FourierGrid):
+    """NumPy twin of ``symmetrize_half_volume``: ``out(k) = sum_g in(g k)`` for data and weight.
+
+    Parameters
+    ----------
+    data : ndarray ``(M, M, M//2+1)`` complex; weight : same shape, real.
+    sym_matrices : array ``(S, 3, 3)``: the symmetry group (identity included).
+    grid : FourierGrid
+
+    Returns
+    -------
+    (data, weight) : new arrays of the inputs' dtypes; trilinear interpolation, Hermitian
+    mates read for points of negative x, zero outside the voxels that take part.
+    """
+    M, Mh, K = grid.padded_box, grid.half, grid.K
+    syms = np.asarray(sym_matrices, dtype=np.float64).reshape(-1, 3, 3)
+    flat, k = _sphere_voxels(grid)
+    d_in = data.ravel()
+    w_in = weight.ravel()
+    acc_d = np.zeros(flat.size, dtype=np.complex128)
+    acc_w = np.zeros(flat.size, dtype=np.float64)
+    kf = k.astype(np.float64)
+    for g in syms:
+        p = kf @ g.T
+        neg = p[:, 0] < 0
+        p[neg] *= -1.0
+        p0 = np.floor(p)
+        t = p - p0
+        p0 = p0.astype(np.int64)
+        for dz in (0, 1):
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    cx, cy, cz = p0[:, 0] + dx, p0[:, 1] + dy, p0[:, 2] + dz
+                    w = ((t[:, 0] if dx else 1 - t[:, 0]) * (t[:, 1] if dy else 1 - t[:, 1])
+                         * (t[:, 2] if dz else 1 - t[:, 2]))
+                    ok = (cx <= K) & (np.abs(cy) <= K) & (np.abs(cz) <= K)
+                    j = (np.where(cz < 0, cz + M, cz) * M + np.where(cy < 0, cy + M, cy)) * Mh + cx
+                    j = np.where(ok, j, 0)
+                    w = np.where(ok, w, 0.0)
+                    d = d_in[j]
+                    acc_d += w * np.where(neg, np.conj(d), d)
+                    acc_w += w * w_in[j]
+    out_d = np.zeros_like(data)
+    out_w = np.zeros_like(weight)
+    out_d.ravel()[flat] = acc_d
+    out_w.ravel()[flat] = acc_w
+    return out_d, out_w
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+def _read_source() -> str:
+    with open(_CU_FILE) as fh:
+        return fh.read()
+
+
+def _insert_name(tile: int, blob_mode: int, order: int) -> str:
+    return f"insert_gather<{int(tile)}, {int(blob_mode)}, {int(order)}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_id: int, names: tuple):
+    """Compiled module for one device and one set of template instances (CuPy caches the binary on disk)."""
+    return backend.get_raw_module(_read_source(), name_expressions=list(names) or None, options=("-std=c++14",))
+
+
+def _kernel(name: str):
+    """A kernel of ``insert.cu``: template instances by their name expression, others by their C name."""
+    cp = backend.cupy_module()
+    dev = cp.cuda.Device().id
+    names = (name,) if "<" in name else ()
+    return _module(dev, names).get_function(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_table(device_id: int, blob: KaiserBesselBlob, size: int):
+    cp = backend.cupy_module()
+    return cp.asarray(blob.table(size))
+
+
+def _tuning(tuning: Optional[dict]) -> dict:
+    out = dict(DEFAULT_INSERT_TUNING)
+    if tuning:
+        unknown = set(tuning) - set(out)
+        if unknown:
+            raise ValueError(f"unknown insertion tuning parameter(s) {sorted(unknown)}; "
+                             f"known: {sorted(out)}")
+        out.update(tuning)
+    return out
+
+
+def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, grid: FourierGrid,
+                      blob: KaiserBesselBlob = KaiserBesselBlob(), *, blob_mode: str = "table",
+                      table_size: int = DEFAULT_TABLE_SIZE, tuning: Optional[dict] = None) -> None:
+    """CUDA gather insertion (``insert.cu``); same arguments and result as :func:`insert_gather_numpy`.
+
+    ``data`` (complex64), ``weight`` (float32), ``proj`` (complex64) and ``proj_weight`` (float32 or
+    None) are CuPy arrays, C-contiguous; ``matrices``/``image_index`` may be host or device arrays.
+    Launches one kernel per dominant axis on the current stream. ``tuning`` overrides
+    :data:`DEFAULT_INSERT_TUNING` (see :data:`INSERT_TUNING_SPACE`).
+    """
+    cp = backend.cupy_module()
+    if blob_mode not in BLOB_MODES:
+        raise ValueError(f"blob_mode must be one of {BLOB_MODES}, got {blob_mode!r}")
+    if blob_mode == "onthefly" and blob.order > 2:
+        raise ValueError(f"on-the-fly blob evaluation supports orders 0-2, got {blob.order}: use the table")
+    tun = _tuning(tuning)
+    for name, arr, dt in (("data", data, cp.complex64), ("weight", weight, cp.float32),
+                          ("proj", proj, cp.complex64)):
+        if arr.dtype != dt or not arr.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous {np.dtype(dt).name} CuPy array, got {arr.dtype}")
+    if proj_weight is not None and (proj_weight.dtype != cp.float32 or not proj_weight.flags.c_contiguous):
+        raise ValueError("proj_weight must be a C-contiguous float32 CuPy array or None")
+    m_host = np.asarray(backend.to_host(matrices), dtype=np.float64).reshape(-1, 3, 3)
+    idx_host = np.asarray(backend.to_host(image_index), dtype=np.int64).reshape(-1)
+    if m_host.shape[0] == 0:
+        return
+    if idx_host.min() < 0 or idx_host.max() >= proj.shape[0]:
+        raise ValueError(f"image indices must lie in [0, {proj.shape[0]}), got {idx_host.min()}..{idx_host.max()}")
+    axes = dominant_axis(m_host)
+    order = np.argsort(axes, kind="stable")
+    counts = np.bincount(axes, minlength=3)
+    m_dev = cp.asarray(m_host[order].reshape(-1, 9), dtype=cp.float32)
+    i_dev = cp.asarray(idx_host[order], dtype=cp.int32)
+    mode = 0 if blob_mode == "onthefly" else (2 if tun["table_memory"] == "shared" else 1)
+    kern = _kernel(_insert_name(tun["tile"], mode, blob.order if mode == 0 else 0))
+    table = _device_table(cp.cuda.Device().id, blob, int(table_size))
+    shared = int(table_size) * 4 if mode == 2 else 0
+    if shared > 48 * 1024:
+        kern.max_dynamic_shared_size_bytes = shared
+    K, M, Mh = grid.K, grid.padded_box, grid.half
+    bx, by = int(tun["block_x"]), int(tun["block_y"])
+    r = float(blob.radius)
+    pw = proj_weight if proj_weight is not None else np.uint64(0)  # null pointer
+    start = 0
+    for axis in range(3):
+        n = int(counts[axis])
+        if n == 0:
+            continue
+        nu = (2 * K + 1) if axis == 0 else (K + 1)
+        nv = 2 * K + 1
+        grid_dims = ((nu + bx - 1) // bx, (nv + by - 1) // by, 1)
+        kern(grid_dims, (bx, by, 1),
+             (data, weight, proj, pw, m_dev[start:], i_dev[start:], np.int32(n), np.int32(axis),
+              np.int32(M), np.int32(Mh), np.int32(K), np.int32(grid.kmax2),
+              np.float32(r), np.float32(r * r), np.float32(blob.alpha), np.float32(1.0 / blob.norm),
+              table, np.int32(table_size), np.float32(blob.table_scale(table_size))),
+             shared_mem=shared)
+        start += n
+
+
+def symmetrize_fourier_volume_gpu(data, weight, sym_matrices, grid: FourierGrid):
+    """CUDA symmetrisation (``symmetrize_half_volume``); same result as the NumPy twin. New CuPy arrays."""
+    cp = backend.cupy_module()
+    syms = cp.asarray(np.asarray(backend.to_host(sym_matrices), dtype=np.float64).reshape(-1, 9),
+                      dtype=cp.float32)
+    out_d = cp.empty_like(data)
+    out_w = cp.empty_like(weight)
+    total = data.size
+    block = 256
+    kern = _kernel("symmetrize_half_volume")
+    kern(((total + block - 1) // block,), (block,),
+         (data, weight, out_d, out_w, syms, np.int32(syms.shape[0]), np.int32(grid.padded_box),
+          np.int32(grid.half), np.int32(grid.K), np.int32(grid.kmax2)))
+    return out_d, out_w
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+def insert_gather(data, weight, proj, proj_weight, matrices, image_index, grid: FourierGrid,
+                  blob: KaiserBesselBlob = KaiserBesselBlob(), *, blob_mode: str = "table",
+                  table_size: int = DEFAULT_TABLE_SIZE, tuning: Optional[dict] = None) -> None:
+    """Gather-insert projections into ``data``/``weight`` in place, on the arrays' device.
+
+    See :func:`insert_gather_numpy` for the arguments; CuPy arrays run the CUDA kernel.
+    """
+    if backend.get_xp(data) is np:
+        insert_gather_numpy(data, weight, proj, proj_weight, matrices, image_index, grid, blob,
+                            blob_mode=blob_mode, table_size=table_size)
+    else:
+        insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, grid, blob,
+                          blob_mode=blob_mode, table_size=table_size, tuning=tuning)
+
+
+def symmetrize_fourier_volume(data, weight, sym_matrices, grid: FourierGrid):
+    """Symmetrise accumulated data and weights: ``out(k) = sum_g in(g k)`` (trilinear), on their device."""
+    if backend.get_xp(data) is np:
+        return symmetrize_fourier_volume_numpy(data, weight, sym_matrices, grid)
+    return symmetrize_fourier_volume_gpu(data, weight, sym_matrices, grid)

@@ -1,0 +1,649 @@
+"""Fourier shell correlation (FSC) of two half maps, on NumPy or CuPy arrays.
+
+FSC(k) = Re Σ F1 F2* / sqrt(Σ |F1|² Σ |F2|²) over one-voxel shells k = round(|q| N)
+(q in cycles/pixel, N the box), shell k labelled by its centre frequency k/N (1/pixel).
+Sums run over the non-redundant half of Fourier space (``rfftn``) with Hermitian
+weights, so they equal those over the full transform. On the GPU one CUDA kernel
+(``fsc.cu``) reduces both spectra into shell sums with block-private shared-memory
+histograms; on the CPU ``numpy.bincount`` does it (:func:`_shell_sums_xp`, also the
+test oracle of the kernel).
+
+Also here: resolution at a criterion with interpolation between shells
+(:func:`resolution_at`), RELION's masked FSC with phase randomisation
+(:func:`masked_fsc_corrected`) and cone-restricted directional FSCs
+(:func:`directional_fsc`).
+
+References
+----------
+Harauz & van Heel (1986) Optik 73:146. van Heel & Schatz (2005) J Struct Biol 151:250,
+doi:10.1016/j.jsb.2005.05.009 (half-bit, 3σ). Rosenthal & Henderson (2003) J Mol Biol
+333:721, doi:10.1016/j.jmb.2003.07.013 (0.143). Chen et al. (2013) Ultramicroscopy
+135:24, doi:10.1016/j.ultramic.2013.06.004 (phase randomisation). Tan et al. (2017)
+Nat Methods 14:793, doi:10.1038/nmeth.4347 (3DFSC, cones).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ...errors import InputError
+from .. import backend
+
+__all__ = ["CRITERIA", "FSCResult", "MaskedFSC", "DirectionalFSC", "fsc", "resolution_at", "crossing_frequency",
+           "threshold_curve", "masked_fsc_corrected", "directional_fsc", "hemisphere_directions"]
+
+logger = logging.getLogger(__name__)
+
+#: Names accepted by :func:`threshold_curve` (aliases map to these).
+CRITERIA = ("0.143", "0.5", "half-bit", "3sigma")
+_ALIASES = {"0.143": "0.143", "gold": "0.143", "0.5": "0.5", "half-bit": "half-bit", "halfbit": "half-bit",
+            "half_bit": "half-bit", "1/2-bit": "half-bit", "3sigma": "3sigma", "3-sigma": "3sigma",
+            "three-sigma": "3sigma", "3σ": "3sigma"}
+#: RELION's default: phases are randomised beyond the first shell where the unmasked FSC drops below this.
+RANDOMISE_BELOW_FSC = 0.8
+
+Threshold = Union[float, str]
+
+
+# --------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class FSCResult:
+    """An FSC curve over one-voxel shells.
+
+    Attributes
+    ----------
+    frequency : (n_shells,) float64
+        Shell centres in cycles/pixel (k / box, k = 0 .. box // 2).
+    fsc : (n_shells,) float64
+        Correlation per shell, in [-1, 1]; 0 where a shell holds no power.
+    n_voxels : (n_shells,) float64
+        Fourier voxels per shell counted over the full sphere (both Friedel mates).
+    box : int
+        Box size N defining the shells (largest dimension of the maps).
+    """
+
+    frequency: np.ndarray
+    fsc: np.ndarray
+    n_voxels: np.ndarray
+    box: int
+
+    @property
+    def shell(self) -> np.ndarray:
+        """Shell indices 0 .. n_shells - 1 (RELION's spectral index)."""
+        return np.arange(self.fsc.size)
+
+    def frequency_A(self, pixel_size_A: float) -> np.ndarray:
+        """Shell centres in 1/Å."""
+        return self.frequency / float(pixel_size_A)
+
+    def resolution_A(self, pixel_size_A: float) -> np.ndarray:
+        """Shell centres as resolutions in Å (inf for the DC shell)."""
+        with np.errstate(divide="ignore"):
+            return float(pixel_size_A) / self.frequency
+
+    def threshold(self, criterion: Threshold, *, symmetry_order: int = 1) -> np.ndarray:
+        """Threshold per shell for a criterion (see :func:`threshold_curve`)."""
+        return threshold_curve(self, criterion, symmetry_order=symmetry_order)
+
+    def resolution(self, criterion: Threshold = 0.143, *, pixel_size_A: float = 1.0, symmetry_order: int = 1) -> float:
+        """Resolution in Å at a criterion (see :func:`resolution_at`)."""
+        return resolution_at(self, criterion, pixel_size_A, symmetry_order=symmetry_order)
+
+    @property
+    def is_identical(self) -> bool:
+        """True when FSC > 0.99999 in every shell beyond DC (the halves are the same map)."""
+        return bool(self.fsc.size > 1 and np.all(self.fsc[1:] > 1.0 - 1e-5))
+
+
+@dataclass(frozen=True)
+class MaskedFSC:
+    """FSCs of RELION's masked post-processing (see :func:`masked_fsc_corrected`).
+
+    Attributes
+    ----------
+    unmasked, masked, phase_randomised, corrected : FSCResult
+        FSC of the unmasked halves, of the masked halves, of the masked halves whose phases were
+        randomised beyond ``randomise_from_shell``, and the corrected ("true") FSC.
+    randomise_from_shell : int or None
+        First shell of the unmasked FSC below 0.8; phases are randomised in the shells beyond it.
+        None when the unmasked FSC never drops below 0.8 (no correction; ``corrected`` = ``masked``).
+    """
+
+    unmasked: FSCResult
+    masked: FSCResult
+    phase_randomised: FSCResult
+    corrected: FSCResult
+    randomise_from_shell: Optional[int]
+
+    def randomise_from_A(self, pixel_size_A: float) -> Optional[float]:
+        """Resolution (Å) beyond which phases were randomised, or None."""
+        if self.randomise_from_shell is None:
+            return None
+        return float(pixel_size_A) / float(self.unmasked.frequency[self.randomise_from_shell])
+
+
+@dataclass(frozen=True)
+class DirectionalFSC:
+    """Cone-restricted FSCs (see :func:`directional_fsc`).
+
+    Attributes
+    ----------
+    directions : (m, 3) float64
+        Unit cone axes, (x, y, z) order.
+    cone_half_angle_deg : float
+        Half angle of each (double) cone, degrees.
+    curves : list of FSCResult
+        One FSC per direction.
+    """
+
+    directions: np.ndarray
+    cone_half_angle_deg: float
+    curves: List[FSCResult] = field(default_factory=list)
+
+    def resolutions(self, criterion: Threshold = 0.143, *, pixel_size_A: float = 1.0) -> np.ndarray:
+        """(m,) resolution in Å per direction."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.array([resolution_at(c, criterion, pixel_size_A) for c in self.curves])
+
+
+# ----------------------------------------------------------------------------------------- thresholds
+def _criterion_name(criterion: Threshold) -> Optional[str]:
+    if isinstance(criterion, str):
+        key = criterion.strip().lower()
+        if key in _ALIASES:
+            return _ALIASES[key]
+        try:
+            float(key)
+        except ValueError:
+            raise InputError(f"unknown FSC criterion {criterion!r}: use a number or one of "
+                             f"{', '.join(CRITERIA)}") from None
+        return None
+    return None
+
+
+def threshold_curve(result: FSCResult, criterion: Threshold, *, symmetry_order: int = 1) -> np.ndarray:
+    """Threshold per shell for an FSC criterion.
+
+    Parameters
+    ----------
+    result : FSCResult
+        The curve (its ``n_voxels`` sets the size-dependent criteria).
+    criterion : float or str
+        A number (constant threshold), ``"0.143"``, ``"0.5"``, ``"half-bit"`` or ``"3sigma"``.
+    symmetry_order : int
+        Point-group order; the size-dependent criteria use n = n_voxels / symmetry_order.
+
+    Returns
+    -------
+    (n_shells,) float64
+        Half-bit: T = (0.2071 + 1.9102/√n) / (1.2071 + 0.9102/√n); 3σ: T = 3/√(n/2)
+        (van Heel & Schatz 2005); constants are broadcast.
+    """
+    if symmetry_order < 1:
+        raise InputError(f"symmetry order must be >= 1, got {symmetry_order}")
+    name = _criterion_name(criterion)
+    n = np.maximum(np.asarray(result.n_voxels, dtype=np.float64) / symmetry_order, 1.0)
+    if name == "half-bit":
+        s = np.sqrt(n)
+        return (0.2071 + 1.9102 / s) / (1.2071 + 0.9102 / s)
+    if name == "3sigma":
+        return 3.0 / np.sqrt(n / 2.0)
+    value = float(criterion) if name is None else float(name)
+    return np.full(result.fsc.shape, value)
+
+
+def crossing_frequency(frequency: np.ndarray, curve: np.ndarray, threshold: Union[float, np.ndarray]
+                       ) -> Tuple[float, str]:
+    """Frequency where an FSC curve falls below a threshold, interpolated between shells.
+
+    The search starts after the first shell (DC excluded) where the curve exceeds the threshold,
+    so size-dependent thresholds that lie above the FSC in the first shells are handled; the
+    crossing is the first later shell below the threshold, linearly interpolated with the shell
+    before it.
+
+    Parameters
+    ----------
+    frequency : (n,) array
+        Shell frequencies (any unit: the answer is in the same unit), increasing.
+    curve : (n,) array
+        FSC values.
+    threshold : float or (n,) array
+        Threshold per shell.
+
+    Returns
+    -------
+    frequency : float
+        Crossing frequency; the last frequency when the curve never falls below the threshold;
+        NaN when it never exceeds it.
+    status : str
+        ``"crossed"``, ``"above_to_nyquist"`` or ``"never_above"``.
+    """
+    f = np.asarray(frequency, dtype=np.float64)
+    d = np.asarray(curve, dtype=np.float64) - np.broadcast_to(np.asarray(threshold, dtype=np.float64), f.shape)
+    above = np.nonzero(d[1:] > 0)[0]
+    if above.size == 0:
+        return float("nan"), "never_above"
+    start = int(above[0]) + 1
+    below = np.nonzero(d[start:] < 0)[0]
+    if below.size == 0:
+        return float(f[-1]), "above_to_nyquist"
+    j = start + int(below[0])
+    t = d[j - 1] / (d[j - 1] - d[j])
+    return float(f[j - 1] + t * (f[j] - f[j - 1])), "crossed"
+
+
+def resolution_at(result: FSCResult, threshold: Threshold, pixel_size_A: float, *, symmetry_order: int = 1) -> float:
+    """Resolution (Å) where the FSC falls below a criterion.
+
+    Parameters
+    ----------
+    result : FSCResult
+        The FSC curve.
+    threshold : float or str
+        0.143 (half maps), 0.5, ``"half-bit"`` or ``"3sigma"`` (see :func:`threshold_curve`).
+    pixel_size_A : float
+        Voxel size in Å.
+    symmetry_order : int
+        Point-group order for the size-dependent criteria.
+
+    Returns
+    -------
+    float
+        Resolution in Å, interpolated between shells (:func:`crossing_frequency`). When the FSC
+        stays above the threshold up to Nyquist (e.g. identical half maps) the Nyquist resolution
+        is returned with a warning; when it never exceeds it, ``inf`` with a warning.
+    """
+    if not pixel_size_A or pixel_size_A <= 0:
+        raise InputError(f"pixel size must be > 0 Å, got {pixel_size_A}")
+    thr = threshold_curve(result, threshold, symmetry_order=symmetry_order)
+    filled = result.n_voxels > 0  # cones can leave low shells empty: skip them
+    freq, status = crossing_frequency(result.frequency[filled], result.fsc[filled], thr[filled])
+    label = _criterion_name(threshold) or f"{float(threshold):g}"
+    if status == "never_above":
+        warnings.warn(f"the FSC never exceeds the {label} threshold: resolution undefined (reported as inf)",
+                      stacklevel=2)
+        return float("inf")
+    if status == "above_to_nyquist":
+        why = " (the half maps are identical)" if result.is_identical else ""
+        warnings.warn(f"the FSC stays above the {label} threshold up to Nyquist{why}: "
+                      f"the resolution is limited by the pixel size and reported at Nyquist", stacklevel=2)
+    return float(pixel_size_A) / freq
+
+
+# ------------------------------------------------------------------------------------ shell reduction
+def _n_ref(shape: Sequence[int]) -> int:
+    return int(max(shape))
+
+
+def _axis_frequencies(shape: Sequence[int], xp, dtype=np.float64):
+    """Signed Fourier indices scaled to the reference box, broadcastable to the rfftn shape."""
+    nref = _n_ref(shape)
+    nz, ny, nx = shape
+
+    def signed(n):
+        i = xp.arange(n)
+        return xp.where(2 * i < n, i, i - n)
+
+    kz = (signed(nz) * (nref / nz)).astype(dtype)[:, None, None]
+    ky = (signed(ny) * (nref / ny)).astype(dtype)[None, :, None]
+    kx = (xp.arange(nx // 2 + 1) * (nref / nx)).astype(dtype)[None, None, :]
+    return kz, ky, kx
+
+
+def _shell_index(shape: Tuple[int, int, int], xp, direction=None, cos_half_angle: float = -2.0):
+    """Shell index round(|k|) per rfftn voxel; ``n_shells`` marks voxels skipped (beyond Nyquist, off-cone)."""
+    nshell = _n_ref(shape) // 2 + 1
+    kz, ky, kx = _axis_frequencies(shape, xp)
+    r2 = kz * kz + ky * ky + kx * kx
+    r = xp.sqrt(r2)
+    s = xp.floor(r + 0.5).astype(np.int64)
+    s = xp.where(s >= nshell, nshell, s)
+    if direction is not None and cos_half_angle > -1.0:
+        dx, dy, dz = (float(v) for v in direction)
+        proj = xp.abs(kx * dx + ky * dy + kz * dz)
+        off = (proj < cos_half_angle * r) & (r2 > 0)
+        s = xp.where(off, nshell, s)
+    return s
+
+
+def _hermitian_weight(shape: Tuple[int, int, int], xp, dtype) -> Any:
+    """(nx//2+1,) weights: 1 on the x = 0 (and even-nx Nyquist) planes, 2 elsewhere."""
+    nx = shape[2]
+    w = xp.full(nx // 2 + 1, 2.0, dtype=dtype)
+    w[0] = 1.0
+    if nx % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+def _shell_sums_xp(f1, f2, shape, direction=None, cos_half_angle: float = -2.0) -> np.ndarray:
+    """Shell sums with ``bincount``: (4, n_shells) float64 [Re F1F2*, |F1|², |F2|², voxel count].
+
+    The reference of the CUDA kernel in ``fsc.cu``; used on the CPU.
+    """
+    xp = backend.get_xp(f1)
+    nshell = _n_ref(shape) // 2 + 1
+    idx = _shell_index(shape, xp, direction, cos_half_angle).ravel()
+    real_dtype = f1.real.dtype
+    w = _hermitian_weight(shape, xp, real_dtype)[None, None, :]
+    cross = (f1.real * f2.real + f1.imag * f2.imag) * w
+    p1 = (f1.real * f1.real + f1.imag * f1.imag) * w
+    p2 = (f2.real * f2.real + f2.imag * f2.imag) * w
+    count = xp.broadcast_to(w, f1.shape)
+    out = xp.stack([xp.bincount(idx, weights=a.ravel().astype(np.float64), minlength=nshell + 1)[:nshell]
+                    for a in (cross, p1, p2, count)])
+    return backend.to_host(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _shell_sum_kernels(device_id: int):
+    """The compiled ``fsc.cu`` module for a device (memoised)."""
+    with open(os.path.join(os.path.dirname(__file__), "fsc.cu")) as fh:
+        source = fh.read()
+    return backend.get_raw_module(source)
+
+
+def _shell_sums_gpu(f1, f2, shape, direction=None, cos_half_angle: float = -2.0) -> np.ndarray:
+    """Shell sums with the CUDA kernel: (4, n_shells) float64 on the host."""
+    cp = backend.cupy_module()
+    nz, ny, nx = shape
+    nxh = nx // 2 + 1
+    nref = _n_ref(shape)
+    nshell = nref // 2 + 1
+    total = nz * ny * nxh
+    complex128 = f1.dtype == np.complex128
+    module = _shell_sum_kernels(cp.cuda.Device().id)
+    kernel = module.get_function("fsc_shell_sums_complex128" if complex128 else "fsc_shell_sums_complex64")
+    f1 = cp.ascontiguousarray(f1)
+    f2 = cp.ascontiguousarray(f2)
+    sums = cp.zeros(4 * nshell, dtype=cp.float64)
+    threads = 256
+    # about 64 voxels per thread: short per-block partial sums (precision) and few global atomics
+    blocks = int(min(max(1, -(-total // (threads * 64))), 65535 * 16))
+    blocks = max(blocks, -(-total // (1 << 22)))
+    acc_bytes = 8 if complex128 else 4
+    if direction is None or cos_half_angle <= -1.0:
+        cx = cy = cz = 0.0
+        cos_half_angle = -2.0
+    else:
+        cx, cy, cz = (float(v) for v in direction)
+    kernel((blocks,), (threads,),
+           (f1, f2, np.uint32(nz), np.uint32(ny), np.uint32(nxh), np.uint32(nx),
+            np.float32(nref / nz), np.float32(nref / ny), np.float32(nref / nx), np.int32(nshell),
+            np.float32(cx), np.float32(cy), np.float32(cz), np.float32(cos_half_angle), sums),
+           shared_mem=4 * nshell * acc_bytes)
+    return cp.asnumpy(sums).reshape(4, nshell)
+
+
+def _shell_sums(f1, f2, shape, direction=None, cos_half_angle: float = -2.0) -> np.ndarray:
+    xp = backend.get_xp(f1)
+    nz, ny, nx = shape
+    if xp is not np and nz * ny * (nx // 2 + 1) < 2 ** 32 and f1.dtype in (np.complex64, np.complex128):
+        return _shell_sums_gpu(f1, f2, shape, direction, cos_half_angle)
+    return _shell_sums_xp(f1, f2, shape, direction, cos_half_angle)
+
+
+def _result_from_sums(sums: np.ndarray, shape) -> FSCResult:
+    cross, p1, p2, count = sums
+    denom = np.sqrt(p1 * p2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = np.where(denom > 0, cross / np.where(denom > 0, denom, 1.0), 0.0)
+    nref = _n_ref(shape)
+    freq = np.arange(curve.size, dtype=np.float64) / nref
+    return FSCResult(frequency=freq, fsc=np.clip(curve, -1.0, 1.0), n_voxels=np.rint(count), box=nref)
+
+
+# ------------------------------------------------------------------------------------------- FFTs
+def _workers() -> int:
+    return os.cpu_count() or 1
+
+
+def _rfftn(a):
+    xp = backend.get_xp(a)
+    if xp is np:
+        import scipy.fft
+        return scipy.fft.rfftn(a, workers=_workers())
+    return xp.fft.rfftn(a)
+
+
+def _irfftn(f, shape):
+    xp = backend.get_xp(f)
+    if xp is np:
+        import scipy.fft
+        return scipy.fft.irfftn(f, s=shape, workers=_workers())
+    return xp.fft.irfftn(f, s=shape)
+
+
+# --------------------------------------------------------------------------------------- validation
+def _as_volume(a, name: str, xp):
+    a = xp.asarray(a)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise InputError(f"{name} must be a 2-D image or 3-D map, got an array of shape {tuple(a.shape)}")
+    if a.dtype != np.float64:
+        a = a.astype(np.float32, copy=False)
+    return a
+
+
+def _check_halves(half1, half2, mask=None):
+    """Validate and convert: float32 (float64 if both halves are float64) volumes of one shape."""
+    xp = backend.get_xp(half1, half2, mask) if mask is not None else backend.get_xp(half1, half2)
+    if tuple(np.shape(half1)) != tuple(np.shape(half2)):
+        raise InputError(f"the half maps have different sizes {tuple(np.shape(half1))} and "
+                         f"{tuple(np.shape(half2))}: resample one so both have the same box")
+    h1 = _as_volume(half1, "half map 1", xp)
+    h2 = _as_volume(half2, "half map 2", xp)
+    if h1.dtype != h2.dtype:
+        h1, h2 = h1.astype(np.float32, copy=False), h2.astype(np.float32, copy=False)
+    if min(h1.shape[1:]) < 2:
+        raise InputError(f"the half maps are too small for an FSC: shape {tuple(h1.shape)}")
+    m = None
+    if mask is not None:
+        if tuple(np.shape(mask)) != tuple(np.shape(half1)):
+            raise InputError(f"the mask has shape {tuple(np.shape(mask))} but the half maps {tuple(np.shape(half1))}: "
+                             f"give a mask of the same box (and voxel size) as the maps")
+        m = _as_volume(mask, "mask", xp).astype(h1.dtype, copy=False)
+        if not float(m.max()) > 0:
+            raise InputError("the mask is empty (no voxel > 0): check the mask file or its threshold")
+    return h1, h2, m
+
+
+def _check_finite(result: FSCResult) -> FSCResult:
+    if not np.all(np.isfinite(result.fsc)):
+        raise InputError("the FSC is not finite: the half maps (or the mask) contain NaN or infinite values")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ FSC
+def fsc(half1, half2, *, mask=None) -> FSCResult:
+    """Fourier shell correlation of two half maps over one-voxel shells.
+
+    Parameters
+    ----------
+    half1, half2 : (z, y, x) or (y, x) array, NumPy or CuPy
+        Half maps of the same shape; float64 inputs are computed in float64, others in float32
+        (accumulation is always float64).
+    mask : array of the same shape, optional
+        Real-space (soft) mask multiplied into both halves first (no correction; see
+        :func:`masked_fsc_corrected`).
+
+    Returns
+    -------
+    FSCResult
+        Host (NumPy) arrays: shell centre frequencies (1/pixel), FSC, voxels per shell.
+
+    Raises
+    ------
+    InputError
+        Different shapes, a mask of another shape or empty, or non-finite values.
+
+    Notes
+    -----
+    Cost: two ``rfftn`` and one pass over both spectra (on the GPU a shared-memory histogram
+    kernel; see ``fsc.cu``).
+    """
+    h1, h2, m = _check_halves(half1, half2, mask)
+    if m is not None:
+        h1, h2 = h1 * m, h2 * m
+    f1, f2 = _rfftn(h1), _rfftn(h2)
+    return _check_finite(_result_from_sums(_shell_sums(f1, f2, h1.shape), h1.shape))
+
+
+def _fsc_of_spectra(f1, f2, shape) -> FSCResult:
+    return _check_finite(_result_from_sums(_shell_sums(f1, f2, shape), shape))
+
+
+# ----------------------------------------------------------------------- phase randomisation (RELION)
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def _random_phases(shape, seed: int, stream: int, xp, dtype):
+    """Uniform phases in [0, 2π) per element, from a SplitMix64 hash of (seed, stream, index).
+
+    Counter-based, so NumPy and CuPy give the same phases for the same seed.
+    """
+    n = int(np.prod(shape))
+    key = (int(seed) * 2 + int(stream) + 1) * int(_M1) & 0xFFFFFFFFFFFFFFFF
+    z = xp.arange(n, dtype=np.uint64) + np.uint64(key)
+    z = (z ^ (z >> np.uint64(30))) * _M2
+    z = (z ^ (z >> np.uint64(27))) * _M3
+    z = z ^ (z >> np.uint64(31))
+    phase = (z >> np.uint64(40)).astype(dtype) * dtype(2.0 * math.pi / (1 << 24))
+    return phase.reshape(shape)
+
+
+def _randomise_phases_beyond(f, shape, shell: int, seed: int, stream: int):
+    """Copy of spectrum ``f`` with random phases in shells > ``shell`` (RELION ``randomizePhasesBeyond``)."""
+    xp = backend.get_xp(f)
+    real = f.real.dtype.type
+    kz, ky, kx = _axis_frequencies(shape, xp, dtype=real)
+    beyond = (kz * kz + ky * ky + kx * kx) >= real((shell + 0.5) ** 2)
+    phase = _random_phases(f.shape, seed, stream, xp, real)
+    rotated = f * xp.exp(phase * f.dtype.type(1j))
+    return xp.where(beyond, rotated, f)
+
+
+def masked_fsc_corrected(half1, half2, mask, *, seed: int = 0,
+                         randomise_below: float = RANDOMISE_BELOW_FSC) -> MaskedFSC:
+    """Masked FSC corrected for mask-induced correlation by phase randomisation (RELION post-processing).
+
+    The phases of both unmasked halves are randomised beyond the first shell where the unmasked
+    FSC drops below ``randomise_below``; the randomised halves are masked and their FSC,
+    FSC_rand, measures the correlation the mask alone creates. Then
+    FSC_true = (FSC_masked − FSC_rand) / (1 − FSC_rand) in shells ≥ randomise shell + 2, and
+    FSC_true = FSC_masked below.
+
+    Parameters
+    ----------
+    half1, half2 : (z, y, x) array, NumPy or CuPy
+        Unmasked half maps.
+    mask : (z, y, x) array
+        Soft mask in [0, 1].
+    seed : int
+        Seed of the random phases (counter-based: NumPy and CuPy give the same phases).
+    randomise_below : float
+        FSC level of the unmasked curve where randomisation starts (RELION: 0.8).
+
+    Returns
+    -------
+    MaskedFSC
+
+    References
+    ----------
+    Chen S. et al. (2013) Ultramicroscopy 135:24-35, doi:10.1016/j.ultramic.2013.06.004.
+    """
+    h1, h2, m = _check_halves(half1, half2, mask)
+    if m is None:
+        raise InputError("masked_fsc_corrected needs a mask")
+    shape = h1.shape
+    f1, f2 = _rfftn(h1), _rfftn(h2)
+    unmasked = _fsc_of_spectra(f1, f2, shape)
+    masked = _fsc_of_spectra(_rfftn(h1 * m), _rfftn(h2 * m), shape)
+    below = np.nonzero(unmasked.fsc[1:] < randomise_below)[0]
+    if below.size == 0:
+        logger.warning("the unmasked FSC never drops below %.2f: no phase randomisation, the masked FSC is "
+                       "reported uncorrected", randomise_below)
+        return MaskedFSC(unmasked, masked, masked, masked, None)
+    shell = int(below[0]) + 1
+    r1 = _irfftn(_randomise_phases_beyond(f1, shape, shell, seed, 0), shape).astype(h1.dtype, copy=False)
+    r2 = _irfftn(_randomise_phases_beyond(f2, shape, shell, seed, 1), shape).astype(h1.dtype, copy=False)
+    del f1, f2
+    rand = _fsc_of_spectra(_rfftn(r1 * m), _rfftn(r2 * m), shape)
+    corrected = masked.fsc.copy()
+    k = np.arange(corrected.size)
+    sel = k >= shell + 2
+    denom = 1.0 - rand.fsc[sel]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corrected[sel] = np.where(np.abs(denom) > 1e-12, (masked.fsc[sel] - rand.fsc[sel]) / denom, 0.0)
+    corr = FSCResult(masked.frequency, np.clip(corrected, -1.0, 1.0), masked.n_voxels, masked.box)
+    return MaskedFSC(unmasked, masked, rand, corr, shell)
+
+
+# ----------------------------------------------------------------------------------------- directional
+def hemisphere_directions(n: int) -> np.ndarray:
+    """About ``n`` nearly uniform unit vectors on the upper hemisphere (z ≥ 0), Fibonacci lattice.
+
+    Returns
+    -------
+    (n, 3) float64
+        Unit vectors in (x, y, z) order (a cone axis and its opposite are equivalent).
+    """
+    if n < 1:
+        raise InputError(f"number of directions must be >= 1, got {n}")
+    i = np.arange(n, dtype=np.float64)
+    z = 1.0 - (i + 0.5) / n
+    rho = np.sqrt(np.maximum(0.0, 1.0 - z * z))
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+
+
+def directional_fsc(half1, half2, directions, *, cone_half_angle_deg: float = 20.0, mask=None) -> DirectionalFSC:
+    """FSC restricted to double cones of Fourier space around given directions (3DFSC style).
+
+    Parameters
+    ----------
+    half1, half2 : (z, y, x) array, NumPy or CuPy
+        Half maps.
+    directions : (m, 3) array_like
+        Cone axes in (x, y, z) order (normalised here).
+    cone_half_angle_deg : float
+        Half angle of each cone, degrees (3DFSC: 20; Xmipp FSO: 17).
+    mask : array, optional
+        Real-space mask applied to both halves first.
+
+    Returns
+    -------
+    DirectionalFSC
+        One :class:`FSCResult` per direction, shells as in :func:`fsc`.
+    """
+    d = np.asarray(directions, dtype=np.float64)
+    if d.ndim == 1:
+        d = d[None]
+    if d.ndim != 2 or d.shape[1] != 3:
+        raise InputError(f"directions must have shape (m, 3) in (x, y, z) order, got {d.shape}")
+    norms = np.linalg.norm(d, axis=1)
+    if np.any(norms == 0):
+        raise InputError("a cone direction is the zero vector")
+    if not 0 < cone_half_angle_deg <= 90:
+        raise InputError(f"cone half angle must be in (0, 90] degrees, got {cone_half_angle_deg}")
+    d = d / norms[:, None]
+    h1, h2, m = _check_halves(half1, half2, mask)
+    if m is not None:
+        h1, h2 = h1 * m, h2 * m
+    shape = h1.shape
+    f1, f2 = _rfftn(h1), _rfftn(h2)
+    cos_a = math.cos(math.radians(cone_half_angle_deg))
+    curves = [_check_finite(_result_from_sums(_shell_sums(f1, f2, shape, tuple(v), cos_a), shape))
+              for v in d]
+    return DirectionalFSC(d, float(cone_half_angle_deg), curves)

@@ -1,0 +1,3 @@
+"""stub"""
+class LocalResolutionResult: pass
+def local_resolution(): pass

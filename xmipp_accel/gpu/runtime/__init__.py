@@ -1,0 +1,10 @@
+"""Task runtime: payloads with logical and physical descriptors, a pipeline of stages over
+GPUs and CPU workers with bounded queues, and MPI helpers for jobs past one machine.
+
+Public names are re-exported here; see :mod:`.payload`, :mod:`.pipeline` and :mod:`.mpi`.
+"""
+from __future__ import annotations
+
+from .mpi import MPIContext, launched_by_mpi, mpi_context
+
+__all__ = ["MPIContext", "launched_by_mpi", "mpi_context"]

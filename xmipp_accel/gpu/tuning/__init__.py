@@ -1,0 +1,1 @@
+"""Tuning: FFT size advisor, kernel autotuner and their persistent cache (see :mod:`.cache`)."""

@@ -1,0 +1,317 @@
+"""FlexAlign movie alignment (global + local) in streaming (``xmipp-accel align-movies``).
+
+The protocol follows pwem's :class:`ProtAlignMovies` (legacy streaming engine: new movies are
+picked up from the input set while it grows, outputs are updated and closed at the end). Instead of
+one step per movie, movies that arrive together are grouped into batches (at most ``moviesPerBatch``
+and spread over the worker threads), so that one ``xmipp-accel`` process amortises its start-up
+(imports, FFT plans, kernel compilation) over several movies.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pyworkflow.protocol.params as params
+import pyworkflow.utils as pwutils
+from pyworkflow import SCIPION_DEBUG_NOCLEAN
+from pyworkflow.protocol.constants import LEVEL_ADVANCED
+
+import pwem.objects as emobj
+from pwem.protocols import ProtAlignMovies
+
+from .. import constants as c
+from . import convert
+from .protocol_base import XmippAccelProtBase
+
+READABLE_MOVIES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer")
+COMPRESSED = (".bz2", ".tbz", ".txt")
+
+
+class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
+    """Align the frames of movies with FlexAlign on the GPU: global shifts from all frame pairs, then
+    local (patch) shifts modelled by a cubic B-spline in space and time; aligned sums with and
+    without dose weighting, PSD and shift plot per movie. Works in streaming.
+    """
+    _label = "movie alignment FlexAlign (GPU)"
+    _possibleOutputs = {"outputMicrographs": emobj.SetOfMicrographs,
+                        "outputMicrographsDoseWeighted": emobj.SetOfMicrographs,
+                        "outputMovies": emobj.SetOfMovies}
+    evenOddCapable = False
+
+    # -------------------------- DEFINE param functions -----------------------
+    def _defineAlignmentParams(self, form):
+        self._defineGpuParams(form)
+        group = form.addGroup("Alignment")
+        line = group.addLine("Frames to align and sum",
+                             help="Frame range used (the first frame is 1; 0 as the last frame means up to "
+                                  "the last frame of the movie). The same range is aligned and summed.")
+        line.addParam("alignFrame0", params.IntParam, default=1, label="from")
+        line.addParam("alignFrameN", params.IntParam, default=0, label="to")
+        group.addParam("binFactor", params.FloatParam, default=1.0,
+                       label="Binning factor",
+                       help="Fourier binning of the output micrographs (1 = none; fractional values such as "
+                            "1.5 are allowed). Shifts are always reported in pixels of the input movie.")
+        group.addParam("maxShift", params.FloatParam, default=0.0,
+                       label="Maximum shift (Å)",
+                       help="Largest drift searched between frames, in Å; 0 uses the command's default.")
+        group.addParam("maxResCorr", params.FloatParam, default=30.0, expertLevel=LEVEL_ADVANCED,
+                       label="Correlation resolution (Å)",
+                       help="Frames are low-pass filtered to this resolution before being correlated.")
+        group.addParam("doLocal", params.BooleanParam, default=True,
+                       label="Local (patch) alignment?",
+                       help="Estimate local motion (doming) on patches and correct it with a B-spline model. "
+                            "No: global shifts only (faster).")
+        line = group.addLine("Patches (X x Y)", condition="doLocal",
+                             help="Number of patches along X and Y; 0 chooses patches of about 500 Å.")
+        line.addParam("patchX", params.IntParam, default=0, label="X")
+        line.addParam("patchY", params.IntParam, default=0, label="Y")
+
+        group = form.addGroup("Dose and gain")
+        group.addParam("doApplyDoseFilter", params.BooleanParam, default=True,
+                       label="Dose weighting?",
+                       help="Also write dose-weighted micrographs (exposure filter of Grant & Grigorieff "
+                            "2015), using the dose per frame, pre-exposure and voltage of the imported "
+                            "movies.")
+        group.addParam("gainRot", params.EnumParam, default=c.GAIN_ROT_NONE,
+                       choices=["none", "90 degrees", "180 degrees", "270 degrees"],
+                       display=params.EnumParam.DISPLAY_COMBO,
+                       label="Rotate gain reference",
+                       help="Counter-clockwise rotation applied to the gain (and dark) reference before it "
+                            "is applied, as MotionCor2's -RotGain.")
+        group.addParam("gainFlip", params.EnumParam, default=c.GAIN_FLIP_NONE,
+                       choices=["none", "upside down", "left right"],
+                       display=params.EnumParam.DISPLAY_COMBO,
+                       label="Flip gain reference",
+                       help="Flip applied to the gain (and dark) reference after the rotation, as "
+                            "MotionCor2's -FlipGain.")
+        form.addParam("moviesPerBatch", params.IntParam, default=8, expertLevel=LEVEL_ADVANCED,
+                      label="Movies per batch",
+                      help="Movies that arrived together are aligned by one command call, at most this "
+                           "many at a time, so that start-up costs are paid once per batch. Batches are "
+                           "also split across the worker threads (threads - 1), one per GPU slot.")
+        form.addParallelSection(threads=2, mpi=0)
+
+    # --------------------------- INSERT steps functions ----------------------
+    def _getConvertExtension(self, filename):
+        """Gain/dark references our reader does not take (e.g. ``.gain``, ``.dm4``) become MRC."""
+        if filename.lower().endswith((".mrc", ".mrcs", ".tif", ".tiff")):
+            return None
+        return "mrc"
+
+    def _insertNewMoviesSteps(self, insertedDict, inputMovies):
+        """One step per batch of new movies (instead of one per movie)."""
+        newMovies = [m.clone() for m in inputMovies if m.getObjId() not in insertedDict]
+        if not newMovies:
+            return []
+        workers = max(1, self.numberOfThreads.get() - 1)
+        size = max(1, min(self.moviesPerBatch.get(), math.ceil(len(newMovies) / workers)))
+        deps = []
+        for batch in convert.iter_chunks(newMovies, size):
+            movieDicts = [m.getObjDict(includeBasic=True) for m in batch]
+            stepId = self._insertFunctionStep(self.processMovieBatchStep, movieDicts,
+                                              prerequisites=self.convertCIStep, needsGPU=True)
+            for movie in batch:
+                insertedDict[movie.getObjId()] = stepId
+            deps.append(stepId)
+        return deps
+
+    # --------------------------- STEPS functions -----------------------------
+    def processMovieBatchStep(self, movieDicts):
+        movies = [self._movieFromDict(d) for d in movieDicts]
+        if self.isContinued():
+            movies = [m for m in movies if not os.path.exists(self._getMovieDone(m))]
+        if not movies:
+            return
+        batchDir = self._getTmpPath(f"batch_{movies[0].getObjId():06d}")
+        outDir = os.path.join(batchDir, "out")
+        pwutils.makePath(outDir)
+        inputs = [self._linkMovie(m, batchDir) for m in movies]
+        try:
+            self._runAccel("align-movies", inputs + ["-o", os.path.abspath(outDir)] + self._alignArgs(movies[0]),
+                           self._getExtraPath(f"align_{movies[0].getObjId():06d}.json"))
+        except Exception as exc:  # the batch failed as a whole: its movies are reported as failed
+            self.error(f"Alignment of movies {[m.getObjId() for m in movies]} failed: {exc}")
+        for movie in movies:
+            self._collectOutputs(movie, outDir)
+            open(self._getMovieDone(movie), "w").close()
+        if pwutils.envVarOn(SCIPION_DEBUG_NOCLEAN):
+            self.info(f"Keeping {batchDir} (SCIPION_DEBUG_NOCLEAN)")
+        else:
+            shutil.rmtree(batchDir, ignore_errors=True)
+
+    # --------------------------- UTILS functions ------------------------------
+    def _movieFromDict(self, movieDict):
+        movie = emobj.Movie()
+        movie.setAcquisition(emobj.Acquisition())
+        movie.setAttributesFromDict(movieDict, setBasic=True, ignoreMissing=True)
+        return movie
+
+    @staticmethod
+    def _movieStem(movie) -> str:
+        return f"movie_{movie.getObjId():06d}"
+
+    @staticmethod
+    def _movieExtension(filename: str) -> str:
+        name = convert.clean_image_path(filename).lower()
+        for ext in (".mrcs", ".mrc", ".tiff", ".tif", ".eer"):
+            if name.endswith(ext):
+                return ext
+        return os.path.splitext(name)[1]
+
+    def _linkMovie(self, movie, batchDir: str) -> str:
+        """Link (or convert) the movie into the batch folder under a unique name; returns its path."""
+        src = os.path.abspath(convert.clean_image_path(movie.getFileName()))
+        ext = self._movieExtension(src)
+        if ext in READABLE_MOVIES:
+            dst = os.path.join(batchDir, self._movieStem(movie) + ext)
+            pwutils.createAbsLink(src, dst)
+        else:  # e.g. .dm4, .em: convert to an MRC stack with pwem's image library
+            from pwem.emlib.image import ImageHandler
+            dst = os.path.join(batchDir, self._movieStem(movie) + ".mrcs")
+            ImageHandler().convertStack(src, dst)
+        return os.path.abspath(dst)
+
+    def _alignArgs(self, movie) -> list:
+        movies = self.inputMovies.get()
+        args = ["--pixel-size", movies.getSamplingRate()]
+        gain, dark = movies.getGain(), movies.getDark()
+        if gain:
+            args += ["--gain", os.path.abspath(self.getFinalCorrectionImagePath(gain) or gain)]
+        if dark:
+            args += ["--dark", os.path.abspath(self.getFinalCorrectionImagePath(dark) or dark)]
+        if gain or dark:
+            args += ["--gain-rot", self.gainRot.get(), "--gain-flip", self.gainFlip.get()]
+        if self.binFactor.get() != 1:
+            args += ["--bin", self.binFactor.get()]
+        first, last = self._frameRange(movie)
+        if first != 1 or self.alignFrameN.get() > 0:
+            args += ["--frames", f"{first}:{last}"]
+        if self.doLocal:
+            if self.patchX.get() > 0 and self.patchY.get() > 0:
+                args += ["--patches", f"{self.patchX.get()}x{self.patchY.get()}"]
+        else:
+            args += ["--no-local"]
+        if self.maxShift.get() > 0:
+            args += ["--max-shift", self.maxShift.get()]
+        if self.maxResCorr.get() > 0:
+            args += ["--max-res", self.maxResCorr.get()]
+        if self._doDoseWeighting():
+            preExposure, dosePerFrame = self._getCorrectedDose(movies)
+            args += ["--dose-per-frame", dosePerFrame, "--pre-exposure", preExposure,
+                     "--voltage", movies.getAcquisition().getVoltage()]
+        return args + self._deviceArgs()
+
+    def _frameRange(self, movie):
+        n = self._numberOfFrames(movie)
+        return self._getFrameRange(n, "align")
+
+    def _numberOfFrames(self, movie) -> int:
+        first, last, _ = self.inputMovies.get().getFramesRange()
+        if last and last > 0:
+            return last - first + 1
+        dim = self.inputMovies.get().getDim()
+        if dim and dim[2]:
+            return int(dim[2])
+        return int(movie.getNumberOfFrames())
+
+    def _outputFn(self, movie, suffix: str) -> str:
+        return self._getExtraPath(self._getMovieRoot(movie) + suffix)
+
+    def _collectOutputs(self, movie, outDir: str) -> None:
+        """Move the command's per-movie files to the names the base class expects."""
+        stem = self._movieStem(movie)
+        moves = [(f"{stem}.mrc", self._getExtraPath(self._getOutputMicName(movie))),
+                 (f"{stem}_shifts.star", self._outputFn(movie, "_shifts.star")),
+                 (f"{stem}_psd.mrc", self._outputFn(movie, "_psd.mrc"))]
+        if self._doDoseWeighting():
+            moves.append((f"{stem}_DW.mrc", self._getExtraPath(self._getOutputMicWtName(movie))))
+        for name, dst in moves:
+            src = os.path.join(outDir, name)
+            if os.path.exists(src):
+                shutil.move(src, dst)
+            elif name.endswith((".mrc", ".star")) and not name.endswith("_psd.mrc"):
+                self.warning(f"Movie {movie.getObjId()} ({movie.getFileName()}): {name} was not produced; "
+                             "the movie is reported as failed.")
+        shiftsFn = self._outputFn(movie, "_shifts.star")
+        if os.path.exists(shiftsFn):
+            try:
+                from ..viewers.viewer_movie_alignment import plot_movie_shifts
+                xs, ys = convert.movie_shifts_from_star(shiftsFn)
+                plot_movie_shifts(xs, ys, self._getPlotGlobal(movie), title=self._getMovieRoot(movie),
+                                  pixel_size_A=self.inputMovies.get().getSamplingRate())
+            except Exception as exc:  # a plot must not fail the movie
+                self.warning(f"Could not plot the shifts of movie {movie.getObjId()}: {exc}")
+
+    def _getPlotGlobal(self, movie) -> str:
+        return self._outputFn(movie, "_global_shifts.png")
+
+    def _getMovieShifts(self, movie):
+        """Global shifts (pixels of the input movie, MotionCor2 sign) of the aligned frame range."""
+        shiftsFn = self._outputFn(movie, "_shifts.star")
+        if not os.path.exists(shiftsFn):
+            return [], []
+        xs, ys = convert.movie_shifts_from_star(shiftsFn)
+        first, last = self._frameRange(movie)
+        count = last - first + 1
+        if len(xs) > count:  # the table lists every frame of the movie: keep the aligned range
+            xs, ys = xs[first - 1:last], ys[first - 1:last]
+        return xs, ys
+
+    def _preprocessOutputMicrograph(self, mic, movie):
+        if os.path.exists(self._getPlotGlobal(movie)):
+            mic.plotGlobal = emobj.Image(location=self._getPlotGlobal(movie))
+        psd = self._outputFn(movie, "_psd.mrc")
+        if os.path.exists(psd):
+            mic.psdCorr = emobj.Image(location=psd)
+
+    def _doDoseWeighting(self) -> bool:
+        return bool(self.doApplyDoseFilter) and (self.inputMovies.get().getAcquisition().getDosePerFrame() or 0) > 0
+
+    def _createOutputWeightedMicrographs(self):
+        return self._doDoseWeighting()
+
+    # --------------------------- INFO functions -------------------------------
+    def _validate(self):
+        errors = ProtAlignMovies._validate(self)
+        errors += self._validateGpu()
+        movies = self.inputMovies.get()
+        if movies is None:
+            return errors
+        if self.doApplyDoseFilter and not (movies.getAcquisition().getDosePerFrame() or 0) > 0:
+            errors.append("Dose weighting needs the dose per frame of the movies: set it in the import "
+                          "protocol, or set 'Dose weighting?' to No.")
+        first = movies.getFirstItem()
+        if first is not None and first.getFileName().lower().endswith(COMPRESSED):
+            errors.append(f"Compressed or listed movies ({', '.join(COMPRESSED)}) are not supported: "
+                          "decompress them first.")
+        if self.binFactor.get() < 1:
+            errors.append(f"Binning factor must be >= 1 (got {self.binFactor.get()}).")
+        if self.doLocal and (self.patchX.get() < 0 or self.patchY.get() < 0
+                             or (self.patchX.get() > 0) != (self.patchY.get() > 0)):
+            errors.append("Give both patch numbers (X and Y, e.g. 5 x 5), or 0 and 0 for automatic patches.")
+        if self.moviesPerBatch.get() < 1:
+            errors.append(f"Movies per batch must be at least 1 (got {self.moviesPerBatch.get()}).")
+        return errors
+
+    def _summary(self):
+        summary = []
+        if self.hasAttribute("outputMicrographs"):
+            summary.append(f"{self.outputMicrographs.getSize()} movies aligned "
+                           f"({'global + local' if self.doLocal else 'global'} FlexAlign).")
+        if self.hasAttribute("outputMicrographsDoseWeighted"):
+            summary.append("Dose-weighted micrographs written.")
+        failed = self._readFailedList() if hasattr(self, "_readFailedList") else []
+        if failed:
+            summary.append(f"{len(failed)} movies failed (see the log).")
+        return summary or ["Output not ready yet."]
+
+    def _methods(self):
+        if not self.hasAttribute("outputMicrographs"):
+            return []
+        return [f"{self.outputMicrographs.getSize()} movies were aligned with FlexAlign [Strelak2020FlexAlign] "
+                f"on the GPU ({'global and local' if self.doLocal else 'global'} alignment"
+                + (", dose weighting" if self._doDoseWeighting() else "") + ")."]
+
+    def _citations(self):
+        return ["Strelak2020FlexAlign"]

@@ -1,0 +1,389 @@
+"""STAR files and particle sets: real RELION 3.0/3.1/5 files, round trips, an independent reader, bad files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from xmipp_accel.errors import FileFormatError, InputError
+from xmipp_accel.io.images import read_images
+from xmipp_accel.io.mrc import write_mrc
+from xmipp_accel.io.star import (Table, parse_star_text, read_particles, read_star, write_particles,
+                                 write_particles_from_arrays, write_star)
+
+STAR_FILES = ["relion31.star", "relion31.6opticsgroups.star", "relion5.star", "sample_relion_data.star",
+              "sample_particles_relion31.star", "empiar_10076_7.star"]
+
+
+def _variant(shared_data, name):
+    return os.path.join(shared_data, "star-variants", name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_table_api():
+    t = Table({"rlnAngleRot": [10.0, 20.0, 30.0], "rlnClassNumber": [1, 2, 3], "rlnImageName": ["1@a", "2@a", "3@a"]})
+    assert t.nrows == len(t) == 3 and t.names == ["rlnAngleRot", "rlnClassNumber", "rlnImageName"]
+    assert t["rlnClassNumber"].dtype == np.int64 and t.get("missing", 5) == 5 and "rlnAngleRot" in t
+    t2 = t.with_columns(rlnAngleTilt=90.0, rlnAngleRot=[1.0, 2.0, 3.0])
+    assert t2.names[-1] == "rlnAngleTilt" and t2["rlnAngleTilt"].tolist() == [90.0] * 3
+    assert t["rlnAngleRot"].tolist() == [10.0, 20.0, 30.0]  # original unchanged
+    s = t2.subset(np.array([True, False, True]))
+    assert s.nrows == 2 and s["rlnImageName"].tolist() == ["1@a", "3@a"]
+    assert t2.subset([2, 0])["rlnAngleRot"].tolist() == [3.0, 1.0]
+    assert t.without_columns("rlnClassNumber").names == ["rlnAngleRot", "rlnImageName"]
+    with pytest.raises(InputError, match="has 2 values but the table has 3 rows"):
+        t.with_columns(rlnAnglePsi=[1.0, 2.0])
+    with pytest.raises(KeyError, match="rlnNothing"):
+        t["rlnNothing"]
+
+
+def test_parser_handles_relion_and_star_syntax():
+    text = """
+# comment
+data_general
+
+_rlnFinalResolution   3.25
+_rlnName 'with spaces'
+
+data_things
+loop_
+_rlnA #1
+_rlnB #2 [trailing description]
+# a comment inside
+_rlnMicrographName #3
+1\t2.5  17
+ 2 -3e-4 'my file.mrc'
+
+3 1e+06 ""
+data_empty
+loop_
+data_
+loop_
+_x
+1
+"""
+    blocks = parse_star_text(text, "t.star")
+    assert list(blocks) == ["general", "things", "empty", ""]
+    g = blocks["general"]
+    assert not g.loop and g["rlnFinalResolution"].tolist() == [3.25] and g["rlnName"].tolist() == ["with spaces"]
+    t = blocks["things"]
+    assert t["rlnA"].dtype == np.int64 and t["rlnA"].tolist() == [1, 2, 3]
+    assert t["rlnB"].dtype == np.float64 and t["rlnB"].tolist() == [2.5, -3e-4, 1e6]
+    # a numeric-looking name column stays text
+    assert t["rlnMicrographName"].tolist() == ["17", "my file.mrc", ""]
+    assert blocks["empty"].nrows == 0 and blocks[""]["x"].tolist() == [1]
+
+
+def test_round_trip_exact(tmp_path):
+    t = Table({"rlnImageName": ["1@a b.mrcs", "2@x.mrcs", ""], "rlnDefocusU": [12345.678901, 1e-5, -2.0],
+               "rlnClassNumber": [1, 2, 3], "rlnBig": [1.23456789e9, 0.0, 5.0], "rlnFlag": [True, False, True],
+               "rlnOddZernike": ["[1,2]", "_under", "data_x"]})
+    kv = Table({"rlnFinalResolution": 3.5, "rlnModelName": "model one"}, loop=False)
+    write_star(tmp_path / "t.star", {"general": kv, "particles": t})
+    back = read_star(tmp_path / "t.star")
+    assert back["general"]["rlnFinalResolution"].tolist() == [3.5]
+    assert back["general"]["rlnModelName"].tolist() == ["model one"]
+    b = back["particles"]
+    assert b.names == t.names
+    assert b["rlnImageName"].tolist() == ["1@a b.mrcs", "2@x.mrcs", ""]
+    assert b["rlnOddZernike"].tolist() == ["[1,2]", "_under", "data_x"]
+    np.testing.assert_allclose(b["rlnDefocusU"], t["rlnDefocusU"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(b["rlnBig"], t["rlnBig"], rtol=1e-6)
+    assert b["rlnClassNumber"].tolist() == [1, 2, 3] and b["rlnFlag"].tolist() == [1, 0, 1]
+
+
+def test_untouched_columns_keep_their_text(shared_data, tmp_path):
+    src = _variant(shared_data, "relion31.6opticsgroups.star")
+    blocks = read_star(src)
+    write_star(tmp_path / "copy.star", blocks)
+    a, b = blocks["particles"], read_star(tmp_path / "copy.star")["particles"]
+    for name in a.names:
+        assert a._data[name].tokens == b._data[name].tokens, name
+    # a file with hundreds of rows reads the same columns as the original text says
+    assert a.nrows == 139 and a["rlnOddZernike"].dtype.kind == "U" if "rlnOddZernike" in a else True
+
+
+@pytest.mark.parametrize("name", STAR_FILES + ["../trpv1-real/trpv1_small_stack.star"])
+def test_every_column_matches_emtable(shared_data, name):
+    """An independent reader (emtable, from scipion-em) sees the same values in every block and column."""
+    emtable = pytest.importorskip("emtable")
+    path = _variant(shared_data, name)
+    for block, table in read_star(path).items():
+        if not table.loop or not table.names:
+            continue
+        ref = emtable.Table(fileName=path, tableName=block)
+        assert ref.size() == table.nrows
+        assert ref.getColumnNames() == table.names
+        for col in table.names:
+            ours, theirs = table[col], ref.getColumnValues(col)
+            if ours.dtype.kind in "iuf":
+                np.testing.assert_allclose(ours, np.asarray(theirs, dtype=np.float64), rtol=1e-12, err_msg=col)
+            else:
+                assert ours.tolist() == [str(v) for v in theirs], col
+
+
+def test_emtable_reads_what_we_write(shared_data, tmp_path):
+    emtable = pytest.importorskip("emtable")
+    pset = read_particles(_variant(shared_data, "sample_relion_data.star"))
+    write_particles(tmp_path / "out.star", pset)
+    optics = emtable.Table(fileName=str(tmp_path / "out.star"), tableName="optics")
+    particles = emtable.Table(fileName=str(tmp_path / "out.star"), tableName="particles")
+    assert particles.size() == 17 and optics.size() == 1
+    np.testing.assert_allclose(particles.getColumnValues("rlnAngleRot"), pset.angles_deg[:, 0], atol=1e-6)
+    np.testing.assert_allclose(optics.getColumnValues("rlnImagePixelSize"), [5e4 / 37369.207031], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# particle sets from real files (values copied from the files' text)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_relion31_single_optics_group(shared_data):
+    p = read_particles(_variant(shared_data, "relion31.star"))
+    assert p.n == 5 and p.optics.nrows == 1
+    np.testing.assert_allclose(p.angles_deg[0], [-102.30296, 82.318041, 124.706463])
+    np.testing.assert_allclose(p.origins_A[1], [-0.25248, 0.403454])
+    np.testing.assert_allclose(p.pixel_size_A, 2.806)
+    ctf = p.ctf()
+    np.testing.assert_allclose([ctf["defocus_u_A"][0], ctf["defocus_v_A"][0], ctf["defocus_angle_deg"][0]],
+                               [13108.082418, 12845.582418, -160.39])
+    np.testing.assert_allclose([ctf["voltage_kV"][0], ctf["cs_mm"][0], ctf["amplitude_contrast"][0]],
+                               [300.0, 0.01, 0.1])
+    assert p.box_size == 256 and p.subset.tolist() == [1, 1, 1, 1, 1]
+    assert p.image_refs[0] == "000001@relion31.mrcs"
+    assert p.read_images([4]).shape == (1, 256, 256)
+
+
+def test_relion31_six_optics_groups(shared_data):
+    p = read_particles(_variant(shared_data, "relion31.6opticsgroups.star"))
+    assert p.n == 139 and p.optics.nrows == 6
+    pixel_of_group = {1: 1.25, 2: 1.24, 3: 1.25, 4: 1.25, 5: 1.24, 6: 1.25}
+    cs_of_group = {1: 2.7, 2: 2.7, 3: 2.7, 4: 2.6, 5: 2.7, 6: 2.7}
+    groups = p.table["rlnOpticsGroup"]
+    assert set(groups.tolist()) <= set(pixel_of_group)
+    np.testing.assert_allclose(p.pixel_size_A, [pixel_of_group[g] for g in groups.tolist()])
+    np.testing.assert_allclose(p.ctf()["cs_mm"], [cs_of_group[g] for g in groups.tolist()])
+    assert len(set(groups.tolist())) > 1
+    np.testing.assert_allclose(p.angles_deg[0], [-128.10516, 37.068920, -82.17809])
+    np.testing.assert_allclose(p.origins_A[0], [13.284554, -3.21701])
+    np.testing.assert_allclose(p.ctf()["defocus_u_A"][:3], [10352.805929, 10761.768721, 14197.948733])
+    assert p.ctf()["voltage_kV"].tolist() == [200.0] * 139 and p.box_size == 196
+    assert p.table["rlnOpticsGroupName"][0] == "opticsGroup6"
+
+
+def test_relion5(shared_data):
+    p = read_particles(_variant(shared_data, "relion5.star"))
+    assert p.n == 17
+    np.testing.assert_allclose(p.angles_deg[0], [111.508618, 36.742536, 141.158035])
+    np.testing.assert_allclose(p.origins_A[0], [-3.12578, -1.41031])
+    ctf = p.ctf()
+    np.testing.assert_allclose([ctf["defocus_u_A"][0], ctf["defocus_v_A"][0], ctf["voltage_kV"][0]],
+                               [11949.06133, 11800.493288, 100.0])
+    np.testing.assert_allclose(p.pixel_size_A, 0.89)
+    assert p.box_size == 448 and p.image_refs[:2] == ["1@toy_images_a.mrcs", "2@toy_images_b.mrcs"]
+
+
+def test_relion30_pixel_size_from_detector_and_magnification(shared_data):
+    p = read_particles(_variant(shared_data, "sample_relion_data.star"))
+    assert p.optics is None and p.n == 17
+    pixel = 5.0 * 1e4 / 37369.207031
+    np.testing.assert_allclose(p.pixel_size_A, pixel)
+    # rlnOriginX/Y are in pixels in RELION 3.0
+    np.testing.assert_allclose(p.origins_A[0], [0.1996 * pixel, 0.1996 * pixel])
+    np.testing.assert_allclose(p.origins_px[3], [-0.0504, -0.3004])
+    assert p.box_size == 200  # from the stack header: no rlnImageSize in 3.0
+
+
+def test_empiar_bare_data_block(shared_data):
+    p = read_particles(_variant(shared_data, "empiar_10076_7.star"))
+    assert p.n == 7 and p.angles_deg is None and p.origins_A is None and p.subset is None
+    np.testing.assert_allclose(p.pixel_size_A, 5.0 * 1e4 / 38168)
+    ctf = p.ctf()
+    np.testing.assert_allclose([ctf["defocus_u_A"][2], ctf["defocus_v_A"][2], ctf["defocus_angle_deg"][2]],
+                               [15150.7, 14766.0, 5.28])
+    assert ctf["amplitude_contrast"][0] == 0.07 and ctf["phase_shift_deg"][0] == 0.0
+    assert p.box_size == 320
+    assert p.table["rlnMicrographName"].tolist()[:2] == ["1", "2"]
+
+
+def test_trpv1(shared_data):
+    p = read_particles(os.path.join(shared_data, "trpv1-real", "trpv1_small_stack.star"))
+    assert p.n == 10 and p.optics["rlnOpticsGroup"].tolist() == [7]
+    np.testing.assert_allclose(p.angles_deg[0], [-30.073301, 137.509323, 167.963364])
+    np.testing.assert_allclose(p.origins_A[0], [-8.149219, -6.120969])
+    np.testing.assert_allclose(p.pixel_size_A, 4.88)
+    assert p.subset.tolist()[:4] == [2, 1, 2, 1] and p.box_size == 48
+    np.testing.assert_allclose(p.ctf()["cs_mm"], 2.0)
+
+
+def test_relion30_and_31_forms_of_the_same_particles_agree(shared_data):
+    p30 = read_particles(_variant(shared_data, "sample_relion_data.star"))
+    p31 = read_particles(_variant(shared_data, "sample_particles_relion31.star"))
+    # The 3.1 file repeats particle 14 as particle 15 (coordinates, angles, subset): compare the others.
+    same = np.arange(17) != 14
+    np.testing.assert_allclose(p31.angles_deg[same], p30.angles_deg[same])
+    assert not np.allclose(p31.angles_deg[14], p30.angles_deg[14])
+    for key in ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "cs_mm", "amplitude_contrast"):
+        np.testing.assert_allclose(p31.ctf()[key], p30.ctf()[key], err_msg=key)
+    assert p31.image_refs == p30.image_refs
+    np.testing.assert_array_equal(p31.subset[same], p30.subset[same])
+    # The 3.1 file carries the 3.0 pixel origins' numbers in its Angstrom columns (a naive conversion);
+    # each reader applies its own version's unit.
+    np.testing.assert_allclose(p31.origins_A[same], p30.origins_px[same])
+    np.testing.assert_array_equal(read_images(p31.image_refs, p31.star_dir, indices=[0, 16]),
+                                  p30.read_images([0, 16]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing particles
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_write_particles_round_trip_six_groups(shared_data, tmp_path):
+    src = read_particles(_variant(shared_data, "relion31.6opticsgroups.star"))
+    out = tmp_path / "same.star"
+    write_particles(out, src)
+    back = read_particles(out)
+    assert back.optics == src.optics
+    assert back.table.names == src.table.names
+    for name in src.table.names:
+        a, b = src.table[name], back.table[name]
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-9, err_msg=name)
+        elif name != "rlnImageName":
+            np.testing.assert_array_equal(b, a, err_msg=name)
+    np.testing.assert_allclose(back.pixel_size_A, src.pixel_size_A)
+
+
+def test_write_particles_new_angles_origins_and_extra(shared_data, tmp_path):
+    src = read_particles(os.path.join(shared_data, "trpv1-real", "trpv1_small_stack.star"))
+    rng = np.random.default_rng(5)
+    angles = rng.uniform(-180, 180, (10, 3))
+    origins = rng.uniform(-20, 20, (10, 2))
+    out = tmp_path / "sub" / "aligned.star"
+    write_particles(out, src, angles_deg=angles, origins_A=origins, extra={"rlnMaxValueProbDistribution": 0.5})
+    back = read_particles(out)
+    np.testing.assert_allclose(back.angles_deg, angles, atol=1e-6)
+    np.testing.assert_allclose(back.origins_A, origins, atol=1e-6)
+    assert back.table["rlnMaxValueProbDistribution"].tolist() == [0.5] * 10
+    np.testing.assert_array_equal(back.subset, src.subset)
+    np.testing.assert_allclose(back.ctf()["defocus_u_A"], src.ctf()["defocus_u_A"])
+    # written in another folder: image names were rebased and still find the same stack
+    assert back.image_refs[0].startswith("000001@../")
+    np.testing.assert_array_equal(back.read_images([0, 9]), src.read_images([0, 9]))
+    with pytest.raises(InputError, match="angles_deg must have shape"):
+        write_particles(out, src, angles_deg=angles[:5])
+
+
+def test_relion30_is_written_as_31_with_optics(shared_data, tmp_path):
+    src = read_particles(_variant(shared_data, "sample_relion_data.star"))
+    write_particles(tmp_path / "p31.star", src)
+    blocks = read_star(tmp_path / "p31.star")
+    assert list(blocks) == ["optics", "particles"]
+    particles = blocks["particles"]
+    for gone in ("rlnOriginX", "rlnOriginY", "rlnMagnification", "rlnDetectorPixelSize", "rlnVoltage"):
+        assert gone not in particles, gone
+    back = read_particles(tmp_path / "p31.star")
+    assert back.optics.nrows == 1 and back.table["rlnOpticsGroup"].tolist() == [1] * 17
+    np.testing.assert_allclose(back.pixel_size_A, src.pixel_size_A, rtol=1e-6)
+    np.testing.assert_allclose(back.origins_A, src.origins_A, atol=1e-6)
+    np.testing.assert_allclose(back.angles_deg, src.angles_deg, atol=1e-6)
+    for key, values in src.ctf().items():
+        np.testing.assert_allclose(back.ctf()[key], values, rtol=1e-6, err_msg=key)
+    assert back.box_size == 200 and back.optics["rlnImageDimensionality"].tolist() == [2]
+
+
+def test_write_particles_from_arrays(tmp_path):
+    n = 6
+    stack = np.random.default_rng(0).standard_normal((n, 16, 16)).astype(np.float32)
+    write_mrc(tmp_path / "parts.mrcs", stack, 1.5)
+    refs = [f"{i + 1:06d}@parts.mrcs" for i in range(n)]
+    pixel = np.array([1.5, 1.5, 1.5, 2.0, 2.0, 1.5])
+    angles = np.arange(n * 3, dtype=float).reshape(n, 3)
+    origins = np.arange(n * 2, dtype=float).reshape(n, 2) / 3
+    ctf = {"defocus_u_A": np.linspace(1e4, 2e4, n), "defocus_v_A": np.linspace(1e4, 2e4, n) - 100,
+           "defocus_angle_deg": 30.0, "voltage_kV": 200.0}
+    write_particles_from_arrays(tmp_path / "syn.star", refs, pixel, angles_deg=angles, origins_A=origins, ctf=ctf,
+                                subset=[1, 2, 1, 2, 1, 2], cs_mm=1.4)
+    p = read_particles(tmp_path / "syn.star")
+    assert p.optics.nrows == 2 and p.table["rlnOpticsGroup"].tolist() == [1, 1, 1, 2, 2, 1]
+    np.testing.assert_allclose(p.pixel_size_A, pixel)
+    np.testing.assert_allclose(p.angles_deg, angles, atol=1e-6)
+    np.testing.assert_allclose(p.origins_A, origins, atol=1e-6)
+    c = p.ctf()
+    np.testing.assert_allclose(c["defocus_u_A"], ctf["defocus_u_A"], atol=1e-6)
+    np.testing.assert_allclose(c["defocus_v_A"], ctf["defocus_v_A"], atol=1e-6)
+    assert c["voltage_kV"].tolist() == [200.0] * n and c["cs_mm"].tolist() == [1.4] * n
+    assert c["defocus_angle_deg"].tolist() == [30.0] * n and c["amplitude_contrast"].tolist() == [0.1] * n
+    assert p.subset.tolist() == [1, 2, 1, 2, 1, 2] and p.box_size == 16
+    np.testing.assert_array_equal(p.read_images(), stack)
+    with pytest.raises(InputError, match="give box_size"):
+        write_particles_from_arrays(tmp_path / "x.star", ["1@nothing.mrcs"], 1.0)
+    with pytest.raises(InputError, match="subset"):
+        write_particles_from_arrays(tmp_path / "x.star", refs, 1.0, subset=[0] * n, box_size=16)
+    assert not (tmp_path / "x.star").exists()
+
+
+def test_large_file_round_trip(tmp_path):
+    n = 20000
+    rng = np.random.default_rng(2)
+    refs = [f"{i % 500 + 1:06d}@Extract/job1/mic{i // 500:04d}.mrcs" for i in range(n)]
+    angles = rng.uniform(-180, 180, (n, 3))
+    write_particles_from_arrays(tmp_path / "big.star", refs, 1.1, angles_deg=angles, box_size=128,
+                                ctf={"defocus_u_A": rng.uniform(5e3, 3e4, n)}, subset=rng.integers(1, 3, n))
+    p = read_particles(tmp_path / "big.star")
+    assert p.n == n and p.image_refs[-1] == refs[-1]
+    np.testing.assert_allclose(p.angles_deg, angles, atol=1e-6)
+    sub = p.select(p.subset == 2)
+    assert sub.n == int((p.subset == 2).sum()) and set(sub.subset.tolist()) == {2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad files
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_missing_empty_and_binary(tmp_path):
+    with pytest.raises(FileFormatError, match="not found.*none.star"):
+        read_star(tmp_path / "none.star")
+    (tmp_path / "empty.star").write_text("\n  \n")
+    with pytest.raises(FileFormatError, match="empty.star is empty"):
+        read_particles(tmp_path / "empty.star")
+    (tmp_path / "bin.star").write_bytes(b"\x00\x01MAP " * 100)
+    with pytest.raises(FileFormatError, match="bin.star is a binary file"):
+        read_star(tmp_path / "bin.star")
+    (tmp_path / "text.star").write_text("hello world\n")
+    with pytest.raises(FileFormatError, match=r"text.star, line 1: 'hello world' before any data_ block"):
+        read_star(tmp_path / "text.star")
+
+
+def test_no_particles_block(tmp_path):
+    (tmp_path / "optics_only.star").write_text("data_optics\nloop_\n_rlnOpticsGroup\n_rlnVoltage\n1 300\n")
+    with pytest.raises(FileFormatError) as info:
+        read_particles(tmp_path / "optics_only.star")
+    assert "optics_only.star has no particles table" in str(info.value) and "data_optics (1 rows)" in str(info.value)
+
+
+def test_row_with_missing_value_gives_line(tmp_path):
+    (tmp_path / "cut.star").write_text("data_particles\nloop_\n_rlnImageName\n_rlnAngleRot\n1@a.mrcs 10\n"
+                                       "2@a.mrcs 20\n3@a.mrcs\n")
+    with pytest.raises(FileFormatError, match=r"cut.star, line 7 \(block data_particles\): 1 values but the loop "
+                                              r"declares 2 columns"):
+        read_star(tmp_path / "cut.star")
+
+
+def test_undefined_optics_group(tmp_path):
+    (tmp_path / "og.star").write_text("data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n1 1.0\n"
+                                      "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n1@a.mrcs 1\n2@a.mrcs 3\n")
+    with pytest.raises(FileFormatError, match=r"og.star: particles use optics group\(s\) \[3\]"):
+        read_particles(tmp_path / "og.star")
+
+
+def test_ctf_without_voltage_and_no_pixel_size(tmp_path):
+    (tmp_path / "partial.star").write_text("data_\nloop_\n_rlnImageName\n_rlnDefocusU\n1@nowhere.mrcs 10000\n")
+    p = read_particles(tmp_path / "partial.star")
+    with pytest.raises(FileFormatError, match="partial.star has defocus values but no rlnVoltage"):
+        p.ctf()
+    with pytest.raises(FileFormatError, match="partial.star gives no pixel size"):
+        p.pixel_size_A
