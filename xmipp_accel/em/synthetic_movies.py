@@ -183,13 +183,29 @@ def make_movie(shape: Sequence[int] = (512, 512), n_frames: int = 16, *, dose_pe
             return xp.zeros(np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(n)) + (2,))
         return doming_displacement(x, y, n, coefficients=coeffs, shape=(ny, nx), xp=xp)
 
+    def shifted_reference(d):
+        """REF(p + d) for a constant shift d = (dx, dy): separable, exact for the lines."""
+        ys = xp.arange(ny, dtype=np.float64) + d[1]
+        xs = xp.arange(nx, dtype=np.float64) + d[0]
+        fy, fx = np.floor(d[1]), np.floor(d[0])
+        wy = _keys_weights(np.float32(d[1] - fy), np)
+        wx = _keys_weights(np.float32(d[0] - fx), np)
+        y0, x0 = int(fy) + margin, int(fx) + margin
+        rows = sum(np.float32(wy[a]) * ice[y0 + a - 1:y0 + a - 1 + ny, :] for a in range(4))
+        smooth = sum(np.float32(wx[b]) * rows[:, x0 + b - 1:x0 + b - 1 + nx] for b in range(4))
+        cy_ = _line_coverage(ys, xp)[:, None]
+        cx_ = _line_coverage(xs, xp)[None, :]
+        lines = 1.0 - (1.0 - cx_) * (1.0 - cy_)
+        return smooth + np.float32(LINE_SIGNAL) * lines.astype(np.float32)
+
     def expected_frame(n):
+        if not doming_px:
+            return xp.maximum(shifted_reference(g[n]), 0) * np.float32(dose_per_pixel)
         d = xp.asarray(g[n])
         px, py = gx + d[0], gy + d[1]
-        if doming_px:
-            loc = doming_displacement(gx, gy, n, coefficients=coeffs, shape=(ny, nx), xp=xp)
-            px = px + loc[..., 0]
-            py = py + loc[..., 1]
+        loc = doming_displacement(gx, gy, n, coefficients=coeffs, shape=(ny, nx), xp=xp)
+        px = px + loc[..., 0]
+        py = py + loc[..., 1]
         return xp.maximum(reference_at(px, py), 0) * np.float32(dose_per_pixel)
 
     frames = xp.empty((n_frames, ny, nx), dtype=np.float32)
@@ -202,7 +218,7 @@ def make_movie(shape: Sequence[int] = (512, 512), n_frames: int = 16, *, dose_pe
                 frames[n] = xp.random.poisson(lam.astype(np.float64)).astype(np.float32)
         else:
             frames[n] = lam
-    ref = reference_at(gx, gy)
+    ref = shifted_reference((0.0, 0.0))
     truth = {
         "global_shifts_px": g,
         "local_shift": local_shift,

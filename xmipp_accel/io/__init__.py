@@ -4,3 +4,15 @@ and image references ``N@stack.mrcs``. Writes are atomic (temporary name, then
 rename) and bad files raise :class:`xmipp_accel.errors.FileFormatError` naming
 the file and the problem.
 """
+
+from .atomic import atomic_write  # noqa: E402
+from .images import ImageStackWriter, parse_image_ref, read_images, write_stack  # noqa: E402
+from .mrc import check_finite, mrc_info, mrc_shape, mrc_voxel_size, read_mrc, write_mrc  # noqa: E402
+from .star import (ParticleSet, Table, read_particles, read_star, write_particles,  # noqa: E402
+                   write_particles_from_arrays, write_star)
+from .xmd import read_xmd, write_xmd  # noqa: E402
+
+__all__ = ["atomic_write", "ImageStackWriter", "parse_image_ref", "read_images", "write_stack", "check_finite",
+           "mrc_info", "mrc_shape", "mrc_voxel_size", "read_mrc", "write_mrc", "ParticleSet", "Table",
+           "read_particles", "read_star", "write_particles", "write_particles_from_arrays", "write_star",
+           "read_xmd", "write_xmd"]

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 _HEADER_BYTES = 1024
 _WRITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8), np.dtype(np.int16),
-                 np.dtype(np.uint16))
+                 np.dtype(np.uint16), np.dtype(np.complex64))
 _MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 3: "complex int16", 4: "complex64", 6: "uint16",
                12: "float16", 101: "4-bit packed"}
 
@@ -311,8 +311,9 @@ def write_mrc(path: str | os.PathLike, data, voxel_size_A: Optional[float], *,
     path : str or os.PathLike
         Output file; an existing file is replaced only once the new one is complete.
     data : array_like, shape (y, x), (z, y, x) or (n, y, x)
-        Written as float32 (float16, int8, int16 and uint16 are kept as they
-        are; CuPy arrays are copied to the host).
+        Written as float32 (float16, int8, int16, uint16 and complex64 are
+        kept as they are, complex128 becomes complex64; CuPy arrays are copied
+        to the host).
     voxel_size_A : float or None
         Voxel size in Å stored in the header (None leaves it 0, i.e. unset).
     is_stack : bool, optional
@@ -335,7 +336,7 @@ def write_mrc(path: str | os.PathLike, data, voxel_size_A: Optional[float], *,
         if not (np.isfinite(voxel_size_A) and voxel_size_A > 0):
             raise InputError(f"cannot write {path}: voxel size must be a positive number of Å, got {voxel_size_A}")
     if arr.dtype not in _WRITE_DTYPES:
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.complex64 if arr.dtype.kind == "c" else np.float32)
     arr = np.ascontiguousarray(arr)
     if is_stack is None:
         is_stack = path.lower().endswith(".mrcs")

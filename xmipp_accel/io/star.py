@@ -1,17 +1,19 @@
 """STAR files (RELION 3.0, 3.1+, 5) and particle sets.
 
 Why our own parser and not ``emtable`` (installed with scipion-em): emtable
-builds one Python object per row and converts every value as it reads, which
-costs several seconds for a 10^5-particle file; here a loop is split into
-tokens once, each column is kept as its list of strings and converted to a
-NumPy array (int64, float64, else str) only when first used. A particle file of
-10^5 rows reads in about a second on one core, and columns written back
-unchanged are written with their original text, so a read/write round trip
-changes no digit of columns nobody touched. The parser accepts what RELION and
-Xmipp write: ``data_`` blocks with ``loop_`` tables or key/value pairs,
+builds one Python object per row and converts every value as it reads; here a
+loop is split into tokens once, each column is kept as its list of strings and
+converted to a NumPy array (int64, float64, else str) only when first used, and
+whole columns come back as arrays (what the algorithms need). A 10^5-row,
+30-column particle file reads in 0.46 s (emtable 0.82 s) on the GPU host's CPU
+and 0.8 s (emtable 1.9 s) on a loaded 2-core machine; columns written back
+unchanged keep their original text, so a read/write round trip changes no
+digit of columns nobody touched. Errors name the file, block and line.
+
+The parser accepts what RELION and Xmipp write: ``data_`` blocks with ``loop_`` tables or key/value pairs,
 ``#`` comments, ``#N`` column numbers and trailing text after labels, tabs,
 quoted values (``'a b'``, ``""``), blank lines anywhere. Measured against
-emtable in ``benchmarks/io_star.py``.
+emtable in ``benchmarks/io_files.py``.
 
 Block names are given without ``data_`` (``"optics"``, ``"particles"``; ``""``
 for a bare ``data_``); column names without the leading underscore
@@ -266,8 +268,11 @@ def _split_quoted(line: str) -> List[str]:
     return out
 
 
-_NEXT_SECTION = re.compile(r"^[ \t]*(?:_|data_|loop_)", re.M)
-_NONBLANK_LINE = re.compile(r"^[ \t]*\S", re.M)
+# Regexes start with a literal newline so the engine scans with a fast prefix search (a "^" with re.M
+# tries every position: 10x slower on a 40 MB file).
+_SECTION_HERE = re.compile(r"[ \t]*(?:_|data_|loop_)")
+_NEXT_SECTION = re.compile(r"\n[ \t]*(?:_|data_|loop_)")
+_NONBLANK_LINE = re.compile(r"\n[ \t\r]*[^ \t\r\n]")
 
 
 def _loop_body(chunk: str, ncol: int, where) -> Tuple[List[str], int, bool]:
@@ -278,7 +283,7 @@ def _loop_body(chunk: str, ncol: int, where) -> Tuple[List[str], int, bool]:
     slow = "#" in chunk or "'" in chunk or '"' in chunk or "stop_" in chunk
     if not slow:
         tokens = chunk.split()
-        nrows = len(_NONBLANK_LINE.findall(chunk))
+        nrows = len(_NONBLANK_LINE.findall("\n" + chunk))
         if len(tokens) == nrows * ncol:
             return tokens, nrows, False
     tokens = []
@@ -364,8 +369,11 @@ def parse_star_text(text: str, source: str = "<text>") -> Dict[str, Table]:
                 elif s and s[0] != "#":
                     break
                 pos = after
-            m = _NEXT_SECTION.search(text, pos)
-            body_end = m.start() if m else n
+            if _SECTION_HERE.match(text, pos):
+                body_end = pos
+            else:
+                m = _NEXT_SECTION.search(text, pos)
+                body_end = m.start() + 1 if m else n
             chunk = text[pos:body_end]
             body_start, pos = pos, body_end
             current = block
@@ -921,6 +929,11 @@ def write_particles(path: str | os.PathLike, pset: ParticleSet, *, angles_deg=No
         if o.shape != (n, 2):
             raise InputError(f"origins_A must have shape ({n}, 2) for {n} particles, got {o.shape}")
         new.update(rlnOriginXAngst=o[:, 0], rlnOriginYAngst=o[:, 1])
+    if "rlnOpticsGroup" not in table:
+        if optics.nrows != 1 or "rlnOpticsGroup" not in optics:
+            raise InputError(f"cannot write {path}: particles have no rlnOpticsGroup and data_optics has "
+                             f"{optics.nrows} groups")
+        new["rlnOpticsGroup"] = np.full(n, int(optics["rlnOpticsGroup"][0]), dtype=np.int64)
     if "rlnOriginXAngst" in table or "rlnOriginXAngst" in new:
         table = table.without_columns("rlnOriginX", "rlnOriginY")
     for name, values in (extra or {}).items():

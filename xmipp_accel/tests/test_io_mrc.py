@@ -102,7 +102,7 @@ def test_old_file_without_map_id_is_read_with_warning(shared_data, caplog):
         data, _ = read_mrc(path)
     assert data.shape == (5, 256, 256)
     assert "MAP" in caplog.text and "relion31.mrcs" in caplog.text
-    with mrcfile.open(path, permissive=True) as m:
+    with pytest.warns(RuntimeWarning), mrcfile.open(path, permissive=True) as m:  # the reference reader warns
         np.testing.assert_array_equal(data, m.data)
 
 
@@ -243,3 +243,11 @@ def test_check_finite_on_memmapped_file(tmp_path):
 def test_module_has_no_cupy_import():
     src = open(mrc_module.__file__).read()
     assert "import cupy" not in src
+
+
+def test_complex_data_kept_as_complex64(tmp_path, rng):
+    z = rng.standard_normal((3, 4, 4)) + 1j * rng.standard_normal((3, 4, 4))
+    write_mrc(tmp_path / "c.mrc", z, 1.0)
+    back, _ = read_mrc(tmp_path / "c.mrc")
+    assert back.dtype == np.complex64
+    np.testing.assert_allclose(back, z.astype(np.complex64))

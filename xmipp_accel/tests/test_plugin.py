@@ -45,7 +45,7 @@ def test_protocols_viewers_wizards_are_registered(plugin):
         assert protocols[name].__module__.startswith("xmipp_accel.protocols")
     # the mixins are not protocols
     assert "XmippAccelProtBase" not in protocols and "XmippAccelProtResolutionBase" not in protocols
-    viewers = {name: Domain.findViewers(protocols[name], DESKTOP_TKINTER) for name in PROTOCOLS}
+    viewers = {name: Domain.findViewers(protocols[name](), DESKTOP_TKINTER) for name in PROTOCOLS}
     for name, found in viewers.items():
         ours = [v.__name__ for v in found if v.__module__.startswith("xmipp_accel.viewers")]
         assert ours, f"no xmipp_accel viewer for {name} (found {[v.__name__ for v in found]})"

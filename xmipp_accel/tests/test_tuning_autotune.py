@@ -216,3 +216,31 @@ def test_gpu_tuner_and_dynamic_tuner_on_builtin_kernel(tmp_path):
     for _ in range(8):
         np.testing.assert_allclose(cp.asnumpy(dyn.run(inputs)), ref, rtol=1e-6)
     assert len(dyn.trials) == 5
+
+
+def test_adapters_build_inputs_on_the_cpu():
+    names = at.registered()
+    if "insert" in names:
+        inp = names["insert"].make_inputs({"padded_box": 32, "images": 3}, np)
+        assert inp["data"].shape == (32, 32, 17) and inp["proj"].shape == (3, 32, 17)
+        assert names["insert"].default in at.configurations(names["insert"].space, names["insert"].constraints)
+    if "movie-local-motion" in names:
+        k = names["movie-local-motion"]
+        inp = k.make_inputs({"frames": 2, "height": 16, "width": 24}, np)
+        assert inp["frames"].shape == (2, 16, 24) and inp["coef"].shape == (2, 2, 6, 6)
+        assert k.size_class({"frames": 30, "height": 4096, "width": 4096}) == "frames=32,pixels=16777216"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,size", [("insert", {"padded_box": 48, "images": 24}),
+                                       ("movie-local-motion", {"frames": 3, "height": 200, "width": 300})])
+def test_gpu_adapted_kernels_give_the_same_result_in_every_configuration(name, size, tmp_path):
+    """Every configuration of the algorithms' kernels computes the default's result (else the tuner skips it)."""
+    names = at.registered()
+    if name not in names:
+        pytest.skip(f"{name} kernel not in this build")
+    cp = backend.cupy_module()
+    res = Tuner(names[name], cache=TuningCache(str(tmp_path)), max_configs=12, repeats=1).tune(size, xp=cp)
+    differs = [t.params for t in res.trials if t.error and "differs" in t.error]
+    assert not differs, f"configurations giving another result: {differs}"
+    assert sum(t.seconds is not None for t in res.trials) >= 6

@@ -10,4 +10,5 @@ import sys as _sys
 if "pyworkflow" in _sys.modules:
     from .viewer_assign_angles import XmippAccelAssignAnglesViewer  # noqa: F401
     from .viewer_movie_alignment import XmippAccelMovieAlignViewer  # noqa: F401
-    from .viewer_resolution import XmippAccelFscViewer, XmippAccelLocalResolutionViewer  # noqa: F401
+    from .viewer_resolution import (XmippAccelFscSetViewer, XmippAccelFscViewer,  # noqa: F401
+                                    XmippAccelLocalResolutionViewer)

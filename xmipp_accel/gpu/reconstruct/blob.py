@@ -19,6 +19,7 @@ Kaiser-Bessel window functions", JOSA A 7 (1990) 1834, doi:10.1364/JOSAA.7.00183
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,7 +146,7 @@ class KaiserBesselBlob:
         out = 4.0 * np.pi * (np.sinc(2.0 * flat * r[None, :]) @ wr)
         return out.reshape(w.shape)
 
-    def gridding_correction(self, box: int, padded_box: int) -> np.ndarray:
+    def gridding_correction(self, box: int, padded_box: int, xp=np):
         """Real-space factor that the blob interpolation multiplied the volume by.
 
         Parameters
@@ -155,16 +156,18 @@ class KaiserBesselBlob:
         padded_box : int
             Size ``M`` of the padded Fourier grid the blob lives in; a voxel at distance
             ``r`` from the centre sees the blob transform at frequency ``r / M``.
+        xp : module
+            numpy or cupy: where the ``(N, N, N)`` array is built.
 
         Returns
         -------
         ndarray, float32, shape ``(N, N, N)``: ``B(r / M) / B(0)``; divide the volume by it.
         """
-        c = np.arange(box, dtype=np.float64) - box // 2
-        r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-        # radial profile on a fine grid, then linear interpolation (cheap for any box)
-        rmax = float(r.max()) + 1.0
+        rmax = math.sqrt(3.0) * (box // 2 + 1) + 1.0
         grid = np.linspace(0.0, rmax, int(4 * rmax) + 2)
         profile = self.fourier_transform_3d(grid / padded_box)
         profile /= profile[0]
-        return np.interp(r, grid, profile).astype(np.float32)
+        c = xp.arange(box, dtype=xp.float32) - box // 2
+        r = xp.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+        out = xp.interp(r.ravel(), xp.asarray(grid, dtype=xp.float32), xp.asarray(profile, dtype=xp.float32))
+        return out.reshape(box, box, box).astype(xp.float32)

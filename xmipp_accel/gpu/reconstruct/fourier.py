@@ -46,7 +46,7 @@ from .insert import BLOB_MODES, FourierGrid, insert_gather, symmetrize_fourier_v
 __all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "ParticleBatch", "ReconstructionResult",
            "FourierAccumulator", "FourierReconstructor", "padded_box", "fourier_grid", "projection_transforms",
            "finish_volume", "reconstruct", "reconstruct_batches", "reduce_accumulators", "batches_from_arrays",
-           "default_batch_size", "group_matrices"]
+           "default_batch_size", "group_matrices", "replica_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ class ReconstructionSettings:
         Blob values from a 10 000-entry table or evaluated per pixel.
     gridding_correction : bool
         Divide the volume by the blob's real-space transform.
+    ctf_premultiplied : bool
+        The images were already multiplied by their CTF (RELION ``rlnCtfDataAreCtfPremultiplied``):
+        Wiener then accumulates them as they are, with ``CTF²`` weights.
     tuning : dict or None
         Insertion kernel parameters (:data:`.insert.INSERT_TUNING_SPACE`).
     """
@@ -96,9 +99,10 @@ class ReconstructionSettings:
     blob: KaiserBesselBlob = field(default_factory=KaiserBesselBlob)
     blob_mode: str = "table"
     gridding_correction: bool = True
+    ctf_premultiplied: bool = False
     tuning: Optional[dict] = None
 
-    def validated(self) -> "ReconstructionSettings":
+    def validated(self) -> ReconstructionSettings:
         """Check every field; returns self (raises InputError naming the option and the fix)."""
         if not self.pad >= 1:
             raise InputError(f"--pad must be >= 1, got {self.pad}")
@@ -111,6 +115,9 @@ class ReconstructionSettings:
             raise InputError(f"--ctf must be one of auto, {', '.join(CTF_MODES)}, got {self.ctf_mode!r}")
         if not self.wiener_constant >= 0:
             raise InputError(f"--wiener-constant must be >= 0, got {self.wiener_constant}")
+        if self.ctf_premultiplied and self.ctf_mode == "phase-flip":
+            raise InputError("--ctf phase-flip cannot be used on CTF-premultiplied images "
+                             "(rlnCtfDataAreCtfPremultiplied): use --ctf wiener")
         if self.blob_mode not in BLOB_MODES:
             raise InputError(f"--blob-mode must be one of {', '.join(BLOB_MODES)}, got {self.blob_mode!r}")
         return self
@@ -183,7 +190,7 @@ class ParticleBatch:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def take(self, start: int, stop: int) -> "ParticleBatch":
+    def take(self, start: int, stop: int) -> ParticleBatch:
         """Particles ``start:stop`` of this batch."""
         def sl(a):
             return None if a is None else a[start:stop]
@@ -208,26 +215,16 @@ def batches_from_arrays(images, matrices, *, shifts_px=None, ctf=None, subset=No
 # ---------------------------------------------------------------------------------------------- per batch
 
 def _ctf_images(ctf: Dict[str, np.ndarray], n: int, M: int, pixel_size_A: float, xp):
-    """CTF of each particle on the padded rfft grid, ``(n, M, M//2+1)`` float32."""
+    """CTF of each particle on the padded rfft grid, ``(n, M, M//2+1)`` float32 (:func:`em.ctf.ctf_2d`)."""
     from ...em.ctf import ctf_2d  # noqa: PLC0415
-    du = np.asarray(ctf["defocus_u_A"], dtype=np.float64).reshape(n)
-    dv = np.asarray(ctf.get("defocus_v_A", du), dtype=np.float64).reshape(n)
-    ang = np.asarray(ctf.get("defocus_angle_deg", np.zeros(n)), dtype=np.float64).reshape(n)
-    combos = np.stack([np.broadcast_to(np.asarray(ctf.get(k, d), dtype=np.float64), (n,)) for k, d in _CTF_SCALARS],
-                      axis=1)
-    uniq, inverse = np.unique(combos, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if uniq.shape[0] == 1:
-        out = ctf_2d(M, pixel_size_A, du, dv, ang, voltage_kV=uniq[0, 0], cs_mm=uniq[0, 1],
-                     amplitude_contrast=uniq[0, 2], phase_shift_deg=uniq[0, 3], xp=xp)
-        return xp.asarray(out, dtype=xp.float32).reshape(n, M, M // 2 + 1)
-    out = xp.empty((n, M, M // 2 + 1), dtype=xp.float32)
-    for j, row in enumerate(uniq):
-        sel = np.nonzero(inverse == j)[0]
-        part = ctf_2d(M, pixel_size_A, du[sel], dv[sel], ang[sel], voltage_kV=row[0], cs_mm=row[1],
-                      amplitude_contrast=row[2], phase_shift_deg=row[3], xp=xp)
-        out[xp.asarray(sel)] = xp.asarray(part, dtype=xp.float32).reshape(sel.size, M, M // 2 + 1)
-    return out
+
+    def per_particle(key, default):
+        return np.broadcast_to(np.asarray(ctf.get(key, default), dtype=np.float64), (n,))
+    du = per_particle("defocus_u_A", 0.0)
+    kw = {k: per_particle(k, d) for k, d in _CTF_SCALARS}
+    out = ctf_2d(M, pixel_size_A, du, per_particle("defocus_v_A", du), per_particle("defocus_angle_deg", 0.0),
+                 xp=xp, **kw)
+    return xp.ascontiguousarray(xp.asarray(out, dtype=xp.float32).reshape(n, M, M // 2 + 1))
 
 
 _phase_kernel_cache: dict = {}
@@ -245,6 +242,11 @@ def _apply_phases_and_ctf_gpu(ft, phy, phx, ctf, mode: str):
                     "const float c = ctf[i]; f = f * phy[b * M + y] * phx[b * Mh + x] * c; w = c * c;")
             kern = cp.ElementwiseKernel("raw complex64 phy, raw complex64 phx, raw float32 ctf, int32 M, int32 Mh",
                                         "complex64 f, float32 w", body, "xa_recon_phase_wiener")
+        elif mode == "wiener-premultiplied":
+            body = ("const ptrdiff_t b = i / (M * Mh); const int y = (i / Mh) % M; const int x = i % Mh;"
+                    "const float c = ctf[i]; f = f * phy[b * M + y] * phx[b * Mh + x]; w = c * c;")
+            kern = cp.ElementwiseKernel("raw complex64 phy, raw complex64 phx, raw float32 ctf, int32 M, int32 Mh",
+                                        "complex64 f, float32 w", body, "xa_recon_phase_wiener_premult")
         elif mode == "phase-flip":
             body = ("const ptrdiff_t b = i / (M * Mh); const int y = (i / Mh) % M; const int x = i % Mh;"
                     "const float c = ctf[i]; f = f * phy[b * M + y] * phx[b * Mh + x] * (c < 0.0f ? -1.0f : 1.0f);")
@@ -256,7 +258,7 @@ def _apply_phases_and_ctf_gpu(ft, phy, phx, ctf, mode: str):
             kern = cp.ElementwiseKernel("raw complex64 phy, raw complex64 phx, int32 M, int32 Mh",
                                         "complex64 f", body, "xa_recon_phase")
         _phase_kernel_cache[key] = kern
-    if mode == "wiener":
+    if mode in ("wiener", "wiener-premultiplied"):
         w = cp.empty(ft.shape, dtype=cp.float32)
         kern(phy, phx, ctf, np.int32(M), np.int32(Mh), ft, w)
         return w
@@ -268,7 +270,7 @@ def _apply_phases_and_ctf_gpu(ft, phy, phx, ctf, mode: str):
 
 
 def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None, pixel_size_A: float = 1.0,
-                          ctf_mode: str = "wiener"):
+                          ctf_mode: str = "wiener", ctf_premultiplied: bool = False):
     """Padded, centred, shifted and CTF-treated rfft2 of particle images.
 
     Parameters
@@ -283,6 +285,8 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
     pixel_size_A : float
         Pixel size (Å), for the CTF.
     ctf_mode : {"wiener", "phase-flip", "none"}
+    ctf_premultiplied : bool
+        The images already carry one factor of the CTF (Wiener then only adds the ``CTF²`` weights).
 
     Returns
     -------
@@ -296,6 +300,8 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
     Mh = grid.half
     use_ctf = ctf is not None and ctf_mode != "none"
     mode = ctf_mode if use_ctf else "none"
+    if mode == "wiener" and ctf_premultiplied:
+        mode = "wiener-premultiplied"
     ft = xp.fft.rfft2(xp.asarray(images, dtype=xp.float32), s=(M, M))
     if ft.dtype != xp.complex64:
         ft = ft.astype(xp.complex64)
@@ -312,6 +318,7 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
         ft *= phx[:, None, :]
         if mode == "wiener":
             ft *= ctf_img
+        if mode in ("wiener", "wiener-premultiplied"):
             return ft, (ctf_img * ctf_img).astype(np.float32)
         if mode == "phase-flip":
             ft *= np.where(ctf_img < 0, -1.0, 1.0).astype(np.float32)
@@ -331,26 +338,67 @@ class FourierAccumulator:
     ----------
     data : ``(M, M, M//2+1)`` complex64; weight : same shape, float32 (NumPy or CuPy).
     count : int, particles inserted.
+    replicas : (data, weight) stacks ``(R, M, M, M//2+1)`` whose first element is ``data``/``weight``,
+        or None. The GPU kernel inserts into all ``R`` in parallel; :meth:`collapse` sums them.
     """
 
     data: object
     weight: object
     count: int = 0
+    replicas: Optional[tuple] = None
 
     @classmethod
-    def zeros(cls, grid: FourierGrid, xp) -> "FourierAccumulator":
-        return cls(xp.zeros(grid.shape, dtype=xp.complex64), xp.zeros(grid.shape, dtype=xp.float32), 0)
+    def zeros(cls, grid: FourierGrid, xp, replicas: int = 1) -> FourierAccumulator:
+        if replicas <= 1:
+            return cls(xp.zeros(grid.shape, dtype=xp.complex64), xp.zeros(grid.shape, dtype=xp.float32), 0)
+        d = xp.zeros((replicas,) + grid.shape, dtype=xp.complex64)
+        w = xp.zeros((replicas,) + grid.shape, dtype=xp.float32)
+        return cls(d[0], w[0], 0, (d, w))
 
-    def add(self, other: "FourierAccumulator") -> None:
+    @property
+    def insert_targets(self) -> tuple:
+        """Arrays the insertion writes into: the replica stacks, or data and weight."""
+        return self.replicas if self.replicas is not None else (self.data, self.weight)
+
+    def collapse(self) -> None:
+        """Add the replicas into ``data``/``weight`` and clear them (no-op without replicas)."""
+        if self.replicas is None:
+            return
+        d, w = self.replicas
+        for j in range(1, d.shape[0]):
+            d[0] += d[j]
+            w[0] += w[j]
+        d[1:] = 0
+        w[1:] = 0
+
+    def add(self, other: FourierAccumulator) -> None:
         """Add another accumulator (any device) to this one in place."""
+        self.collapse()
+        other.collapse()
         xp = backend.get_xp(self.data)
-        self.data += xp.asarray(backend.to_host(other.data) if backend.get_xp(other.data) is not xp else other.data)
-        self.weight += xp.asarray(backend.to_host(other.weight) if backend.get_xp(other.weight) is not xp
-                                  else other.weight)
+        same = backend.get_xp(other.data) is xp
+        self.data += other.data if same else xp.asarray(backend.to_host(other.data))
+        self.weight += other.weight if same else xp.asarray(backend.to_host(other.weight))
         self.count += other.count
 
-    def to_host(self) -> "FourierAccumulator":
+    def to_host(self) -> FourierAccumulator:
+        self.collapse()
         return FourierAccumulator(backend.to_host(self.data), backend.to_host(self.weight), self.count)
+
+
+def replica_count(grid: FourierGrid, *, target_threads: int = 1 << 18, budget_bytes: float = 1.5e9) -> int:
+    """Replicas of a GPU accumulator so that about ``target_threads`` columns run at once.
+
+    One thread owns a column of the half volume, ``(K+1)(2K+1)`` of them: a 64-pixel box
+    (``M = 128``) has 8 000, too few to fill a GPU; replicas multiply the threads while the
+    extra memory stays within ``budget_bytes``.
+    """
+    K = grid.K
+    face = (K + 1) * (2 * K + 1)
+    want = int(math.ceil(target_threads / face))
+    vol_bytes = int(np.prod(grid.shape)) * 12
+    cap = max(1, int(budget_bytes // vol_bytes))
+    return int(max(1, min(want, cap, 64)))
 
 
 def reduce_accumulators(accumulators: List[FourierAccumulator], mpi=None) -> Optional[List[FourierAccumulator]]:
@@ -395,7 +443,8 @@ class FourierReconstructor:
         self.grid = fourier_grid(self.box, self.settings)
         self.sym_matrices = group_matrices(self.settings.sym)
         self.n_subsets = n_subsets
-        self.accumulators = [FourierAccumulator.zeros(self.grid, xp) for _ in range(n_subsets)]
+        reps = 1 if xp is np else replica_count(self.grid)
+        self.accumulators = [FourierAccumulator.zeros(self.grid, xp, reps) for _ in range(n_subsets)]
 
     # ------------------------------------------------------------------ insertion
     def entries(self, matrices: np.ndarray):
@@ -422,7 +471,8 @@ class FourierReconstructor:
             if sel.size == 0:
                 continue
             acc = self.accumulators[s]
-            insert_gather(acc.data, acc.weight, ft, weight, mats[sel], idx[sel], self.grid, self.settings.blob,
+            target_d, target_w = acc.insert_targets
+            insert_gather(target_d, target_w, ft, weight, mats[sel], idx[sel], self.grid, self.settings.blob,
                           blob_mode=self.settings.blob_mode, tuning=self.settings.tuning)
             acc.count += sel.size // max(k, 1)
 
@@ -432,12 +482,15 @@ class FourierReconstructor:
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
             raise InputError(f"images must have shape (n, {self.box}, {self.box}), got {tuple(images.shape)}")
         ft, w = projection_transforms(images, self.grid, shifts_px=shifts_px, ctf=ctf,
-                                      pixel_size_A=self.pixel_size_A, ctf_mode=self.settings.ctf_mode)
+                                      pixel_size_A=self.pixel_size_A, ctf_mode=self.settings.ctf_mode,
+                                      ctf_premultiplied=self.settings.ctf_premultiplied)
         self.insert_transforms(ft, w, matrices, subset)
 
     # ------------------------------------------------------------------ results
     def merged(self) -> FourierAccumulator:
         """All subsets summed (a new accumulator on this device)."""
+        for acc in self.accumulators:
+            acc.collapse()
         out = FourierAccumulator(self.accumulators[0].data.copy(), self.accumulators[0].weight.copy(),
                                  self.accumulators[0].count)
         for acc in self.accumulators[1:]:
@@ -447,6 +500,7 @@ class FourierReconstructor:
     def volume(self, subset: Optional[int] = None):
         """Reconstructed volume ``(N, N, N)`` float32 of one subset (1, 2) or of all particles (None)."""
         acc = self.merged() if subset is None else self.accumulators[subset - 1]
+        acc.collapse()
         return finish_volume(acc, self.box, self.grid, self.settings, self.sym_matrices)
 
 
@@ -499,7 +553,7 @@ def finish_volume(acc: FourierAccumulator, box: int, grid: FourierGrid, settings
     vol = xp.take(xp.take(xp.take(vol, idx, axis=0), idx, axis=1), idx, axis=2)
     vol = xp.ascontiguousarray(vol, dtype=xp.float32)
     if settings.gridding_correction:
-        vol /= xp.asarray(settings.blob.gridding_correction(box, M))
+        vol /= settings.blob.gridding_correction(box, M, xp=xp)
     return vol
 
 
@@ -615,7 +669,8 @@ class _DeviceWorker:
             if ready is not None:
                 self.compute_stream.wait_event(ready)
             ft, w = projection_transforms(images, self.rec.grid, shifts_px=part.shifts_px, ctf=part.ctf,
-                                          pixel_size_A=self.rec.pixel_size_A, ctf_mode=self.rec.settings.ctf_mode)
+                                          pixel_size_A=self.rec.pixel_size_A, ctf_mode=self.rec.settings.ctf_mode,
+                                          ctf_premultiplied=self.rec.settings.ctf_premultiplied)
             try:
                 self.rec.insert_transforms(ft, w, part.matrices, part.subset)
             except Exception as exc:  # past this point a retry would insert twice
@@ -728,6 +783,8 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
     t2 = time.perf_counter()
     main = workers[0]
     with main.device:
+        for a in main.rec.accumulators:
+            a.collapse()
         for w in workers[1:]:
             for a, b in zip(main.rec.accumulators, w.rec.accumulators):
                 with w.device:
@@ -754,7 +811,7 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
 def _run_threads(workers: List[_DeviceWorker], batches: Iterable[ParticleBatch],
                  validate: Callable[[ParticleBatch], None], on_batch) -> None:
     """Feed batches to one thread per device through a bounded queue; re-raise the first worker error."""
-    q: "queue.Queue[Optional[ParticleBatch]]" = queue.Queue(maxsize=2 * len(workers))
+    q: queue.Queue[Optional[ParticleBatch]] = queue.Queue(maxsize=2 * len(workers))
     errors: List[BaseException] = []
 
     def run(worker: _DeviceWorker) -> None:

@@ -18,6 +18,9 @@
 // Threads loop over the entries (staged TILE at a time in shared memory), visit the voxels of
 // their column inside the slab, and sum the blob-weighted pixels within the blob radius into
 // registers before one read-modify-write of the voxel: no atomics, no races.
+// Small boxes have few columns; to fill the GPU, blockIdx.z splits the entries into gridDim.z
+// contiguous shares, each accumulated into its own replica of data/weight (replica_stride
+// elements apart), summed once at the end by the caller.
 //
 // Template parameters (the autotuner's knobs, see insert.py INSERT_TUNING_SPACE):
 //   TILE       entries staged per shared-memory tile
@@ -61,7 +64,7 @@ template <int TILE, int BLOB_MODE, int ORDER>
 __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ weight,
                               const float2* __restrict__ proj, const float* __restrict__ proj_w,
                               const float* __restrict__ mats, const int* __restrict__ img,
-                              const int n_entries, const int axis,
+                              const int n_entries, const int axis, const long long replica_stride,
                               const int M, const int Mh, const int K, const int kmax2,
                               const float r, const float r2, const float alpha, const float inv_norm,
                               const float* __restrict__ table, const int table_n, const float table_scale)
@@ -97,9 +100,14 @@ __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ wei
     }
     const size_t plane = (size_t)M * Mh;
     const float inv_r2 = 1.0f / r2;
+    // this replica's share of the entries
+    const int e_begin = (int)(((long long)n_entries * blockIdx.z) / gridDim.z);
+    const int e_end = (int)(((long long)n_entries * (blockIdx.z + 1)) / gridDim.z);
+    data += (size_t)blockIdx.z * (size_t)replica_stride;
+    weight += (size_t)blockIdx.z * (size_t)replica_stride;
 
-    for (int base = 0; base < n_entries; base += TILE) {
-        const int nt = min(TILE, n_entries - base);
+    for (int base = e_begin; base < e_end; base += TILE) {
+        const int nt = min(TILE, e_end - base);
         __syncthreads();
         for (int i = tid; i < nt * 9; i += nthreads) s_mat[i / 9][i % 9] = mats[(size_t)base * 9 + i];
         for (int i = tid; i < nt; i += nthreads) s_img[i] = img[base + i];

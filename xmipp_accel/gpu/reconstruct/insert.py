@@ -397,8 +397,10 @@ def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, gr
 
     ``data`` (complex64), ``weight`` (float32), ``proj`` (complex64) and ``proj_weight`` (float32 or
     None) are CuPy arrays, C-contiguous; ``matrices``/``image_index`` may be host or device arrays.
-    Launches one kernel per dominant axis on the current stream. ``tuning`` overrides
-    :data:`DEFAULT_INSERT_TUNING` (see :data:`INSERT_TUNING_SPACE`).
+    ``data``/``weight`` may also be stacks of ``R`` replicas ``(R, M, M, M//2+1)``: the entries are
+    then split into ``R`` shares inserted in parallel, one per replica (their sum is the result),
+    which fills the GPU for small boxes without atomics. Launches one kernel per dominant axis on
+    the current stream. ``tuning`` overrides :data:`DEFAULT_INSERT_TUNING` (see :data:`INSERT_TUNING_SPACE`).
     """
     cp = backend.cupy_module()
     if blob_mode not in BLOB_MODES:
@@ -418,6 +420,10 @@ def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, gr
         return
     if idx_host.min() < 0 or idx_host.max() >= proj.shape[0]:
         raise ValueError(f"image indices must lie in [0, {proj.shape[0]}), got {idx_host.min()}..{idx_host.max()}")
+    replicas = int(data.shape[0]) if data.ndim == 4 else 1
+    if tuple(data.shape[-3:]) != grid.shape or weight.shape != data.shape:
+        raise ValueError(f"data and weight must have shape {grid.shape} or (R,) + that, got {data.shape}, "
+                         f"{weight.shape}")
     axes = dominant_axis(m_host)
     order = np.argsort(axes, kind="stable")
     counts = np.bincount(axes, minlength=3)
@@ -440,9 +446,10 @@ def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, gr
             continue
         nu = (2 * K + 1) if axis == 0 else (K + 1)
         nv = 2 * K + 1
-        grid_dims = ((nu + bx - 1) // bx, (nv + by - 1) // by, 1)
+        grid_dims = ((nu + bx - 1) // bx, (nv + by - 1) // by, min(replicas, n))
         kern(grid_dims, (bx, by, 1),
              (data, weight, proj, pw, m_dev[start:], i_dev[start:], np.int32(n), np.int32(axis),
+              np.int64(int(np.prod(grid.shape))),
               np.int32(M), np.int32(Mh), np.int32(K), np.int32(grid.kmax2),
               np.float32(r), np.float32(r * r), np.float32(blob.alpha), np.float32(1.0 / blob.norm),
               table, np.int32(table_size), np.float32(blob.table_scale(table_size))),

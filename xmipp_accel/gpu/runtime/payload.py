@@ -143,8 +143,11 @@ class Payload:
     @classmethod
     def wrap(cls, array: Any, *, dims: Optional[int] = None, fourier: Optional[bool] = None, half: bool = False,
              padding: Tuple[int, ...] = (), pinned: bool = False, **meta: Any) -> Payload:
-        """Describe an array: ``dims`` defaults to ``min(ndim, 2)``... (2 for stacks of images, 3 needs saying),
-        ``fourier`` to whether the dtype is complex."""
+        """Describe an array.
+
+        ``dims`` defaults to 2 (an image or a stack of images; pass 3 for volumes), ``fourier`` to
+        whether the dtype is complex; other keywords become metadata (e.g. ``name="movie_001.tif"``).
+        """
         ndim = array.ndim
         dims = dims if dims is not None else min(ndim, 2)
         fourier = bool(np.iscomplexobj(array)) if fourier is None else fourier
@@ -188,6 +191,8 @@ class Payload:
 
     def subset(self, start: int, stop: int) -> Payload:
         """Items ``start:stop`` of the batch (a view; leading axis)."""
+        if self.data.ndim == self.logical.dims:
+            raise ValueError("subset needs a batch axis: this payload holds a single item")
         data = self.data[start:stop]
         return Payload(data, self.logical.with_batch(data.shape[0]),
                        replace(self.physical, nbytes=int(data.nbytes)), dict(self.meta))

@@ -1,4 +1,5 @@
-"""Tunable kernels that ship with the tuner: the cross-correlation spectra of frame pairs.
+"""Tunable kernels known to ``xmipp-accel tune``: our pair-correlation kernel and adapters for the
+reconstruction insertion kernel and the movie local-motion kernel.
 
 ``correlate_pairs`` is the inner step of FlexAlign's global and local alignment
 (every pair i < j of frames or patches is correlated in Fourier space before
@@ -7,6 +8,11 @@ and its best block size, pixels per thread and pairs per block depend on the GPU
 and the problem size, which makes it a good proof of the tuning machinery. The
 CUDA source is ``builtin_kernels.cu``; the NumPy twin below is the CPU path and
 the test oracle.
+
+The adapters (``insert``, ``movie-local-motion``) describe kernels written elsewhere
+(:mod:`xmipp_accel.gpu.reconstruct.insert`, :mod:`xmipp_accel.gpu.movie.apply`) to the
+tuner: their spaces, realistic inputs and a launcher. They import those modules
+only when used, so this module stays cheap to import.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from .. import backend
 from .autotune import TunableKernel, register, tuned_params
 
 __all__ = ["correlate_pairs", "correlate_pairs_reference", "CORRELATE_TUNING_SPACE", "CORRELATE_KERNEL",
-           "all_pairs"]
+           "all_pairs", "INSERT_KERNEL", "MOVIE_LOCAL_MOTION_KERNEL", "random_rotations"]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "builtin_kernels.cu")
 _MAX_GRID_Y = 65535
@@ -173,3 +179,138 @@ CORRELATE_KERNEL = register(TunableKernel(
            {"frames": 40, "pixels": 926 * 464}),
     description="movie alignment: cross-correlation spectra w*F[a]*conj(F[b]) of all frame pairs",
 ))
+
+
+# ---------------------------------------------------------------------------------------------- insertion
+def _insert_space() -> Dict[str, tuple]:
+    from ..reconstruct.insert import INSERT_TUNING_SPACE  # noqa: PLC0415
+    return {k: tuple(v) for k, v in INSERT_TUNING_SPACE.items()}
+
+
+def _insert_default() -> Dict[str, Any]:
+    from ..reconstruct.insert import DEFAULT_INSERT_TUNING  # noqa: PLC0415
+    return dict(DEFAULT_INSERT_TUNING)
+
+
+def random_rotations(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` rotation matrices ``(n, 3, 3)`` float64, uniform on SO(3) (unit quaternions)."""
+    q = np.random.default_rng(seed).normal(size=(n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], axis=1)
+
+
+def _insert_inputs(size: Dict[str, int], xp) -> Dict[str, Any]:
+    """Projections of a ``padded_box`` grid (``images`` of them) at random orientations, Xmipp's defaults:
+    padding 2 and maximum resolution 0.5 (``kmax = M / 4``), blob radius 1.9, alpha 15, table mode."""
+    from ..reconstruct.blob import KaiserBesselBlob  # noqa: PLC0415
+    from ..reconstruct.insert import FourierGrid  # noqa: PLC0415
+    m, b = int(size["padded_box"]), int(size["images"])
+    grid = FourierGrid(m, m / 4.0)
+    rng = np.random.default_rng(0)
+    half = m // 2 + 1
+    proj = (rng.standard_normal((b, m, half), dtype=np.float32)
+            + 1j * rng.standard_normal((b, m, half), dtype=np.float32)).astype(np.complex64)
+    pw = rng.random((b, m, half), dtype=np.float32)
+    return {"data": xp.zeros(grid.shape, np.complex64), "weight": xp.zeros(grid.shape, np.float32),
+            "proj": xp.asarray(proj), "proj_weight": xp.asarray(pw), "matrices": random_rotations(b),
+            "image_index": np.arange(b), "grid": grid, "blob": KaiserBesselBlob()}
+
+
+def _insert_build(params: Dict[str, Any]):
+    from ..reconstruct.insert import insert_gather_gpu  # noqa: PLC0415
+    if backend.cupy_module() is None:
+        raise backend.BackendError("the CUDA insertion kernel needs a GPU")
+    tuning = dict(params)
+
+    def launch(inp):
+        insert_gather_gpu(inp["data"], inp["weight"], inp["proj"], inp["proj_weight"], inp["matrices"],
+                          inp["image_index"], inp["grid"], inp["blob"], tuning=tuning)
+    return launch
+
+
+def _insert_run(fn, inp):
+    inp["data"].fill(0)  # the kernel accumulates: start every call from empty volumes
+    inp["weight"].fill(0)
+    fn(inp)
+    return inp["data"], inp["weight"]
+
+
+def _register_insert() -> Optional[TunableKernel]:
+    try:
+        space, default = _insert_space(), _insert_default()
+    except ImportError:  # the reconstruction package is not there
+        return None
+    return register(TunableKernel(
+        name="insert", space=space, default=default, build=_insert_build, make_inputs=_insert_inputs,
+        run=_insert_run, constraints=(lambda p: p["block_x"] * p["block_y"] <= 1024,),
+        size_class=lambda size: _bucket_class({"padded_box": size["padded_box"], "images": size["images"]}),
+        sizes=({"padded_box": 128, "images": 2000}, {"padded_box": 256, "images": 500},
+               {"padded_box": 512, "images": 100}),
+        description="reconstruction: gather insertion of projections into the Fourier volume (insert.cu)"))
+
+
+# ---------------------------------------------------------------------------------------------- movie
+MOVIE_LOCAL_MOTION_SPACE: Dict[str, tuple] = {"block_x": (8, 16, 32, 64, 128, 256), "block_y": (1, 2, 4, 8, 16, 32)}
+MOVIE_LOCAL_MOTION_DEFAULT = {"block_x": 32, "block_y": 8}  # what movie/apply.py launches
+
+
+def _movie_inputs(size: Dict[str, int], xp) -> Dict[str, Any]:
+    """``frames`` frames of ``height x width`` with a 6 x 6 B-spline shift field of a few pixels."""
+    n, ny, nx = int(size["frames"]), int(size["height"]), int(size["width"])
+    rng = np.random.default_rng(0)
+    frames = xp.asarray(rng.standard_normal((n, ny, nx), dtype=np.float32))
+    ly = lx = 6
+    coef = xp.asarray((rng.standard_normal((n, 2, ly, lx)) * 2.0).astype(np.float32))
+    return {"frames": frames, "coef": coef, "spacing": (ny / (ly - 3), nx / (lx - 3)),
+            "out": xp.empty_like(frames)}
+
+
+def _movie_build(params: Dict[str, Any]):
+    from ..movie import apply  # noqa: PLC0415
+    cp = backend.cupy_module()
+    if cp is None:
+        raise backend.BackendError("the CUDA local-motion kernel needs a GPU")
+    kern = apply._kernel(cp.cuda.Device().id)
+    bx, by = int(params["block_x"]), int(params["block_y"])
+
+    def launch(inp):
+        frames, coef, out = inp["frames"], inp["coef"], inp["out"]
+        n, ny, nx = frames.shape
+        ly, lx = coef.shape[-2:]
+        hy, hx = inp["spacing"]
+        kern(((nx + bx - 1) // bx, (ny + by - 1) // by, n), (bx, by, 1),
+             (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
+              np.float32(1.0 / hx), np.float32(1.0 / hy)))
+        return out
+    return launch
+
+
+def _register_movie() -> Optional[TunableKernel]:
+    try:
+        from ..movie import apply  # noqa: F401, PLC0415
+    except ImportError:
+        return None
+    if not hasattr(apply, "_kernel"):
+        return None
+    return register(TunableKernel(
+        name="movie-local-motion", space=dict(MOVIE_LOCAL_MOTION_SPACE), default=dict(MOVIE_LOCAL_MOTION_DEFAULT),
+        build=_movie_build, make_inputs=_movie_inputs, run=lambda fn, inp: fn(inp),
+        constraints=(lambda p: 32 <= p["block_x"] * p["block_y"] <= 1024,),
+        size_class=lambda size: _bucket_class({"frames": size["frames"], "pixels": size["height"] * size["width"]}),
+        sizes=({"frames": 30, "height": 4096, "width": 4096}, {"frames": 40, "height": 2048, "width": 2048},
+               {"frames": 30, "height": 4092, "width": 5760}),
+        description="movie alignment: local motion correction by B-spline shifts and Keys interpolation "
+                    "(movie/apply.cu)"))
+
+
+def _bucket_class(size: Dict[str, int]) -> str:
+    from .autotune import size_class  # noqa: PLC0415
+    return size_class(size)
+
+
+INSERT_KERNEL = _register_insert()
+MOVIE_LOCAL_MOTION_KERNEL = _register_movie()

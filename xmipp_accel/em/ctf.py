@@ -1,0 +1,183 @@
+"""The contrast transfer function (CTF) with RELION's formula and sign.
+
+For a spatial frequency ``k = (kx, ky)`` in 1/Å, ``|k| = u`` and azimuth ``phi = atan2(ky, kx)``
+(kx along image columns, ky along rows, angles counter-clockwise from x towards y)::
+
+    defocus(phi) = (dU + dV)/2 + (dU - dV)/2 * cos(2 (phi - angle))        [Å, positive = underfocus]
+    chi(k)       = -pi * lambda * defocus(phi) * u^2 + pi/2 * Cs * lambda^3 * u^4 - phase_shift - K3
+    K3           = atan(Q / sqrt(1 - Q^2))                                  (Q = amplitude contrast)
+    CTF(k)       = -sin(chi(k))
+
+with the relativistic electron wavelength ``lambda = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))`` Å
+(V in volts) and Cs in Å (``cs_mm * 1e7``). This is RELION's ``CTF::getCTF`` (``src/ctf.h``,
+``K1 = pi lambda``, ``K2 = pi/2 Cs lambda^3``, ``K5`` the phase shift, ``deltaf = -defocus``).
+
+Sign: ``CTF(0) = sin(K3) = +Q`` and, for underfocus, the CTF is positive in the first lobe: RELION's
+images have positive (white) particles and the CTF multiplies their Fourier transform as is.
+Defocus U lies along ``angle`` (``defocus(angle) = dU``). Tests: ``xmipp_accel/tests/test_ctf.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = ["CTFParams", "electron_wavelength_A", "frequency_grid", "ctf_at", "ctf_2d", "ctf_zeros_A"]
+
+
+def electron_wavelength_A(voltage_kV):
+    """Relativistic electron wavelength (Å) at an acceleration voltage in kV (300 kV → 0.01969 Å).
+
+    Scalar in, float out; array in, float64 array out.
+    """
+    v = np.asarray(voltage_kV, dtype=np.float64) * 1e3
+    if np.any(v <= 0):
+        raise InputError(f"voltage must be positive, got {voltage_kV} kV")
+    lam = 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
+    return float(lam) if lam.ndim == 0 else lam
+
+
+def frequency_grid(box: int, pixel_size_A: float, *, rfft: bool = True, xp=np, dtype=np.float32):
+    """Spatial frequencies (1/Å) of an unshifted 2-D FFT of a ``box`` × ``box`` image.
+
+    Returns
+    -------
+    (fy, fx) : ``fy`` of shape ``(box, 1)`` (``np.fft.fftfreq``, rows) and ``fx`` of shape
+        ``(1, box//2 + 1)`` (``rfftfreq``, columns) for ``rfft=True``, ``(1, box)`` (``fftfreq``) otherwise.
+    """
+    if box < 1 or pixel_size_A <= 0:
+        raise InputError(f"box ({box}) and pixel size ({pixel_size_A} Å) must be positive")
+    fy = xp.asarray(np.fft.fftfreq(box, d=pixel_size_A), dtype=dtype)[:, None]
+    fxn = np.fft.rfftfreq(box, d=pixel_size_A) if rfft else np.fft.fftfreq(box, d=pixel_size_A)
+    fx = xp.asarray(fxn, dtype=dtype)[None, :]
+    return fy, fx
+
+
+def _as_column(v, xp, dtype, ndim):
+    """Scalar → scalar; array (n,) → (n, 1, ..., 1) for broadcasting against frequency grids."""
+    a = np.asarray(v) if not hasattr(v, "__cuda_array_interface__") else v
+    if a.ndim == 0:
+        return float(a)
+    return xp.asarray(a, dtype=dtype).reshape((-1,) + (1,) * ndim)
+
+
+def ctf_at(fx, fy, defocus_u_A, defocus_v_A, defocus_angle_deg, *, voltage_kV=300.0, cs_mm=2.7,
+           amplitude_contrast=0.1, phase_shift_deg=0.0, xp=None):
+    """RELION's CTF at given frequencies.
+
+    Parameters
+    ----------
+    fx, fy : arrays of frequencies in 1/Å along x (columns) and y (rows), broadcastable together.
+    defocus_u_A, defocus_v_A : Å, positive for underfocus; scalars or arrays ``(n,)``.
+    defocus_angle_deg : azimuth of the U axis, degrees from x towards y; scalar or ``(n,)``.
+    voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg : scalars or arrays ``(n,)``.
+
+    Returns
+    -------
+    Array of ``broadcast(fx, fy)`` shape, with a leading ``n`` axis if any parameter is an array;
+    dtype of ``fx``. Values in ``[-1, 1]``; ``+amplitude_contrast`` at zero frequency.
+    """
+    xp = xp or _xp_of(fx)
+    dtype = fx.dtype if hasattr(fx, "dtype") else np.float64
+    ndim = max(np.ndim(fx), np.ndim(fy))
+    col = lambda v: _as_column(v, xp, dtype, ndim)  # noqa: E731
+    q = np.asarray(amplitude_contrast, dtype=np.float64)
+    if np.any(q < 0) or np.any(q >= 1):
+        raise InputError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast}")
+    lam = electron_wavelength_A(voltage_kV)
+    k1 = np.pi * lam
+    k2 = np.pi / 2.0 * np.asarray(cs_mm, dtype=np.float64) * 1e7 * lam ** 3
+    k3 = np.arctan(q / np.sqrt(1.0 - q * q))
+    k5 = np.deg2rad(np.asarray(phase_shift_deg, dtype=np.float64))
+    du, dv = col(defocus_u_A), col(defocus_v_A)
+    mean, half_diff = (du + dv) * 0.5, (du - dv) * 0.5
+    u2 = fx * fx + fy * fy
+    azimuth = xp.arctan2(fy, fx)
+    defocus = mean + half_diff * xp.cos(2.0 * (azimuth - col(np.deg2rad(np.asarray(defocus_angle_deg, float)))))
+    chi = -col(k1) * defocus * u2 + col(k2) * (u2 * u2) - col(k5 + k3)
+    return (-xp.sin(chi)).astype(dtype, copy=False)
+
+
+def ctf_2d(box: int, pixel_size_A: float, defocus_u_A, defocus_v_A, defocus_angle_deg, *, voltage_kV=300.0,
+           cs_mm=2.7, amplitude_contrast=0.1, phase_shift_deg=0.0, xp=np, rfft: bool = True,
+           dtype=np.float32):
+    """RELION's CTF on the grid of an unshifted 2-D FFT.
+
+    Parameters
+    ----------
+    box : image side in pixels.
+    pixel_size_A : Å per pixel.
+    defocus_u_A, defocus_v_A, defocus_angle_deg : scalars, or arrays ``(n,)`` for a batch.
+    voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg : scalars or arrays ``(n,)``.
+    xp : numpy or cupy (where the result lives).
+    rfft : ``True`` for the ``np.fft.rfft2`` layout ``(box, box//2 + 1)``, ``False`` for ``fft2`` ``(box, box)``.
+    dtype : float32 (default) or float64.
+
+    Returns
+    -------
+    ``(box, box//2+1)`` (or ``(box, box)``) for scalar parameters, ``(n, box, box//2+1)`` for a batch.
+    The layout matches ``rfft2(ifftshift(image))`` of an image centred at ``box // 2``: row ``i`` has
+    frequency ``fftfreq(box)[i] / pixel_size_A`` along y, column ``j`` ``rfftfreq(box)[j] / pixel_size_A``
+    along x.
+    """
+    fy, fx = frequency_grid(box, pixel_size_A, rfft=rfft, xp=xp, dtype=dtype)
+    return ctf_at(fx, fy, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV=voltage_kV, cs_mm=cs_mm,
+                  amplitude_contrast=amplitude_contrast, phase_shift_deg=phase_shift_deg, xp=xp)
+
+
+def ctf_zeros_A(defocus_A: float, *, voltage_kV=300.0, cs_mm=2.7, amplitude_contrast=0.1, phase_shift_deg=0.0,
+                count: int = 5) -> np.ndarray:
+    """Frequencies (1/Å) of the first ``count`` zeros of an astigmatism-free CTF, in closed form.
+
+    The CTF vanishes where ``chi = -m pi``; on the defocus-dominated branch (before the Cs term turns
+    ``chi`` back up) these are the smaller positive roots ``s = u^2`` of
+    ``K2 s^2 - K1 defocus s + (m pi - K3 - phase) = 0``. Returns ``(count,)`` float64 (fewer if the
+    branch ends first).
+    """
+    lam = electron_wavelength_A(voltage_kV)
+    k1, k2 = np.pi * lam, np.pi / 2.0 * cs_mm * 1e7 * lam ** 3
+    q = float(amplitude_contrast)
+    offset = np.arctan(q / np.sqrt(1.0 - q * q)) + np.deg2rad(phase_shift_deg)
+    zeros = []
+    for m in range(0, 100 * count):
+        c = m * np.pi - offset
+        disc = (k1 * defocus_A) ** 2 - 4.0 * k2 * c
+        if disc < 0 or len(zeros) == count:
+            break
+        s = 2.0 * c / (k1 * defocus_A + np.sqrt(disc))  # smaller root, stable form
+        if s > 0:
+            zeros.append(np.sqrt(s))
+    return np.array(zeros)
+
+
+def _xp_of(a):
+    from ..gpu import backend  # local import keeps em/ free of import cycles
+    return backend.get_xp(a)
+
+
+@dataclass
+class CTFParams:
+    """CTF parameters of one particle or micrograph (RELION's names and units).
+
+    Attributes
+    ----------
+    defocus_u_A, defocus_v_A : Å, positive for underfocus (rlnDefocusU/V).
+    defocus_angle_deg : degrees, azimuth of U from x towards y (rlnDefocusAngle).
+    voltage_kV : kV (rlnVoltage). cs_mm : mm (rlnSphericalAberration).
+    amplitude_contrast : fraction (rlnAmplitudeContrast). phase_shift_deg : degrees (rlnPhaseShift).
+    """
+    defocus_u_A: float
+    defocus_v_A: float
+    defocus_angle_deg: float
+    voltage_kV: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    phase_shift_deg: float = 0.0
+
+    def ctf_2d(self, box: int, pixel_size_A: float, *, xp=np, rfft: bool = True, dtype=np.float32):
+        """This CTF on an FFT grid; see :func:`ctf_2d`."""
+        return ctf_2d(box, pixel_size_A, self.defocus_u_A, self.defocus_v_A, self.defocus_angle_deg,
+                      voltage_kV=self.voltage_kV, cs_mm=self.cs_mm, amplitude_contrast=self.amplitude_contrast,
+                      phase_shift_deg=self.phase_shift_deg, xp=xp, rfft=rfft, dtype=dtype)

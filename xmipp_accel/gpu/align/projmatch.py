@@ -1,0 +1,552 @@
+"""Projection matching: global polar-Fourier search over a sphere sampling, then local refinement.
+
+Global search (one level)
+-------------------------
+For every projection direction ``j`` of ``sphere_sampling(step, sym)`` the central slice of the
+reference's transform is sampled on polar rings ``r = r_min .. r0`` with ``n_theta`` angles
+(:class:`~xmipp_accel.gpu.align.polar.CentralSlicer`) and Fourier transformed along the angle,
+``P_j(r, m)``. Each particle's spectrum is sampled on the same rings, multiplied by its CTF
+(matched filter: ``<X, C P> = <C X, P>`` because the CTF is real, so one CTF-free gallery serves
+every particle), shifted by each origin ``t`` of a grid (a phase factor) and transformed along the
+angle, ``X_it(r, m)``. The correlation for every in-plane angle at once is then::
+
+    c_ijt(psi) = sum_r r sum_theta X_it(r, theta) conj P_j(r, theta + psi)
+               = irfft_m( sum_r r conj(X_it(r, m)) P_j(r, m) )
+
+i.e. one batched complex GEMM per angular frequency ``m`` (rows = particle x origin, columns =
+directions, inner dimension = rings) followed by a real inverse FFT along ``m`` and a maximum over
+``psi``. It is normalised by ``|X_i| |C_i P_j|`` where the second norm uses ring averages of
+``C_i^2`` (``sum_r r <C_i^2>_theta(r) sum_theta |P_j(r, theta)|^2``, a small GEMM), which ignores
+only the correlation between astigmatism and the projection's anisotropy. A particle batch keeps
+its best ``n_candidates`` directions, separated by at least two steps.
+
+FLOPs of the global search: ``8 n_r (n_theta/2+1)`` per (particle, origin, direction) for the GEMM
+plus ``~2.5 n_theta log2 n_theta`` for the inverse FFT (:func:`global_search_flops`).
+
+Then :func:`~xmipp_accel.gpu.align.refine.refine_candidates` refines each candidate locally
+(3 x 3 x 3 rotations x 3 x 3 origins per level, step halving, cut-off growing to ``max_res``), the
+best candidate after the first level is kept, and sub-step parabolic interpolation ends it.
+
+Pose convention: the particle is the projection along ``A = R_z(psi) A_j`` (:mod:`em.geometry`),
+shifted so that moving it by ``+origin`` pixels centres it (RELION ``rlnOriginX/Y``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ...em.geometry import euler_to_matrix, matrix_to_euler
+from .. import backend
+from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, oversampled_spectrum,
+                    polar_points, sample_rfft, shift_phases)
+from .refine import RefineLevel, levels_for, refine_candidates
+
+__all__ = ["SearchPlan", "AlignmentResult", "plan_search", "ProjectionMatcher", "ctf_grids",
+           "global_search_flops", "CTF_MODES"]
+
+logger = logging.getLogger(__name__)
+
+CTF_MODES = ("normal", "phase_flipped", "premultiplied")
+_PAD = 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plan
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Sampling of the search (all frequencies in cycles per box, shifts in pixels of the particles).
+
+    Attributes
+    ----------
+    box : particle box ``N`` (pixels).
+    pixel_size_A : particle pixel size (Å).
+    step_deg : angular step of the global gallery and of psi (degrees).
+    r_min : lowest frequency compared.
+    r0 : cut-off of the global search (about one pixel of displacement per step).
+    r_res : cut-off of the last refinement level (from ``max_res``).
+    n_theta : angular samples of the polar rings (psi step = 360 / n_theta <= step).
+    shift_step_px : step of the global origin grid (a disk of radius ``max_shift_px``).
+    max_shift_px : largest origin searched.
+    refine : local refinement levels.
+    """
+    box: int
+    pixel_size_A: float
+    step_deg: float
+    r_min: float
+    r0: float
+    r_res: float
+    n_theta: int
+    shift_step_px: float
+    max_shift_px: float
+    refine: Tuple[RefineLevel, ...] = field(default_factory=tuple)
+
+    @property
+    def radii(self) -> np.ndarray:
+        """Ring radii of the global search, (n_r,) float64."""
+        return np.arange(self.r_min, self.r0 + 1e-9, 1.0)
+
+    @property
+    def shift_grid(self) -> np.ndarray:
+        """Origins of the global search, (T, 2) float64 pixels, a disk of radius ``max_shift_px``."""
+        h = self.shift_step_px
+        m = int(math.floor(self.max_shift_px / h + 1e-9)) if h > 0 else 0
+        g = np.arange(-m, m + 1) * h
+        xx, yy = np.meshgrid(g, g, indexing="ij")
+        pts = np.stack([xx.ravel(), yy.ravel()], -1)
+        keep = np.hypot(pts[:, 0], pts[:, 1]) <= self.max_shift_px + 1e-6
+        return pts[keep] if keep.any() else np.zeros((1, 2))
+
+    @property
+    def resolution_A(self) -> float:
+        """Resolution of the last refinement level, Å."""
+        return self.box * self.pixel_size_A / self.r_res
+
+
+def plan_search(box: int, pixel_size_A: float, *, step_deg: float = 3.0, max_res_A: Optional[float] = None,
+                max_shift_px: Optional[float] = None, n_refine_levels: int = 3, r_min: float = 1.0) -> SearchPlan:
+    """Choose cut-offs, polar sampling and shift grids for a search.
+
+    Parameters
+    ----------
+    box : particle box in pixels.
+    pixel_size_A : pixel size in Å.
+    step_deg : global angular step in degrees (gallery directions and psi).
+    max_res_A : highest resolution compared (Å); default 2/3 of Nyquist (3 pixels). Limited to
+        ``box/2 - 3`` cycles per box.
+    max_shift_px : largest origin searched (pixels); default 10 % of the box.
+    n_refine_levels : local refinement levels (each halves the step).
+    r_min : lowest frequency compared (cycles per box).
+
+    Returns
+    -------
+    SearchPlan
+    """
+    if not (0 < step_deg <= 90):
+        raise ValueError(f"angular step must be in (0, 90] degrees, got {step_deg}")
+    if box < 16:
+        raise ValueError(f"particle box {box} px is too small (16 px at least)")
+    r_cap = box / 2.0 - 3.0
+    if max_res_A is None:
+        r_res = box / 3.0
+    else:
+        if max_res_A <= 0:
+            raise ValueError(f"max_res_A must be positive, got {max_res_A}")
+        r_res = box * pixel_size_A / max_res_A
+    r_res = float(min(max(r_res, r_min + 3.0), r_cap))
+    step_rad = math.radians(step_deg)
+    r0 = float(min(r_res, max(6.0, 1.0 / step_rad)))
+    n_theta = good_size(max(360.0 / step_deg, 2.0 * math.pi * r0, 16))
+    if max_shift_px is None:
+        max_shift_px = 0.1 * box
+    max_shift_px = float(max(0.0, max_shift_px))
+    shift_step = box / (3.0 * r0)
+    levels = tuple(levels_for(step_deg, r0, r_res, shift_step, n_refine_levels))
+    return SearchPlan(box=int(box), pixel_size_A=float(pixel_size_A), step_deg=float(step_deg), r_min=float(r_min),
+                      r0=r0, r_res=r_res, n_theta=int(n_theta), shift_step_px=float(shift_step),
+                      max_shift_px=max_shift_px, refine=levels)
+
+
+def global_search_flops(n_particles: int, n_directions: int, plan: SearchPlan) -> float:
+    """Floating-point operations of the global search (GEMM + inverse FFT along psi)."""
+    n_r = len(plan.radii)
+    n_m = plan.n_theta // 2 + 1
+    per = 8.0 * n_r * n_m + 2.5 * plan.n_theta * math.log2(plan.n_theta)
+    return float(n_particles) * len(plan.shift_grid) * n_directions * per
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CTF
+# ------------------------------------------------------------------------------------------------------------
+
+def ctf_grids(ctf: Optional[Mapping[str, np.ndarray]], box: int, pixel_size_A: float, xp=np, *,
+              mode: str = "normal"):
+    """Effective CTF of each particle on the rfft grid of a ``box``-pixel image.
+
+    Parameters
+    ----------
+    ctf : mapping of arrays (n,) with keys ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``,
+        ``voltage_kV``, ``cs_mm``, ``amplitude_contrast`` and optionally ``phase_shift_deg``
+        (as :meth:`xmipp_accel.io.star.ParticleSet.ctf` returns); None means no CTF.
+    box, pixel_size_A : grid of the images the CTF multiplies (pixels, Å).
+    mode : ``normal`` (images carry the CTF: returns C), ``phase_flipped`` (|C|) or
+        ``premultiplied`` (images were multiplied by C: returns C^2).
+
+    Returns
+    -------
+    float32 array (n, box, box//2 + 1) on ``xp``, or None without CTF.
+    """
+    if ctf is None:
+        return None
+    if mode not in CTF_MODES:
+        raise ValueError(f"unknown CTF mode {mode!r}: choose one of {', '.join(CTF_MODES)}")
+    from ...em.ctf import ctf_2d
+    du = np.asarray(ctf["defocus_u_A"], dtype=np.float64).reshape(-1)
+    n = du.size
+
+    def col(name, default):
+        v = ctf.get(name, default)
+        return np.broadcast_to(np.asarray(default if v is None else v, dtype=np.float64), (n,))
+
+    dv, ang = col("defocus_v_A", du), col("defocus_angle_deg", 0.0)
+    kv, cs, ac, ph = col("voltage_kV", 300.0), col("cs_mm", 2.7), col("amplitude_contrast", 0.1), \
+        col("phase_shift_deg", 0.0)
+    out = xp.empty((n, box, box // 2 + 1), dtype=xp.float32)
+    keys = np.stack([kv, cs, ac, ph], 1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    for g, (v_kv, v_cs, v_ac, v_ph) in enumerate(uniq):
+        idx = np.nonzero(inverse == g)[0]
+        c = ctf_2d(box, pixel_size_A, du[idx], dv[idx], ang[idx], voltage_kV=float(v_kv), cs_mm=float(v_cs),
+                   amplitude_contrast=float(v_ac), phase_shift_deg=float(v_ph), xp=xp)
+        c = xp.asarray(c, dtype=xp.float32).reshape(len(idx), box, box // 2 + 1)
+        if mode == "phase_flipped":
+            c = xp.abs(c)
+        elif mode == "premultiplied":
+            c = c * c
+        out[xp.asarray(idx)] = c
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Result
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class AlignmentResult:
+    """Poses assigned to particles (host arrays).
+
+    Attributes
+    ----------
+    matrices : (n, 3, 3) float64 rotations (projection along ``A``).
+    origins_px : (n, 2) float64 (x, y) origins in pixels (RELION: shifting the image by +origin centres it).
+    score : (n,) float64 normalised cross-correlation with the CTF-modulated projection, in [-1, 1].
+    extra : per-particle arrays added by callers (e.g. DeepAlign's consensus).
+    """
+    matrices: np.ndarray
+    origins_px: np.ndarray
+    score: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def angles_deg(self) -> np.ndarray:
+        """(n, 3) (rot, tilt, psi) in degrees."""
+        rot, tilt, psi = matrix_to_euler(self.matrices)
+        return np.stack([np.atleast_1d(rot), np.atleast_1d(tilt), np.atleast_1d(psi)], 1)
+
+    @staticmethod
+    def concatenate(parts: Sequence["AlignmentResult"]) -> "AlignmentResult":
+        keys = set(parts[0].extra) if parts else set()
+        return AlignmentResult(np.concatenate([p.matrices for p in parts]),
+                               np.concatenate([p.origins_px for p in parts]),
+                               np.concatenate([p.score for p in parts]),
+                               {k: np.concatenate([p.extra[k] for p in parts]) for k in keys})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Matcher
+# ------------------------------------------------------------------------------------------------------------
+
+def memory_budget_bytes(xp) -> int:
+    """Bytes the search may use for temporaries: a quarter of the free GPU memory (<= 8 GiB), 384 MiB on CPU."""
+    if xp is np:
+        return 384 << 20
+    free, _ = xp.cuda.runtime.memGetInfo()
+    return int(min(free // 4, 8 << 30))
+
+
+class ProjectionMatcher:
+    """Projection matching of particles against a reference map.
+
+    Parameters
+    ----------
+    reference : (N, N, N) map, numpy or cupy (the search runs on its device), same box and pixel
+        size as the particles.
+    pixel_size_A : pixel size of particles and map (Å).
+    sym : symmetry group (the global gallery covers its asymmetric unit).
+    step_deg, max_res_A, max_shift_px, n_refine_levels : see :func:`plan_search`.
+    n_candidates : directions kept per particle after the global search.
+    ctf_mode : how the images carry the CTF (see :func:`ctf_grids`).
+    directions : optional (rot, tilt) arrays (degrees) replacing ``sphere_sampling(step, sym)``.
+
+    Examples
+    --------
+    >>> m = ProjectionMatcher(volume, pixel_size_A=2.0, step_deg=3.0)   # doctest: +SKIP
+    >>> res = m.align(images, ctf)                                     # doctest: +SKIP
+    >>> res.angles_deg, res.origins_px, res.score                       # doctest: +SKIP
+    """
+
+    def __init__(self, reference, *, pixel_size_A: float, sym: str = "c1", step_deg: float = 3.0,
+                 max_res_A: Optional[float] = None, max_shift_px: Optional[float] = None,
+                 n_refine_levels: int = 3, n_candidates: int = 3, ctf_mode: str = "normal",
+                 directions: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+        xp = backend.get_xp(reference)
+        self.xp = xp
+        box = int(reference.shape[-1])
+        if reference.ndim != 3 or any(int(s) != box for s in reference.shape):
+            raise ValueError(f"reference must be a cube (N, N, N), got shape {tuple(reference.shape)}")
+        if ctf_mode not in CTF_MODES:
+            raise ValueError(f"unknown CTF mode {ctf_mode!r}: choose one of {', '.join(CTF_MODES)}")
+        self.plan = plan_search(box, pixel_size_A, step_deg=step_deg, max_res_A=max_res_A,
+                                max_shift_px=max_shift_px, n_refine_levels=n_refine_levels)
+        self.sym = sym
+        self.ctf_mode = ctf_mode
+        self.n_candidates = int(max(1, n_candidates))
+        self.slicer = CentralSlicer(reference, r_max=max(self.plan.r_res, self.plan.r0))
+        if directions is None:
+            from ...em.sampling import sphere_sampling
+            rot, tilt = sphere_sampling(step_deg, sym)
+        else:
+            rot, tilt = directions
+        self.rot = np.asarray(rot, dtype=np.float64).reshape(-1)
+        self.tilt = np.asarray(tilt, dtype=np.float64).reshape(-1)
+        if self.rot.size == 0:
+            raise ValueError("no projection directions to search")
+        self.dir_matrices = euler_to_matrix(self.rot, self.tilt, np.zeros_like(self.rot))
+        self._gallery = None
+        self._dir_vectors = xp.asarray(self.dir_matrices[:, 2, :], dtype=xp.float32)
+
+    # -- gallery -------------------------------------------------------------------------------------------
+    @property
+    def n_directions(self) -> int:
+        return int(self.rot.size)
+
+    def gallery(self):
+        """Angular spectra of the reference's central slices (complex64 (n_m, n_r, J)) and ring powers (n_r, J)."""
+        if self._gallery is None:
+            xp, plan = self.xp, self.plan
+            kx, ky = polar_points(plan.radii, plan.n_theta)
+            n_r = len(plan.radii)
+            spec = xp.empty((plan.n_theta // 2 + 1, n_r, self.n_directions), dtype=xp.complex64)
+            power = xp.empty((n_r, self.n_directions), dtype=xp.float32)
+            step = max(1, (1 << 22) // kx.size)
+            for s in range(0, self.n_directions, step):
+                e = min(self.n_directions, s + step)
+                pol = self.slicer.sample(self.dir_matrices[s:e], kx, ky).reshape(e - s, n_r, plan.n_theta)
+                power[:, s:e] = (pol.real ** 2 + pol.imag ** 2).sum(-1).T
+                spec[:, :, s:e] = angular_spectrum(pol, plan.n_theta).transpose(2, 1, 0)
+            self._gallery = (spec, power)
+        return self._gallery
+
+    # -- particles -----------------------------------------------------------------------------------------
+    def _polar_particles(self, images, ctf_grid_pad):
+        """CTF-filtered, ring-weighted polar samples (B, n_r, n_theta), |X|^2 (B,) and ring <C^2> (B, n_r)."""
+        xp, plan = self.xp, self.plan
+        spec = oversampled_spectrum(images, box_work=self.box_work, pad=_PAD)
+        kx, ky = polar_points(plan.radii, plan.n_theta)
+        n_r = len(plan.radii)
+        pol = sample_rfft(spec, kx, ky, pad=_PAD).reshape(-1, n_r, plan.n_theta)
+        w = xp.asarray(plan.radii, dtype=xp.float32)[None, :, None]
+        norm2 = (w * (pol.real ** 2 + pol.imag ** 2)).sum((1, 2))
+        if ctf_grid_pad is not None:
+            c = sample_rfft(ctf_grid_pad, kx, ky, pad=_PAD).reshape(-1, n_r, plan.n_theta)
+            c2 = (c * c).mean(-1)
+            pol = pol * c
+        else:
+            c2 = xp.ones((pol.shape[0], n_r), dtype=xp.float32)
+        return (pol * w).astype(xp.complex64), norm2, c2 * w[:, :, 0]
+
+    def _pad_ctf(self, ctf, n):
+        if ctf is None:
+            return None
+        plan = self.plan
+        return ctf_grids(ctf, _PAD * self.box_work, plan.pixel_size_A * plan.box / self.box_work, self.xp,
+                         mode=self.ctf_mode)
+
+    @property
+    def box_work(self) -> int:
+        """Box (pixels) the particles are Fourier-cropped to before the polar sampling of the global search."""
+        plan = self.plan
+        return min(plan.box + plan.box % 2, good_size(2 * math.ceil(plan.r0) + 8))
+
+    # -- global search -------------------------------------------------------------------------------------
+    def global_search(self, images, ctf=None, *, allowed: Optional[Sequence[Tuple[np.ndarray, np.ndarray]]] = None,
+                      n_candidates: Optional[int] = None):
+        """Best directions of a particle batch over the gallery.
+
+        Parameters
+        ----------
+        images : (B, N, N) float32 on the matcher's device.
+        ctf : CTF parameters of the batch (see :func:`ctf_grids`) or None.
+        allowed : optional blocks ``(particle_indices, direction_indices)``: only these pairs are
+            computed (DeepAlign's restriction to recognised regions). Default: everything.
+        n_candidates : directions kept per particle.
+
+        Returns
+        -------
+        matrices (B, k, 3, 3) float32, origins_px (B, k, 2) float32, scores (B, k) float32
+        (``-inf`` where fewer than ``k`` directions were allowed).
+        """
+        xp, plan = self.xp, self.plan
+        k = int(n_candidates or self.n_candidates)
+        nb = images.shape[0]
+        spec, power = self.gallery()
+        n_m, n_r, n_dir = spec.shape
+        pol, norm2, c2w = self._polar_particles(images, self._pad_ctf(ctf, nb))
+        shifts = plan.shift_grid
+        n_t = shifts.shape[0]
+        kx, ky = polar_points(plan.radii, plan.n_theta)
+        ph = shift_phases(xp.asarray(kx), xp.asarray(ky), xp.asarray(shifts), plan.box).reshape(n_t, n_r, plan.n_theta)
+        best = xp.full((nb, n_dir), -np.inf, dtype=xp.float32)
+        best_psi = xp.zeros((nb, n_dir), dtype=xp.int32)
+        best_t = xp.zeros((nb, n_dir), dtype=xp.int32)
+        if allowed is None:
+            allowed = [(np.arange(nb), np.arange(n_dir))]
+        budget = memory_budget_bytes(xp)
+        per_triple = n_m * 8 * 2 + plan.n_theta * 4 * 3
+        for p_idx, d_idx in allowed:
+            p_idx = np.asarray(p_idx, dtype=np.int64)
+            d_idx = np.asarray(d_idx, dtype=np.int64)
+            if p_idx.size == 0 or d_idx.size == 0:
+                continue
+            rows_per = max(1, budget // (per_triple * max(1, min(d_idx.size, 4096))))
+            pb = max(1, rows_per // n_t)
+            for ps in range(0, p_idx.size, pb):
+                pi = p_idx[ps:ps + pb]
+                pi_x = xp.asarray(pi)
+                xs = pol[pi_x][:, None] * ph[None]                                   # (b, T, n_r, n_theta)
+                xh = xp.conj(angular_spectrum(xs, plan.n_theta))                      # (b, T, n_r, n_m)
+                xh = xh.reshape(-1, n_r, n_m).transpose(2, 0, 1)                      # (n_m, b*T, n_r)
+                xh = xp.ascontiguousarray(xh)
+                dchunk = max(1, budget // (per_triple * xh.shape[1]))
+                for ds in range(0, d_idx.size, dchunk):
+                    di = d_idx[ds:ds + dchunk]
+                    di_x = xp.asarray(di)
+                    g = spec[:, :, di_x] if di.size != n_dir else spec
+                    y = xp.matmul(xh, g)                                              # (n_m, b*T, J)
+                    c = _irfft_last(xp.ascontiguousarray(y.transpose(1, 2, 0)), plan.n_theta)  # (b*T, J, n_theta)
+                    del y
+                    carg = c.argmax(axis=-1)
+                    cmax = xp.take_along_axis(c, carg[..., None], axis=-1)[..., 0]
+                    carg = carg.astype(xp.int32)
+                    del c
+                    cmax = cmax.reshape(pi.size, n_t, di.size)
+                    carg = carg.reshape(pi.size, n_t, di.size)
+                    targ = cmax.argmax(axis=1)                                        # (b, J)
+                    val = xp.take_along_axis(cmax, targ[:, None, :], axis=1)[:, 0]
+                    psi_i = xp.take_along_axis(carg, targ[:, None, :], axis=1)[:, 0]
+                    den = xp.matmul(c2w[pi_x], power[:, di_x])                        # (b, J)
+                    den = xp.sqrt(xp.maximum(den, 1e-30) * xp.maximum(norm2[pi_x], 1e-30)[:, None])
+                    score = val / den
+                    best[pi_x[:, None], di_x[None, :]] = score
+                    best_psi[pi_x[:, None], di_x[None, :]] = psi_i
+                    best_t[pi_x[:, None], di_x[None, :]] = targ.astype(xp.int32)
+        return self._select_candidates(best, best_psi, best_t, k)
+
+    def _select_candidates(self, best, best_psi, best_t, k):
+        """Top-k directions per particle, each at least two steps from those chosen before it."""
+        xp, plan = self.xp, self.plan
+        nb = best.shape[0]
+        work = best.copy()
+        rows = xp.arange(nb)
+        cos_sep = math.cos(math.radians(2.0 * plan.step_deg))
+        idx = []
+        for _ in range(min(k, best.shape[1])):
+            j = xp.argmax(work, axis=1)
+            idx.append(j)
+            near = xp.matmul(self._dir_vectors[j], self._dir_vectors.T) > cos_sep      # (B, J)
+            work = xp.where(near, -np.inf, work)
+        idx = xp.stack(idx, 1)                                                          # (B, k)
+        scores = best[rows[:, None], idx]
+        psi_deg = best_psi[rows[:, None], idx].astype(xp.float32) * (360.0 / plan.n_theta)
+        shifts = xp.asarray(plan.shift_grid, dtype=xp.float32)[best_t[rows[:, None], idx]]
+        dirs = xp.asarray(self.dir_matrices, dtype=xp.float32)[idx]                     # (B, k, 3, 3)
+        rz = _rz(psi_deg, xp)
+        mats = xp.matmul(rz, dirs)
+        return mats, shifts, scores
+
+    # -- full alignment ------------------------------------------------------------------------------------
+    def refine(self, images, ctf, matrices, origins_px, levels: Optional[Sequence[RefineLevel]] = None):
+        """Local refinement of candidates (see :func:`refine_candidates`); returns mats, origins, scores."""
+        xp, plan = self.xp, self.plan
+        levels = plan.refine if levels is None else levels
+        spectra = centred_rfft2(xp.asarray(images, dtype=xp.float32)).astype(xp.complex64)
+        grids = ctf_grids(ctf, plan.box, plan.pixel_size_A, xp, mode=self.ctf_mode)
+        return refine_candidates(self.slicer, spectra, grids, matrices, origins_px, levels=levels,
+                                 r_min=plan.r_min, box=plan.box, max_shift_px=plan.max_shift_px,
+                                 max_items_points=(1 << 24) if xp is not np else (1 << 21))
+
+    def align_batch(self, images, ctf=None, *, allowed=None) -> AlignmentResult:
+        """Global search, refinement of the candidates (first level), then of the best one (other levels)."""
+        xp = self.xp
+        images = xp.asarray(images, dtype=xp.float32)
+        mats, origins, scores = self.global_search(images, ctf, allowed=allowed)
+        return self.refine_from_candidates(images, ctf, mats, origins, scores)
+
+    def refine_from_candidates(self, images, ctf, mats, origins, scores) -> AlignmentResult:
+        """Refine candidates ``(B, k, ...)`` and keep the best per particle."""
+        xp, plan = self.xp, self.plan
+        nb = images.shape[0]
+        rows = xp.arange(nb)
+        levels = plan.refine
+        if levels:
+            valid = xp.isfinite(scores)
+            mats, origins, sc1 = self.refine(images, ctf, mats, origins, levels[:1])
+            sc1 = xp.where(valid, sc1, -np.inf)
+            b = xp.argmax(sc1, axis=1)
+            mats, origins, scores = mats[rows, b][:, None], origins[rows, b][:, None], sc1[rows, b][:, None]
+            if len(levels) > 1:
+                mats, origins, scores = self.refine(images, ctf, mats, origins, levels[1:])
+        else:
+            b = xp.argmax(scores, axis=1)
+            mats, origins, scores = mats[rows, b][:, None], origins[rows, b][:, None], scores[rows, b][:, None]
+        m = backend.to_host(mats[:, 0]).astype(np.float64)
+        m = _orthonormalise(m)
+        return AlignmentResult(m, backend.to_host(origins[:, 0]).astype(np.float64),
+                               backend.to_host(scores[:, 0]).astype(np.float64))
+
+    def align(self, images, ctf: Optional[Mapping[str, np.ndarray]] = None, *, batch_size: Optional[int] = None,
+              progress: Optional[Callable[[int], None]] = None) -> AlignmentResult:
+        """Align a stack ``(n, N, N)`` (host or device) in batches; returns host arrays.
+
+        ``ctf`` holds arrays of length n (see :func:`ctf_grids`); ``progress(k)`` is called with the
+        number of particles done after each batch.
+        """
+        n = images.shape[0]
+        bs = int(batch_size or self.default_batch_size())
+        parts = []
+        for s in range(0, n, bs):
+            e = min(n, s + bs)
+            sub = None if ctf is None else {k: np.asarray(v)[s:e] if np.ndim(v) else v for k, v in ctf.items()}
+            parts.append(self.align_batch(images[s:e], sub))
+            if progress is not None:
+                progress(e - s)
+        return AlignmentResult.concatenate(parts)
+
+    def default_batch_size(self) -> int:
+        """Particles per batch: GPU 512 (bounded by memory), CPU 128."""
+        if self.xp is np:
+            return 128
+        per = self.plan.box ** 2 * 4 * 8 + self.n_directions * 12
+        return int(max(16, min(512, memory_budget_bytes(self.xp) // (4 * per))))
+
+
+def _irfft_last(y, n: int):
+    """Real inverse FFT of length ``n`` along the last axis (float32 kept on the CPU)."""
+    xp = backend.get_xp(y)
+    if xp is np:
+        import scipy.fft as sfft
+        return sfft.irfft(y, n=n, axis=-1, workers=-1)
+    return xp.fft.irfft(y, n=n, axis=-1)
+
+
+def _rz(psi_deg, xp):
+    """In-plane rotations ``R_z(psi)`` of :func:`euler_to_matrix` (rot = tilt = 0), shape psi.shape + (3, 3)."""
+    p = xp.deg2rad(psi_deg)
+    c, s = xp.cos(p), xp.sin(p)
+    z, o = xp.zeros_like(c), xp.ones_like(c)
+    return xp.stack([xp.stack([c, s, z], -1), xp.stack([-s, c, z], -1), xp.stack([z, z, o], -1)], -2)
+
+
+def _orthonormalise(m: np.ndarray) -> np.ndarray:
+    """Nearest rotation matrices (SVD) of nearly orthogonal ones, (n, 3, 3) float64."""
+    u, _, vt = np.linalg.svd(m)
+    r = u @ vt
+    det = np.linalg.det(r)
+    u[det < 0, :, -1] *= -1
+    return u @ vt
