@@ -9,8 +9,9 @@ autotuning, a task runtime). Algorithms live in :mod:`xmipp_accel.gpu`
 and the Scipion adapters in :mod:`xmipp_accel.protocols` and
 :mod:`xmipp_accel.viewers`.
 
-The Scipion ``Plugin`` class is defined only when Scipion (pwem) is importable,
-so the algorithms and the command line work without Scipion.
+The Scipion ``Plugin`` class is created on first access (``xmipp_accel.Plugin``, as
+Scipion's plugin discovery does), so that the algorithms and the command line work without
+Scipion and do not pay for importing pwem; without pwem the attribute does not exist.
 """
 import os
 import sys
@@ -21,13 +22,12 @@ _logo = "xmipp_accel_logo.png"
 _references = ["Strelak2020FlexAlign", "Strelak2019Reconstruction", "JimenezMoreno2021DeepAlign",
                "Petrovic2020KTT", "Strelak2018cuFFTAdvisor", "Strelak2023Umpalumpa"]
 
-try:  # Scipion is optional for the algorithms and the CLI
+
+def _define_plugin():
+    """Create the ``Plugin`` class (imports pwem)."""
     import pwem
     import pyworkflow.utils as pwutils
-except Exception:  # pragma: no cover - exercised where Scipion is absent (GPU machine)
-    pwem = None
 
-if pwem is not None:
     from . import constants as _c
 
     class Plugin(pwem.Plugin):
@@ -95,3 +95,18 @@ if pwem is not None:
         @classmethod
         def defineBinaries(cls, env):
             """Pure-Python plugin: dependencies come from pip (extras gpu, deep, mpi)."""
+
+    Plugin.__qualname__ = "Plugin"
+    return Plugin
+
+
+def __getattr__(name):
+    """Module attribute hook: build ``Plugin`` when it is first asked for (PEP 562)."""
+    if name == "Plugin":
+        try:
+            plugin = _define_plugin()
+        except ImportError as exc:  # Scipion (pwem) is not installed
+            raise AttributeError(f"xmipp_accel.Plugin needs Scipion (pwem): {exc}") from exc
+        globals()["Plugin"] = plugin
+        return plugin
+    raise AttributeError(f"module 'xmipp_accel' has no attribute {name!r}")

@@ -17,10 +17,10 @@ _SYMMETRY_GROUPS = (
     + [(f"d{n}", f"dihedral, {n}-fold axis along z and 2-fold axes along x") for n in range(2, 9)]
     + [("t", "tetrahedral (12 operators)"),
        ("o", "octahedral (24 operators)"),
-       ("i1", "icosahedral I222: 2-fold axes on x, y, z, 5-folds in the yz plane (also written 'i')"),
-       ("i2", "icosahedral I222r (Crowther): 2-fold axes on x, y, z, 5-folds in the xz plane"),
-       ("i3", "icosahedral In25: 5-fold axis on z, 2-fold axis on y"),
-       ("i4", "icosahedral In25r: In25 rotated 180 degrees about x")]
+       ("i1", "icosahedral: 2-fold axes on x, y, z, a 5-fold axis along (phi, 0, -1)"),
+       ("i2", "icosahedral: 2-fold axes on x, y, z, a 5-fold axis along (1, 0, phi) (also written 'i')"),
+       ("i3", "icosahedral: 5-fold axis on z, a 2-fold axis along (-1, 0, phi)"),
+       ("i4", "icosahedral: 5-fold axis along (2, 0, 1), a 2-fold axis along (1, 0, phi)")]
 )
 
 
@@ -30,7 +30,7 @@ def symmetryChoices() -> list:
 
 
 class XmippAccelSymmetryWizard(Wizard):
-    """Choose the symmetry group (Xmipp naming: c1, cN, dN, t, o, i1..i4) from a list."""
+    """Choose the symmetry group (Xmipp/RELION naming: c1, cN, dN, t, o, i1..i4) from a list."""
     _targets = [(XmippAccelProtReconstructFourier, ["symmetryGroup"]),
                 (XmippAccelProtAssignAngles, ["symmetryGroup"])]
 

@@ -284,6 +284,7 @@ def main(args: argparse.Namespace) -> int:
                "outputs": outputs, "notes": notes}
     if m is not None:
         summary["randomise_from_A"] = result.randomise_from_A(pixel)
-        summary["resolution_A_unmasked"] = _finite_or_none(resolutions_of(result.unmasked, pixel, sym_order)[0]["0.143"])
+        unmasked_res = resolutions_of(result.unmasked, pixel, sym_order)[0]["0.143"]
+        summary["resolution_A_unmasked"] = _finite_or_none(unmasked_res)
     emit_result(args, summary, lines)
     return 0

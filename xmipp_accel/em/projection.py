@@ -105,7 +105,7 @@ def fourier_shift_phase(box: int, shifts_xy_px, *, xp=np, rfft: bool = True, dty
     ``(n, box, box//2 + 1)`` complex array ``exp(-2 pi i (kx sx + ky sy) / box)``.
     """
     dtype = dtype or xp.complex64
-    real = xp.float32 if xp.dtype(dtype) == xp.complex64 else xp.float64
+    real = xp.float32 if np.dtype(dtype) == np.complex64 else xp.float64
     s = xp.asarray(shifts_xy_px, dtype=real).reshape(-1, 2)
     ky = xp.asarray(np.fft.fftfreq(box), dtype=real)[None, :, None]
     kxn = np.fft.rfftfreq(box) if rfft else np.fft.fftfreq(box)
@@ -157,7 +157,7 @@ class FourierProjector:
     -----
     The volume is divided by ``sinc^2`` of each padded coordinate (the real-space footprint of
     trilinear interpolation in Fourier space) before the FFT, so the projections are not damped
-    towards the box edges. Frequencies beyond Nyquist (radius ``N/2`` pixels⁻¹·N) are set to zero.
+    towards the box edges. Frequencies at and beyond Nyquist (radius ``0.5`` cycles/pixel) are set to zero.
     Xmipp's ``FourierProjector`` (B-spline, pad 2) is the peer; correlation > 0.99 on smooth maps.
     """
 
@@ -184,7 +184,7 @@ class FourierProjector:
         ky = np.fft.fftfreq(n) * n
         kx = np.fft.rfftfreq(n) * n
         kyy, kxx = np.meshgrid(ky, kx, indexing="ij")
-        inside = kyy ** 2 + kxx ** 2 <= (n / 2.0) ** 2
+        inside = kyy ** 2 + kxx ** 2 < (n / 2.0) ** 2  # strictly: no Nyquist terms, whose phase is ambiguous
         scale = npad / n
         self._kx = xp.asarray((kxx * scale)[inside], dtype=xp.float32)
         self._ky = xp.asarray((kyy * scale)[inside], dtype=xp.float32)

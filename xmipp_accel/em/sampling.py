@@ -76,6 +76,15 @@ def in_asymmetric_unit(d, sym: str = "c1", *, tol: float = 1e-9) -> np.ndarray:
     return d @ _POLE >= scores.max(axis=1) - tol
 
 
+def _expand(d, g) -> np.ndarray:
+    """All symmetry images ``(n * k, 3)`` of directions ``d`` ``(n, 3)``."""
+    return np.einsum("kij,nj->nki", g, d).reshape(-1, 3)
+
+
+def _chord(step_deg: float) -> float:
+    return 2.0 * np.sin(np.deg2rad(step_deg) / 2.0)
+
+
 def sphere_sampling(step_deg: float, sym: str = "c1") -> tuple:
     """Projection directions about ``step_deg`` apart, covering the asymmetric unit of ``sym``.
 
@@ -86,14 +95,64 @@ def sphere_sampling(step_deg: float, sym: str = "c1") -> tuple:
     Returns
     -------
     (rot_deg, tilt_deg) : float64 arrays ``(m,)``, ``m ≈ 4π / (step² · order)``. Every direction on the
-    sphere lies within about ``0.75 * step`` of one of ``g · d`` (``g`` in the group).
+    sphere lies within about ``0.9 * step`` of one of the ``g · d`` (``g`` in the group).
+
+    Notes
+    -----
+    The Fibonacci points inside the unit are kept, except those closer than ``0.5 * step`` to a symmetry
+    image of another kept point (such pairs meet across the unit's edges); then the gaps that the images
+    leave along the edges are filled with canonical images of the other lattice points that lie more
+    than ``0.75 * step`` from every image of a kept point (added greedily, nearest the pole first).
     """
     if not 0 < step_deg <= 90:
         raise InputError(f"angular step must be in (0, 90] degrees, got {step_deg}")
     n = max(1, int(round(4.0 * np.pi / np.deg2rad(step_deg) ** 2)))
     pts = fibonacci_sphere(n)
+    g = symmetry_matrices(sym)
     keep = in_asymmetric_unit(pts, sym)
-    return directions_to_angles(pts[keep])
+    base = pts[keep]
+    if len(g) > 1 and not keep.all():
+        base = _thin_across_edges(base, g, _chord(0.5 * step_deg))
+        base = _fill_edge_gaps(base, canonical_directions(pts[~keep], sym), g, _chord(0.75 * step_deg))
+    return directions_to_angles(base)
+
+
+def _thin_across_edges(base, g, min_chord: float) -> np.ndarray:
+    """Drop points closer than ``min_chord`` to an image of another point (greedy, nearest the pole kept)."""
+    from scipy.spatial import cKDTree
+
+    k = len(g)
+    images = _expand(base, g)
+    pairs = cKDTree(images).query_pairs(min_chord, output_type="ndarray")
+    owners = pairs // k
+    owners = owners[owners[:, 0] != owners[:, 1]]
+    if len(owners) == 0:
+        return base
+    neighbours = {}
+    for a, b in owners:
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    kept = np.ones(len(base), dtype=bool)
+    decided = np.zeros(len(base), dtype=bool)
+    for i in np.argsort(-(base @ _POLE)):
+        if any(decided[j] and kept[j] for j in neighbours.get(i, ())):
+            kept[i] = False
+        decided[i] = True
+    return base[kept]
+
+
+def _fill_edge_gaps(base, candidates, g, gap_chord: float) -> np.ndarray:
+    """Add candidates (canonical directions) farther than ``gap_chord`` from every image of ``base``."""
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(_expand(base, g)).query(candidates)
+    candidates = candidates[dist > gap_chord]
+    added = []
+    for c in candidates[np.argsort(-(candidates @ _POLE))]:
+        if added and np.linalg.norm(_expand(np.array(added), g) - c, axis=1).min() <= gap_chord:
+            continue
+        added.append(c)
+    return np.concatenate([base, np.array(added)]) if added else base
 
 
 def quaternion_to_matrix(q) -> np.ndarray:

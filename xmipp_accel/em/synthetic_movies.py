@@ -22,7 +22,7 @@ benchmark can make 4096² × 40 movies in a second.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 

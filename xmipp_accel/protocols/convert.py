@@ -304,7 +304,8 @@ def star_to_particles(star_path: str, sqlite_path: str):
     def first(name, default):
         return float(np.asarray(cols[name])[0]) if name in cols else default
 
-    acq = emobj.Acquisition(voltage=first("rlnVoltage", 300.0), sphericalAberration=first("rlnSphericalAberration", 2.7),
+    acq = emobj.Acquisition(voltage=first("rlnVoltage", 300.0),
+                            sphericalAberration=first("rlnSphericalAberration", 2.7),
                             amplitudeContrast=first("rlnAmplitudeContrast", 0.1), magnification=50000)
     parts = emobj.SetOfParticles(filename=sqlite_path)
     parts.setSamplingRate(float(pixel[0]) if n else 1.0)
@@ -384,7 +385,7 @@ def fsc_from_star(path: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def fsc_curves_from_star(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """Every FSC curve of an FSC STAR: ``{column name: (frequency 1/Å, values)}``."""
+    """Every distinct FSC curve of an FSC STAR: ``{column name: (frequency 1/Å, values)}``, in file order."""
     blocks = read_star_tables(path)
     curves = {}
     for cols in blocks.values():
@@ -392,8 +393,12 @@ def fsc_curves_from_star(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
             continue
         freq = np.asarray(cols["rlnResolution"], dtype=np.float64)
         for name, values in cols.items():
-            if name.startswith("rlnFourierShellCorrelation"):
-                curves[name] = (freq, np.asarray(values, dtype=np.float64))
+            if "FourierShellCorrelation" not in name:
+                continue
+            values = np.asarray(values, dtype=np.float64)
+            if any(np.array_equal(values, v) for _, v in curves.values()):
+                continue  # e.g. the corrected curve equals the plain one without a mask
+            curves[name] = (freq, values)
     return curves
 
 

@@ -24,7 +24,7 @@ from .. import constants as c
 from . import convert
 from .protocol_base import XmippAccelProtBase
 
-READABLE_MOVIES = (".mrc", ".mrcs", ".tif", ".tiff", ".eer")
+READABLE_MOVIES = (".mrc", ".mrcs", ".tif", ".tiff")
 COMPRESSED = (".bz2", ".tbz", ".txt")
 
 
@@ -36,8 +36,10 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
     _label = "movie alignment FlexAlign (GPU)"
     _possibleOutputs = {"outputMicrographs": emobj.SetOfMicrographs,
                         "outputMicrographsDoseWeighted": emobj.SetOfMicrographs,
+                        "outputMicrographsOdd": emobj.SetOfMicrographs,
+                        "outputMicrographsEven": emobj.SetOfMicrographs,
                         "outputMovies": emobj.SetOfMovies}
-    evenOddCapable = False
+    evenOddCapable = True
 
     # -------------------------- DEFINE param functions -----------------------
     def _defineAlignmentParams(self, form):
@@ -77,14 +79,22 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
                        choices=["none", "90 degrees", "180 degrees", "270 degrees"],
                        display=params.EnumParam.DISPLAY_COMBO,
                        label="Rotate gain reference",
-                       help="Counter-clockwise rotation applied to the gain (and dark) reference before it "
-                            "is applied, as MotionCor2's -RotGain.")
+                       help="Rotation of the gain (and dark) reference in steps of 90 degrees before it is "
+                            "applied, with MotionCor2's -RotGain convention.")
         group.addParam("gainFlip", params.EnumParam, default=c.GAIN_FLIP_NONE,
                        choices=["none", "upside down", "left right"],
                        display=params.EnumParam.DISPLAY_COMBO,
                        label="Flip gain reference",
                        help="Flip applied to the gain (and dark) reference after the rotation, as "
                             "MotionCor2's -FlipGain.")
+        form.addParam("splitEvenOdd", params.BooleanParam, default=False, expertLevel=LEVEL_ADVANCED,
+                      label="Odd and even sums?",
+                      help="Also write the sums of the odd frames (1, 3, 5...) and of the even frames (2, 4, 6...) "
+                           "as two more sets of micrographs (for denoising, e.g. Topaz/cryoCARE).")
+        form.addParam("doSaveMovie", params.BooleanParam, default=False, expertLevel=LEVEL_ADVANCED,
+                      label="Save aligned movies?",
+                      help="Write the aligned frames as a stack per movie (output movies then point to them "
+                           "with zero shifts). Uses as much disk as the input movies.")
         form.addParam("moviesPerBatch", params.IntParam, default=8, expertLevel=LEVEL_ADVANCED,
                       label="Movies per batch",
                       help="Movies that arrived together are aligned by one command call, at most this "
@@ -200,6 +210,10 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
             preExposure, dosePerFrame = self._getCorrectedDose(movies)
             args += ["--dose-per-frame", dosePerFrame, "--pre-exposure", preExposure,
                      "--voltage", movies.getAcquisition().getVoltage()]
+        if self._doSplitEvenOdd():
+            args += ["--odd-even"]
+        if self.doSaveMovie:
+            args += ["--save-stack"]
         return args + self._deviceArgs()
 
     def _frameRange(self, movie):
@@ -226,11 +240,16 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
                  (f"{stem}_psd.mrc", self._outputFn(movie, "_psd.mrc"))]
         if self._doDoseWeighting():
             moves.append((f"{stem}_DW.mrc", self._getExtraPath(self._getOutputMicWtName(movie))))
+        if self._doSplitEvenOdd():
+            moves += [(f"{stem}_ODD.mrc", self._getExtraPath(self._getOutputMicOddName(movie))),
+                      (f"{stem}_EVN.mrc", self._getExtraPath(self._getOutputMicEvenName(movie)))]
+        if self.doSaveMovie:
+            moves.append((f"{stem}_aligned.mrcs", self._getExtraPath(self._getOutputMovieName(movie))))
         for name, dst in moves:
             src = os.path.join(outDir, name)
             if os.path.exists(src):
                 shutil.move(src, dst)
-            elif name.endswith((".mrc", ".star")) and not name.endswith("_psd.mrc"):
+            elif not name.endswith("_psd.mrc"):
                 self.warning(f"Movie {movie.getObjId()} ({movie.getFileName()}): {name} was not produced; "
                              "the movie is reported as failed.")
         shiftsFn = self._outputFn(movie, "_shifts.star")

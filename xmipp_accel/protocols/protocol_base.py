@@ -11,6 +11,8 @@ import os
 import shlex
 from typing import Optional, Sequence
 
+import numpy as np
+
 import pyworkflow.protocol.params as params
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 
@@ -66,7 +68,7 @@ class XmippAccelProtBase:
             return [f"'{label}' is empty: write c1 for no symmetry."]
         if not is_valid_symmetry(sym):
             return [f"'{label}' = '{sym}' is not a symmetry group xmipp_accel knows. Use c1 (none), cN, dN, "
-                    "t, o, i (= i1) or i1..i4 (Xmipp naming; the wizard lists them)."]
+                    "t, o, i (= i2) or i1..i4 (Xmipp naming; the wizard lists them)."]
         return []
 
     # --------------------------- UTILS functions ------------------------------
@@ -121,6 +123,20 @@ class XmippAccelProtBase:
         with open(jsonFile, "w") as f:  # keep only the summary
             json.dump(summary, f, indent=1)
         return summary
+
+    @staticmethod
+    def _fscResolution(fsc, threshold: float = 0.143) -> str:
+        """Resolution of a pwem FSC at ``threshold`` as text, e.g. ``"4.21 Å"``.
+
+        Unlike ``FSC.calculateResolution`` (which extrapolates beyond the last shell), a curve that
+        never falls below the threshold is reported as Nyquist.
+        """
+        freq, values = (np.asarray(list(v), dtype=np.float64) for v in fsc.getData())
+        if freq.size < 2:
+            return "unknown"
+        if not np.any(values[1:] < threshold):
+            return f"{1.0 / freq[-1]:.2f} Å (FSC above {threshold:g} up to Nyquist)"
+        return f"{float(fsc.calculateResolution(threshold, 4)):.2f} Å"
 
     @staticmethod
     def _readJson(path: str) -> dict:

@@ -38,7 +38,7 @@ class XmippAccelProtReconstructFourier(XmippAccelProtBase, ProtReconstruct3D):
         form.addParam("symmetryGroup", params.StringParam, default="c1",
                       label="Symmetry group",
                       help="Point group of the particle in Xmipp's naming: c1 (none), cN, dN, t, o, i1..i4 "
-                           "(i = i1). Use the wizard to pick one. The data are symmetrised once in Fourier "
+                           "(i = i2). Use the wizard to pick one. The data are symmetrised once in Fourier "
                            "space, so a high symmetry costs little.")
         form.addParam("maxRes", params.FloatParam, default=-1,
                       label="Maximum resolution (Å)",
@@ -135,7 +135,7 @@ class XmippAccelProtReconstructFourier(XmippAccelProtBase, ProtReconstruct3D):
                            f"particles with symmetry {self.symmetryGroup.get()}.")
             if self.hasAttribute("outputFSC"):
                 summary.append(f"Resolution (FSC = 0.143 between half maps): "
-                               f"{self.outputFSC.calculateResolution(0.143, 2)} Å.")
+                               f"{self._fscResolution(self.outputFSC)}.")
             seconds = info.get("seconds", info.get("time_s"))
             if seconds is not None:
                 summary.append(f"Reconstruction time: {float(seconds):.1f} s on {info.get('device', 'the device')}.")
@@ -151,8 +151,8 @@ class XmippAccelProtReconstructFourier(XmippAccelProtBase, ProtReconstruct3D):
                 f"GPU insertion [Strelak2019Reconstruction], symmetry {self.symmetryGroup.get()}, CTF "
                 f"correction {CTF_CHOICES[self.ctfMode.get()]}.")
         if self.hasAttribute("outputFSC"):
-            text += (f" The FSC between half maps reached 0.143 at "
-                     f"{self.outputFSC.calculateResolution(0.143, 2)} Å.")
+            text += (" The resolution by the FSC = 0.143 criterion between half maps was "
+                     f"{self._fscResolution(self.outputFSC)}.")
         return [text]
 
     def _citations(self):

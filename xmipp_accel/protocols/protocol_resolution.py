@@ -123,6 +123,7 @@ class XmippAccelProtFSC(XmippAccelProtResolutionBase, ProtAnalysis3D):
         half1, half2 = self._getHalfMaps()
         args = [half1, half2, "--pixel-size", self._getSampling(),
                 "-o", os.path.abspath(self._getExtraPath("fsc.star")),
+                "--xml", os.path.abspath(self._getExtraPath("fsc.xml")),
                 "--plot", os.path.abspath(self._getExtraPath("fsc.png"))]
         args += self._maskArgs() + self._deviceArgs()
         self._runAccel("fsc", args, self._getExtraPath("fsc.json"))
@@ -147,10 +148,11 @@ class XmippAccelProtFSC(XmippAccelProtResolutionBase, ProtAnalysis3D):
         if not self.hasAttribute("outputFSC"):
             return ["Output not ready yet."]
         lines = [f"Resolution (FSC = {self.threshold.get():g}): "
-                 f"{self.outputFSC.calculateResolution(self.threshold.get(), 2)} Å"
+                 f"{self._fscResolution(self.outputFSC, self.threshold.get())}"
                  + (" (masked, corrected)" if self.mask.get() is not None else "")]
         info = self._readJson(self._getExtraPath("fsc.json"))
-        for key, label in (("resolution_0.5_A", "FSC = 0.5"), ("resolution_half_bit_A", "half-bit")):
+        for key, label in (("resolution_A_0.5", "FSC = 0.5"), ("resolution_A_half-bit", "half-bit"),
+                           ("resolution_A_unmasked", "FSC = 0.143, unmasked")):
             if info.get(key):
                 lines.append(f"Resolution ({label}): {float(info[key]):.2f} Å")
         return lines
@@ -159,7 +161,7 @@ class XmippAccelProtFSC(XmippAccelProtResolutionBase, ProtAnalysis3D):
         if not self.hasAttribute("outputFSC"):
             return []
         return [f"The resolution of {self.getObjectTag(self._getInputPointer())} was "
-                f"{self.outputFSC.calculateResolution(0.143, 2)} Å by the FSC = 0.143 criterion between "
+                f"{self._fscResolution(self.outputFSC)} by the FSC = 0.143 criterion between "
                 "half maps" + (", masked, with phase-randomisation correction." if self.mask.get() else ".")]
 
     def _citations(self):
@@ -175,10 +177,10 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
 
     def _defineParams(self, form):
         self._defineInputParams(form)
-        form.addParam("window", params.IntParam, default=0,
+        form.addParam("window", params.FloatParam, default=20.0,
                       label="Window size (px)",
-                      help="Edge of the cubic window in which the local FSC is measured; 0 lets the command "
-                           "choose it from the box (larger windows: smoother, less local).")
+                      help="Size of the soft (Gaussian, sigma = window/4) window in which the local FSC is "
+                           "measured, like a blocres box. Larger windows are less noisy but less local.")
         form.addParam("threshold", params.FloatParam, default=0.143, expertLevel=LEVEL_ADVANCED,
                       label="Local FSC threshold",
                       help="FSC value at which the local resolution is read (0.143 as for the global FSC).")
@@ -193,8 +195,9 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
         args = [half1, half2, "-o", os.path.abspath(self.getResolutionMapFn()),
                 "--plot", os.path.abspath(self._getExtraPath("local_resolution.png")),
                 "--chimerax", os.path.abspath(self.getChimeraScriptFn())]
-        if self.window.get() > 0:
-            args += ["--window", self.window.get()]
+        args += ["--window", self.window.get()]
+        if self.inputType.get() == INPUT_HALVES_OF_VOLUME:  # colour the map itself in ChimeraX
+            args += ["--map", self.getMapFn()]
         if abs(self.threshold.get() - 0.143) > 1e-9:
             args += ["--threshold", self.threshold.get()]
         args += ["--pixel-size", self._getSampling()]
@@ -211,9 +214,8 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
 
     def _validate(self):
         errors = self._validateInputs()
-        if self.window.get() < 0:
-            errors.append(f"Window size must be 0 (automatic) or a positive number of pixels "
-                          f"(got {self.window.get()}).")
+        if self.window.get() <= 0:
+            errors.append(f"Window size must be a positive number of pixels (got {self.window.get()}).")
         ref = self._getInputMap()
         if ref is not None and self.window.get() > 0 and ref.getXDim() and self.window.get() > ref.getXDim():
             errors.append(f"Window size {self.window.get()} px is larger than the box ({ref.getXDim()} px).")
@@ -226,9 +228,10 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
             return ["Output not ready yet."]
         info = self._readJson(self._getExtraPath("local_resolution.json"))
         lines = ["Local resolution map computed."]
-        for key, label in (("median_A", "median"), ("min_A", "best"), ("max_A", "worst")):
-            if info.get(key) is not None:
-                lines.append(f"{label}: {float(info[key]):.2f} Å")
+        if info.get("median_A") is not None:
+            lines.append(f"Median {float(info['median_A']):.2f} Å; 25-75%: {float(info['p25_A']):.2f}-"
+                         f"{float(info['p75_A']):.2f} Å; 5-95%: {float(info['p5_A']):.2f}-"
+                         f"{float(info['p95_A']):.2f} Å.")
         return lines
 
     def _methods(self):
@@ -248,5 +251,7 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
         return self._getExtraPath("local_resolution.cxc")
 
     def getMapFn(self) -> str:
-        """The map to colour by local resolution (the input map, or half map 1)."""
-        return os.path.abspath(convert.clean_image_path(self._getInputMap().getFileName()))
+        """The map coloured by local resolution: the input map, or the average of the two half maps."""
+        if self.inputType.get() == INPUT_HALVES_OF_VOLUME:
+            return os.path.abspath(convert.clean_image_path(self.inputVolume.get().getFileName()))
+        return os.path.abspath(os.path.splitext(self.getResolutionMapFn())[0] + "_halves_average.mrc")

@@ -18,7 +18,8 @@ def run_json(capsys, argv):
 
 def test_k3_frame_json_lists_width_height_pairs_best_first(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("XMIPP_ACCEL_CACHE", str(tmp_path))
-    out, summary = run_json(capsys, ["fft-advisor", "5760x4092", "--batch", "30", "--crop-max", "10%", "--json"])
+    out, summary = run_json(capsys, ["fft-advisor", "5760x4092", "--batch", "30", "--crop-max", "10%", "--json",
+                                     "--device", "cpu"])
     assert summary["requested"] == [5760, 4092] and summary["batch"] == 30
     rec = summary["recommended"]
     assert rec[0] == [5760, 4096]              # width first: the 4092 rows go to 4096
@@ -62,3 +63,15 @@ def test_user_errors_are_one_line_exit_2(capsys):
     assert main(["fft-advisor", "5760x4092", "--crop-max", "150%", "--device", "cpu"]) == 2
     assert "--crop-max" in capsys.readouterr().err
     assert main(["fft-advisor", "5760x4092", "--batch", "0", "--device", "cpu"]) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_measured_ranking_beats_the_request(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XMIPP_ACCEL_CACHE", str(tmp_path))
+    _, summary = run_json(capsys, ["fft-advisor", "1000x1009", "--batch", "4", "--json", "--device", "gpu"])
+    assert summary["measured"]
+    cands = summary["candidates"]
+    req = next(c for c in cands if c["requested"])
+    assert cands[0]["measured_ms"] is not None and req["measured_ms"] is not None
+    assert cands[0]["measured_ms"] <= req["measured_ms"]  # 1009 is prime: a smooth pad must win
+    assert list(tmp_path.glob("tuning_*.json"))          # measurements kept for the next call

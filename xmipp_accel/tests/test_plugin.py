@@ -156,3 +156,14 @@ def test_streaming_template_parses(plugin):
     for key in workflow[1]:
         if not key.startswith(("object.", "_")) and key not in ("runName", "runMode", "hostName", "numberOfThreads"):
             assert prot.hasAttribute(key), key
+
+
+def test_package_imports_without_scipion():
+    """The algorithms and the command line do not need Scipion: no pwem import, no Plugin attribute."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['pwem'] = None; import xmipp_accel, xmipp_accel.cli.__main__ as m; "
+            "m.build_parser(); assert not hasattr(xmipp_accel, 'Plugin'); assert 'pyworkflow' not in sys.modules; "
+            "import xmipp_accel.viewers.plots; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.stdout.strip() == "ok", out.stderr

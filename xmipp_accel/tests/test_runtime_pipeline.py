@@ -192,7 +192,7 @@ def test_gpu_worker_results_equal_numpy(workers_per_gpu):
 
     def compute(a, worker):
         assert worker.is_gpu and isinstance(a, cp.ndarray)
-        assert cp.cuda.get_current_stream() == worker.stream
+        assert cp.cuda.get_current_stream().ptr == worker.stream.ptr
         return cp.abs(cp.fft.rfft2(a)).astype(cp.float64).sum(axis=(-2, -1)), a.mean()
 
     items = list(range(12))
@@ -217,3 +217,45 @@ def test_gpu_and_cpu_workers_together_give_the_serial_results():
     run = Pipeline(compute, read=read_item, devices=[0], cpu_workers=1).run(range(16))
     np.testing.assert_allclose(run.values, serial(range(16)), rtol=1e-4)
     assert {"gpu0", "cpu0"} >= set(r.worker for r in run)
+
+
+def test_read_into_buffers_given_by_the_pipeline(tmp_path):
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"m{i}.raw"
+        (np.arange(12, dtype=np.float32) + i).tofile(p)
+        paths.append(str(p))
+
+    def read(path, alloc):
+        buf = alloc((3, 4), np.float32)
+        with open(path, "rb") as f:
+            f.readinto(memoryview(buf).cast("B"))
+        return buf
+
+    run = Pipeline(lambda a: float(a.sum()), read=read, devices=["cpu"], cpu_workers=2).run(paths)
+    assert run.values == [float(np.arange(12).sum() + 12 * i) for i in range(6)]
+    assert run.summary()["stage_floor_s"] > 0 and run.stage_workers["read"] == 2
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_reads_straight_into_pinned_buffers(monkeypatch):
+    from xmipp_accel.gpu.runtime import pipeline as pl
+    cp = backend.cupy_module()
+    copies = []
+    original = pl._PinnedPool.copy_in
+    monkeypatch.setattr(pl._PinnedPool, "copy_in", lambda self, a: copies.append(a.shape) or original(self, a))
+
+    def read(i, alloc):
+        buf = alloc((2, 32, 32), np.float32)
+        buf[...] = read_item(i)
+        return {"frames": buf, "index": i}
+
+    def compute(d, worker):
+        return float(cp.abs(cp.fft.rfft2(d["frames"][0])).astype(cp.float64).sum())
+
+    run = Pipeline(compute, read=read, devices=[0]).run(range(10))
+    np.testing.assert_allclose(run.values, [compute_item(read_item(i)) for i in range(10)], rtol=1e-5)
+    assert copies == []  # no staging copy: the reader filled pinned memory itself
+    plain = Pipeline(compute, read=lambda i: {"frames": np.stack([read_item(i)] * 2), "index": i},
+                     devices=[0]).run(range(3))
+    assert plain.values and len(copies) == 3

@@ -244,3 +244,40 @@ def test_gpu_adapted_kernels_give_the_same_result_in_every_configuration(name, s
     differs = [t.params for t in res.trials if t.error and "differs" in t.error]
     assert not differs, f"configurations giving another result: {differs}"
     assert sum(t.seconds is not None for t in res.trials) >= 6
+
+
+# --------------------------------------------------------------------------------- command line
+def test_cli_tune_list_and_errors(capsys, monkeypatch, tmp_path):
+    import json
+
+    from xmipp_accel.cli.__main__ import main
+    from xmipp_accel.cli.tune import parse_kernel_size
+    monkeypatch.setenv("XMIPP_ACCEL_CACHE", str(tmp_path))
+    assert main(["tune", "--list", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["kernels"]["correlate-pairs"]["configurations"] == 76
+    assert main(["tune", "no-such-kernel"]) == 2
+    assert "correlate-pairs" in capsys.readouterr().err
+    assert parse_kernel_size("frames=30,pixels=1024") == {"frames": 30, "pixels": 1024}
+    assert parse_kernel_size("64x32") == (64, 32) and parse_kernel_size("7") == 7
+    if not backend.gpu_available():
+        assert main(["tune", "correlate-pairs", "--device", "cpu"]) == 2
+        assert "GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cli_tune_stores_the_best_for_this_gpu(capsys, monkeypatch, tmp_path):
+    import json
+
+    from xmipp_accel.cli.__main__ import main
+    from xmipp_accel.gpu.tuning import cache as tc
+    monkeypatch.setenv("XMIPP_ACCEL_CACHE", str(tmp_path))
+    tc._DEFAULT.clear()
+    assert main(["tune", "correlate-pairs", "--size", "frames=6,pixels=4096", "--max-configs", "4",
+                 "--repeats", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = summary["results"][0]
+    assert res["tried"] == 4 and res["best_ms"] > 0
+    k = at.get_kernel("correlate-pairs")
+    assert at.tuned_params(k, {"frames": 6, "pixels": 4096}) == res["best"]
+    tc._DEFAULT.clear()

@@ -133,7 +133,8 @@ def draw_fsc(ax, curves, *, thresholds: Sequence[Union[float, str]] = (0.143,), 
             f_cross, status = crossing_frequency(freq, values, tv)
             res = float("inf") if status == "never_above" else (1.0 / f_cross if f_cross > 0 else float("inf"))
             results.append({"label": label, "threshold": tlabel, "resolution_A": res, "status": status})
-            summary.append(f"{tlabel}: {res:.2f} Å" + (" (Nyquist)" if status == "above_to_nyquist" else ""))
+            shown = "n/a" if status == "never_above" else f"{res:.2f} Å"
+            summary.append(f"{tlabel}: {shown}" + (" (Nyquist)" if status == "above_to_nyquist" else ""))
             if annotate and j == 0 and status != "never_above":
                 y = float(np.interp(f_cross, freq, tv))
                 ax.plot([f_cross], [y], "o", color=color, ms=5, zorder=4)

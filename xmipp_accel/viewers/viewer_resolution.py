@@ -83,14 +83,13 @@ class XmippAccelFscViewer(ProtocolViewer):
         path = self._fscStar()
         if os.path.exists(path):
             curves = convert.fsc_curves_from_star(path)
-            labels = {"rlnFourierShellCorrelation": "FSC",
+            labels = {"rlnFourierShellCorrelation": "corrected" if len(curves) > 1 else "FSC",
+                      "rlnFourierShellCorrelationCorrected": "corrected",
                       "rlnFourierShellCorrelationUnmaskedMaps": "unmasked",
                       "rlnFourierShellCorrelationMaskedMaps": "masked",
-                      "rlnFourierShellCorrelationCorrected": "corrected",
-                      "rlnFourierShellCorrelationPhaseRandomizedMaskedMaps": "phase-randomised"}
+                      "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": "phase-randomised masked"}
             if curves:
-                return [(labels.get(name, name.replace("rlnFourierShellCorrelation", "") or "FSC"), f, v)
-                        for name, (f, v) in curves.items()]
+                return [(labels.get(name, name), f, v) for name, (f, v) in curves.items()]
         fsc = getattr(self.protocol, "outputFSC", None)
         return fsc_object_curves(fsc) if fsc is not None else []
 

@@ -29,7 +29,8 @@ import numpy as np
 
 from .. import backend
 
-__all__ = ["fft_last", "centred_rfft2", "fourier_crop", "good_size", "polar_points", "halfplane_points",
+__all__ = ["fft_last", "centred_rfft2", "fourier_crop", "good_size", "polar_points", "polar_samples_hermitian",
+           "halfplane_points",
            "shift_phases", "oversampled_spectrum", "sample_rfft", "CentralSlicer", "angular_spectrum"]
 
 _WORKERS = max(1, os.cpu_count() or 1)
@@ -142,6 +143,30 @@ def polar_points(radii, n_theta: int) -> Tuple[np.ndarray, np.ndarray]:
     kx = (radii[:, None] * np.cos(theta)[None, :]).ravel()
     ky = (radii[:, None] * np.sin(theta)[None, :]).ravel()
     return kx, ky
+
+
+def polar_samples_hermitian(sampler, radii, n_theta: int):
+    """Polar samples of a real image's spectrum from one half circle (``F(-k) = conj F(k)``).
+
+    Parameters
+    ----------
+    sampler : callable ``(kx, ky) -> (n, K)`` complex, evaluated on the half circle ``[0, pi)``.
+    radii, n_theta : polar grid (``n_theta`` even), see :func:`polar_points`.
+
+    Returns
+    -------
+    complex array (n, n_r, n_theta), equal to sampling the full circle but with half the work.
+    """
+    if n_theta % 2:
+        raise ValueError(f"n_theta must be even, got {n_theta}")
+    radii = np.asarray(radii, dtype=np.float64)
+    theta = 2.0 * np.pi * np.arange(n_theta // 2) / n_theta
+    kx = (radii[:, None] * np.cos(theta)[None, :]).ravel()
+    ky = (radii[:, None] * np.sin(theta)[None, :]).ravel()
+    half = sampler(kx, ky)
+    half = half.reshape(half.shape[0], radii.size, n_theta // 2)
+    xp = backend.get_xp(half)
+    return xp.concatenate([half, xp.conj(half)], axis=-1)
 
 
 def halfplane_points(r_min: float, r_max: float) -> Tuple[np.ndarray, np.ndarray]:

@@ -42,10 +42,10 @@ import numpy as np
 from ...em.geometry import euler_to_matrix, matrix_to_euler
 from .. import backend
 from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, oversampled_spectrum,
-                    polar_points, sample_rfft, shift_phases)
+                    polar_points, polar_samples_hermitian, sample_rfft, shift_phases)
 from .refine import RefineLevel, levels_for, refine_candidates
 
-__all__ = ["SearchPlan", "AlignmentResult", "plan_search", "ProjectionMatcher", "ctf_grids",
+__all__ = ["SearchPlan", "AlignmentResult", "plan_search", "ProjectionMatcher", "ctf_values",
            "global_search_flops", "CTF_MODES"]
 
 logger = logging.getLogger(__name__)
@@ -164,53 +164,48 @@ def global_search_flops(n_particles: int, n_directions: int, plan: SearchPlan) -
 # CTF
 # ------------------------------------------------------------------------------------------------------------
 
-def ctf_grids(ctf: Optional[Mapping[str, np.ndarray]], box: int, pixel_size_A: float, xp=np, *,
-              mode: str = "normal"):
-    """Effective CTF of each particle on the rfft grid of a ``box``-pixel image.
+def ctf_values(ctf: Optional[Mapping[str, np.ndarray]], kx, ky, *, box: int, pixel_size_A: float, xp=np,
+               mode: str = "normal"):
+    """Effective CTF of each particle at frequencies ``(kx, ky)`` (cycles per box).
 
     Parameters
     ----------
     ctf : mapping of arrays (n,) with keys ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``,
         ``voltage_kV``, ``cs_mm``, ``amplitude_contrast`` and optionally ``phase_shift_deg``
         (as :meth:`xmipp_accel.io.star.ParticleSet.ctf` returns); None means no CTF.
-    box, pixel_size_A : grid of the images the CTF multiplies (pixels, Å).
+    kx, ky : arrays (K,) of frequencies in cycles per box.
+    box, pixel_size_A : particle box (pixels) and pixel size (Å).
     mode : ``normal`` (images carry the CTF: returns C), ``phase_flipped`` (|C|) or
         ``premultiplied`` (images were multiplied by C: returns C^2).
 
     Returns
     -------
-    float32 array (n, box, box//2 + 1) on ``xp``, or None without CTF.
+    float32 array (n, K) on ``xp``, or None without CTF.
     """
     if ctf is None:
         return None
     if mode not in CTF_MODES:
         raise ValueError(f"unknown CTF mode {mode!r}: choose one of {', '.join(CTF_MODES)}")
-    from ...em.ctf import ctf_2d
+    from ...em.ctf import ctf_at
     du = np.asarray(ctf["defocus_u_A"], dtype=np.float64).reshape(-1)
     n = du.size
 
     def col(name, default):
-        v = ctf.get(name, default)
-        return np.broadcast_to(np.asarray(default if v is None else v, dtype=np.float64), (n,))
+        v = ctf.get(name)
+        return np.ascontiguousarray(np.broadcast_to(np.asarray(default if v is None else v, np.float64), (n,)))
 
-    dv, ang = col("defocus_v_A", du), col("defocus_angle_deg", 0.0)
-    kv, cs, ac, ph = col("voltage_kV", 300.0), col("cs_mm", 2.7), col("amplitude_contrast", 0.1), \
-        col("phase_shift_deg", 0.0)
-    out = xp.empty((n, box, box // 2 + 1), dtype=xp.float32)
-    keys = np.stack([kv, cs, ac, ph], 1)
-    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = np.asarray(inverse).reshape(-1)
-    for g, (v_kv, v_cs, v_ac, v_ph) in enumerate(uniq):
-        idx = np.nonzero(inverse == g)[0]
-        c = ctf_2d(box, pixel_size_A, du[idx], dv[idx], ang[idx], voltage_kV=float(v_kv), cs_mm=float(v_cs),
-                   amplitude_contrast=float(v_ac), phase_shift_deg=float(v_ph), xp=xp)
-        c = xp.asarray(c, dtype=xp.float32).reshape(len(idx), box, box // 2 + 1)
-        if mode == "phase_flipped":
-            c = xp.abs(c)
-        elif mode == "premultiplied":
-            c = c * c
-        out[xp.asarray(idx)] = c
-    return out
+    scale = 1.0 / (box * pixel_size_A)
+    fx = xp.asarray(np.asarray(backend.to_host(kx), np.float32) * scale)[None, :]
+    fy = xp.asarray(np.asarray(backend.to_host(ky), np.float32) * scale)[None, :]
+    c = ctf_at(fx, fy, du, col("defocus_v_A", du), col("defocus_angle_deg", 0.0), voltage_kV=col("voltage_kV", 300.0),
+               cs_mm=col("cs_mm", 2.7), amplitude_contrast=col("amplitude_contrast", 0.1),
+               phase_shift_deg=col("phase_shift_deg", 0.0), xp=xp)
+    c = xp.asarray(c, dtype=xp.float32).reshape(n, -1)
+    if mode == "phase_flipped":
+        c = xp.abs(c)
+    elif mode == "premultiplied":
+        c = c * c
+    return c
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -271,7 +266,7 @@ class ProjectionMatcher:
     sym : symmetry group (the global gallery covers its asymmetric unit).
     step_deg, max_res_A, max_shift_px, n_refine_levels : see :func:`plan_search`.
     n_candidates : directions kept per particle after the global search.
-    ctf_mode : how the images carry the CTF (see :func:`ctf_grids`).
+    ctf_mode : how the images carry the CTF (see :func:`ctf_values`).
     directions : optional (rot, tilt) arrays (degrees) replacing ``sphere_sampling(step, sym)``.
 
     Examples
@@ -294,6 +289,7 @@ class ProjectionMatcher:
             raise ValueError(f"unknown CTF mode {ctf_mode!r}: choose one of {', '.join(CTF_MODES)}")
         self.plan = plan_search(box, pixel_size_A, step_deg=step_deg, max_res_A=max_res_A,
                                 max_shift_px=max_shift_px, n_refine_levels=n_refine_levels)
+        self.reference = reference
         self.sym = sym
         self.ctf_mode = ctf_mode
         self.n_candidates = int(max(1, n_candidates))
@@ -320,43 +316,38 @@ class ProjectionMatcher:
         """Angular spectra of the reference's central slices (complex64 (n_m, n_r, J)) and ring powers (n_r, J)."""
         if self._gallery is None:
             xp, plan = self.xp, self.plan
-            kx, ky = polar_points(plan.radii, plan.n_theta)
             n_r = len(plan.radii)
             spec = xp.empty((plan.n_theta // 2 + 1, n_r, self.n_directions), dtype=xp.complex64)
             power = xp.empty((n_r, self.n_directions), dtype=xp.float32)
-            step = max(1, (1 << 22) // kx.size)
+            step = max(1, (1 << 22) // (n_r * plan.n_theta))
             for s in range(0, self.n_directions, step):
                 e = min(self.n_directions, s + step)
-                pol = self.slicer.sample(self.dir_matrices[s:e], kx, ky).reshape(e - s, n_r, plan.n_theta)
+                mats = self.dir_matrices[s:e]
+                pol = polar_samples_hermitian(lambda kx, ky, m=mats: self.slicer.sample(m, kx, ky), plan.radii,
+                                              plan.n_theta)
                 power[:, s:e] = (pol.real ** 2 + pol.imag ** 2).sum(-1).T
                 spec[:, :, s:e] = angular_spectrum(pol, plan.n_theta).transpose(2, 1, 0)
             self._gallery = (spec, power)
         return self._gallery
 
     # -- particles -----------------------------------------------------------------------------------------
-    def _polar_particles(self, images, ctf_grid_pad):
+    def _polar_particles(self, images, ctf):
         """CTF-filtered, ring-weighted polar samples (B, n_r, n_theta), |X|^2 (B,) and ring <C^2> (B, n_r)."""
         xp, plan = self.xp, self.plan
         spec = oversampled_spectrum(images, box_work=self.box_work, pad=_PAD)
         kx, ky = polar_points(plan.radii, plan.n_theta)
         n_r = len(plan.radii)
-        pol = sample_rfft(spec, kx, ky, pad=_PAD).reshape(-1, n_r, plan.n_theta)
+        pol = polar_samples_hermitian(lambda x, y: sample_rfft(spec, x, y, pad=_PAD), plan.radii, plan.n_theta)
         w = xp.asarray(plan.radii, dtype=xp.float32)[None, :, None]
         norm2 = (w * (pol.real ** 2 + pol.imag ** 2)).sum((1, 2))
-        if ctf_grid_pad is not None:
-            c = sample_rfft(ctf_grid_pad, kx, ky, pad=_PAD).reshape(-1, n_r, plan.n_theta)
+        c = ctf_values(ctf, kx, ky, box=plan.box, pixel_size_A=plan.pixel_size_A, xp=xp, mode=self.ctf_mode)
+        if c is not None:
+            c = c.reshape(-1, n_r, plan.n_theta)
             c2 = (c * c).mean(-1)
             pol = pol * c
         else:
             c2 = xp.ones((pol.shape[0], n_r), dtype=xp.float32)
         return (pol * w).astype(xp.complex64), norm2, c2 * w[:, :, 0]
-
-    def _pad_ctf(self, ctf, n):
-        if ctf is None:
-            return None
-        plan = self.plan
-        return ctf_grids(ctf, _PAD * self.box_work, plan.pixel_size_A * plan.box / self.box_work, self.xp,
-                         mode=self.ctf_mode)
 
     @property
     def box_work(self) -> int:
@@ -372,7 +363,7 @@ class ProjectionMatcher:
         Parameters
         ----------
         images : (B, N, N) float32 on the matcher's device.
-        ctf : CTF parameters of the batch (see :func:`ctf_grids`) or None.
+        ctf : CTF parameters of the batch (see :func:`ctf_values`) or None.
         allowed : optional blocks ``(particle_indices, direction_indices)``: only these pairs are
             computed (DeepAlign's restriction to recognised regions). Default: everything.
         n_candidates : directions kept per particle.
@@ -387,7 +378,7 @@ class ProjectionMatcher:
         nb = images.shape[0]
         spec, power = self.gallery()
         n_m, n_r, n_dir = spec.shape
-        pol, norm2, c2w = self._polar_particles(images, self._pad_ctf(ctf, nb))
+        pol, norm2, c2w = self._polar_particles(images, ctf)
         shifts = plan.shift_grid
         n_t = shifts.shape[0]
         kx, ky = polar_points(plan.radii, plan.n_theta)
@@ -466,9 +457,12 @@ class ProjectionMatcher:
         xp, plan = self.xp, self.plan
         levels = plan.refine if levels is None else levels
         spectra = centred_rfft2(xp.asarray(images, dtype=xp.float32)).astype(xp.complex64)
-        grids = ctf_grids(ctf, plan.box, plan.pixel_size_A, xp, mode=self.ctf_mode)
-        return refine_candidates(self.slicer, spectra, grids, matrices, origins_px, levels=levels,
-                                 r_min=plan.r_min, box=plan.box, max_shift_px=plan.max_shift_px,
+
+        def ctf_fn(kx, ky):
+            return ctf_values(ctf, kx, ky, box=plan.box, pixel_size_A=plan.pixel_size_A, xp=xp, mode=self.ctf_mode)
+
+        return refine_candidates(self.slicer, spectra, ctf_fn if ctf is not None else None, matrices, origins_px,
+                                 levels=levels, r_min=plan.r_min, box=plan.box, max_shift_px=plan.max_shift_px,
                                  max_items_points=(1 << 24) if xp is not np else (1 << 21))
 
     def align_batch(self, images, ctf=None, *, allowed=None) -> AlignmentResult:
@@ -504,7 +498,7 @@ class ProjectionMatcher:
               progress: Optional[Callable[[int], None]] = None) -> AlignmentResult:
         """Align a stack ``(n, N, N)`` (host or device) in batches; returns host arrays.
 
-        ``ctf`` holds arrays of length n (see :func:`ctf_grids`); ``progress(k)`` is called with the
+        ``ctf`` holds arrays of length n (see :func:`ctf_values`); ``progress(k)`` is called with the
         number of particles done after each batch.
         """
         n = images.shape[0]

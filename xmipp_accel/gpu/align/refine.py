@@ -114,7 +114,7 @@ def _score_level(slicer: CentralSlicer, x_k, c_k, mats, origins, kx, ky, box: in
     return num / den[:, None, :], new_mats, offs
 
 
-def refine_candidates(slicer: CentralSlicer, spectra, ctf_grids, matrices, origins_px, *,
+def refine_candidates(slicer: CentralSlicer, spectra, ctf_fn, matrices, origins_px, *,
                       levels: Sequence[RefineLevel], r_min: float, box: int,
                       max_shift_px: Optional[float] = None, subpixel: bool = True,
                       max_items_points: int = 1 << 22):
@@ -124,7 +124,8 @@ def refine_candidates(slicer: CentralSlicer, spectra, ctf_grids, matrices, origi
     ----------
     slicer : CentralSlicer of the reference (on the same device as ``spectra``).
     spectra : complex64 (B, N, N//2 + 1), centred rfft of the particle images (:func:`centred_rfft2`).
-    ctf_grids : float32 (B, N, N//2 + 1) effective CTF of each particle on the same grid, or None.
+    ctf_fn : callable ``(kx, ky) -> (B, K)`` float32 giving the effective CTF of each particle at integer
+        frequencies (cycles per box), or None (no CTF).
     matrices : (B, k, 3, 3) candidate rotations.
     origins_px : (B, k, 2) candidate origins (x, y) in pixels (RELION convention).
     levels : refinement levels, coarse to fine.
@@ -151,7 +152,7 @@ def refine_candidates(slicer: CentralSlicer, spectra, ctf_grids, matrices, origi
     kx_all, ky_all = halfplane_points(r_min, r_top)
     rad = np.hypot(kx_all, ky_all)
     x_all = gather_halfplane(spectra, kx_all, ky_all)
-    c_all = gather_halfplane(ctf_grids, kx_all, ky_all) if ctf_grids is not None else None
+    c_all = ctf_fn(kx_all, ky_all) if ctf_fn is not None else None
     for li, lv in enumerate(levels):
         n_k = int(np.searchsorted(rad, lv.r_max, side="right"))
         kx, ky = xp.asarray(kx_all[:n_k]), xp.asarray(ky_all[:n_k])

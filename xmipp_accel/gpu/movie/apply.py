@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -147,7 +147,6 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_id: int):
-    cp = backend.cupy_module()
     with open(_KERNEL_FILE) as fh:
         src = fh.read()
     module = backend.get_raw_module(src, name_expressions=None)

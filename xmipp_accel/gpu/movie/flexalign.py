@@ -36,7 +36,7 @@ from .apply import correct_local_motion, power_spectrum, shift_spectra
 from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_shifts
 from .dose import dose_weighted_sum
 from .global_align import GlobalAlignment, correlation_shape, estimate_global_shifts, lowpass_filter
-from .local_align import PATCH_SIZE_A, LocalAlignment, estimate_local_shifts, patch_size_px
+from .local_align import MIN_PEAK_Z, PATCH_SIZE_A, LocalAlignment, estimate_local_shifts, patch_size_px
 from .preprocess import check_frames, correct_dark_gain, find_hot_pixels, replace_defect_pixels
 
 __all__ = ["AlignmentOptions", "MovieAlignment", "StageTimer", "align_movie", "auto_patches"]
@@ -326,6 +326,12 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
         galign = estimate_global_shifts(coarse, cshape, scale_yx=scale_yx, max_shift_px=max_shift_px,
                                         refine=options.refine_global, batch_bytes=options.batch_bytes)
     shifts = galign.shifts_px
+    global_z = float(np.median(galign.peak_z))
+    if global_z < MIN_PEAK_Z:
+        msg = (f"the frame correlations have no clear peak (median {global_z:.1f} σ of the map, "
+               f"expected > {MIN_PEAK_Z:.0f} σ): the movie may hold no signal and its shifts are unreliable")
+        warnings_.append(f"{name}: {msg}")
+        logger.warning("%s: %s", name, msg)
 
     local = None
     model = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -181,7 +181,7 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
 
     Returns
     -------
-    float64 array (B, 2): refined (x, y) maxima in pixels.
+    float64 array (B, 2): refined (x, y) maxima in pixels, within 1 pixel of ``centres_xy``.
     """
     xp = backend.get_xp(products)
     ny, nx = (int(s) for s in shape)
@@ -190,7 +190,8 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
     kx = xp.asarray(np.arange(nx // 2 + 1, dtype=np.float64))
     w = _hermitian_weights(nx, xp)
     products = products.astype(np.complex128)  # the finer stages need double precision sums
-    best = xp.asarray(centres_xy, dtype=np.float64).reshape(B, 2).copy()
+    start = xp.asarray(centres_xy, dtype=np.float64).reshape(B, 2)
+    best = start.copy()
     grid = None
     last_step = None
     for m, step in stages:
@@ -204,6 +205,7 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
             flat = grid.reshape(B, -1).argmax(axis=1)
             iy, ix = flat // m, flat % m
             best = xp.stack([xs[xp.arange(B), ix], ys[xp.arange(B), iy]], axis=1)
+            best = xp.clip(best, start - 1.0, start + 1.0)  # stay by the integer maximum (inside max-shift)
             on_border = (iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)
             if not bool(on_border.any()):
                 break
@@ -223,7 +225,7 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
     oy = xp.where((dyy < 0) & inner, -dy / xp.where(dyy < 0, dyy, -1.0), 0.0)
     ox = xp.clip(ox, -0.5, 0.5) * last_step
     oy = xp.clip(oy, -0.5, 0.5) * last_step
-    return best + xp.stack([ox, oy], axis=1)
+    return xp.clip(best + xp.stack([ox, oy], axis=1), start - 1.0, start + 1.0)
 
 
 def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *,
@@ -332,28 +334,34 @@ def solve_relative_shifts(idx_a, idx_b, pair_shifts, n_frames: int, *, n_passes:
     d = np.asarray(pair_shifts, dtype=np.float64).reshape(-1, 2)
     A = _design_matrix(idx_a, idx_b, n_frames)
     w = np.ones(len(d)) if weights is None else (np.asarray(weights, dtype=np.float64) > 0).astype(np.float64)
-    full_rank = n_frames - 1
 
     def solve(wt):
-        keep = wt > 0
-        sol, *_ = np.linalg.lstsq(A[keep], d[keep], rcond=None)
-        return sol
+        """Weighted normal equations (N-1 unknowns); None when the kept rows leave them singular."""
+        aw = A * wt[:, None]
+        normal = A.T @ aw
+        try:
+            np.linalg.cholesky(normal)
+        except np.linalg.LinAlgError:
+            return None
+        return np.linalg.solve(normal, aw.T @ d)
 
     delta = solve(w)
+    if delta is None:
+        raise ValueError("the frame pairs do not determine every frame-to-frame shift")
     for _ in range(int(n_passes)):
         res = d - A @ delta
         keep = w > 0
-        sx = res[keep, 0].std() if keep.any() else 0.0
-        sy = res[keep, 1].std() if keep.any() else 0.0
+        sx = res[keep, 0].std()
+        sy = res[keep, 1].std()
         out = (np.abs(res[:, 0]) > n_sigma * sx) | (np.abs(res[:, 1]) > n_sigma * sy)
         new_w = np.where(out, 0.0, w)
         if new_w.sum() == w.sum():
             break
-        if np.linalg.matrix_rank(A[new_w > 0]) < full_rank:
+        new_delta = solve(new_w)
+        if new_delta is None:
             logger.debug("outlier rejection would leave the shift system underdetermined; keeping the rows")
             break
-        w = new_w
-        delta = solve(w)
+        w, delta = new_w, new_delta
     shifts = np.zeros((n_frames, 2))
     shifts[1:] = np.cumsum(delta, axis=0)
     return shifts, w > 0

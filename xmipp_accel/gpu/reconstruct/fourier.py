@@ -28,6 +28,7 @@ of the result along ``A`` matches the image of rotation ``A``); shifts ``(n, 2)`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import queue
@@ -203,6 +204,9 @@ def batches_from_arrays(images, matrices, *, shifts_px=None, ctf=None, subset=No
                         batch_size: int = 256) -> Iterable[ParticleBatch]:
     """Split in-memory arrays into :class:`ParticleBatch` objects of ``batch_size`` particles."""
     n = int(images.shape[0])
+    for name, arr, width in (("matrices", matrices, 9), ("shifts_px", shifts_px, 2), ("subset", subset, 1)):
+        if arr is not None and np.asarray(arr).size != n * width:
+            raise InputError(f"{name} must describe the {n} images (shape ({n}, ...)), got shape {np.shape(arr)}")
     full = ParticleBatch(images, np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3),
                          None if shifts_px is None else np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2),
                          None if ctf is None else {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
@@ -576,16 +580,24 @@ class ReconstructionResult:
     timings: dict = field(default_factory=dict)
 
 
+def _on_device(device: backend.Device):
+    """Context making ``device`` current in this thread (a fresh context object, safe to use from many threads)."""
+    if device.is_gpu:
+        return backend.cupy_module().cuda.Device(device.gpu_id)
+    return contextlib.nullcontext()
+
+
 class _DeviceWorker:
     """Inserts batches on one device; on a GPU through a pinned, two-stream pipeline with OOM retry."""
 
     def __init__(self, device: backend.Device, box: int, settings: ReconstructionSettings, pixel_size_A: float,
-                 n_subsets: int, chunk: int, stager: Optional[concurrent.futures.Executor] = None):
+                 n_subsets: int, chunk: int, stager: Optional[concurrent.futures.Executor] = None,
+                 check_finite: bool = True):
         self.device = device
+        self.check_finite = check_finite
         self.chunk = max(1, int(chunk))
         self.stager = stager
-        self.lock = threading.Lock()
-        with device:
+        with _on_device(device):
             self.xp = device.xp
             self.rec = FourierReconstructor(box, settings=settings, pixel_size_A=pixel_size_A, xp=self.xp,
                                             n_subsets=n_subsets)
@@ -598,11 +610,13 @@ class _DeviceWorker:
                 self.h2d_done = [None, None]
                 self.compute_done = [None, None]
                 self.slot = 0
+                self.finite_checks: list = []   # (first particle index, device bool per particle)
+                cp.cuda.Device().synchronize()   # accumulators zeroed before the non-blocking streams use them
 
     # ------------------------------------------------------------------ batches
     def process(self, batch: ParticleBatch) -> None:
         """Insert a batch, in chunks; on GPU out-of-memory halve the chunk and retry (message logged)."""
-        with self.device:
+        with _on_device(self.device):
             start = 0
             n = len(batch)
             while start < n:
@@ -621,7 +635,7 @@ class _DeviceWorker:
                     logger.warning("%s ran out of memory with %d particles per batch: retrying with %d",
                                    self.device.describe() if self.device.is_gpu else "cpu", stop - start, self.chunk)
                     if self.device.is_gpu:
-                        self.xp.cuda.Stream.null.synchronize()
+                        self.xp.cuda.Device().synchronize()
                         self.xp.get_default_memory_pool().free_all_blocks()
                     continue
                 start = stop
@@ -645,7 +659,8 @@ class _DeviceWorker:
         self.slot = 1 - s
         if isinstance(part.images, cp.ndarray):
             images = part.images.astype(cp.float32, copy=False)
-            ready = None
+            ready = cp.cuda.Event(disable_timing=True)   # the caller's work on them (legacy stream) comes first
+            ready.record(cp.cuda.Stream.null)
         else:
             host = np.asarray(part.images, dtype=np.float32)
             if self.pinned[s] is None or self.pinned[s].shape[0] < n or self.pinned[s].shape[1:] != host.shape[1:]:
@@ -668,6 +683,8 @@ class _DeviceWorker:
         with self.compute_stream:
             if ready is not None:
                 self.compute_stream.wait_event(ready)
+            if self.check_finite:   # on the device, read back once at the end (no synchronisation here)
+                self.finite_checks.append((part.first_index, cp.isfinite(images).all(axis=(1, 2))))
             ft, w = projection_transforms(images, self.rec.grid, shifts_px=part.shifts_px, ctf=part.ctf,
                                           pixel_size_A=self.rec.pixel_size_A, ctf_mode=self.rec.settings.ctf_mode,
                                           ctf_premultiplied=self.rec.settings.ctf_premultiplied)
@@ -681,10 +698,17 @@ class _DeviceWorker:
             self.compute_done[s] = done
 
     def synchronize(self) -> None:
+        """Wait for the device's queued work; raise InputError for particles found holding NaN/inf."""
         if self.device.is_gpu:
-            with self.device:
+            with _on_device(self.device):
                 self.compute_stream.synchronize()
                 self.copy_stream.synchronize()
+                for first, flags in self.finite_checks:
+                    ok = backend.to_host(flags)
+                    if not ok.all():
+                        raise InputError(f"particle {first + int(np.argmin(ok)) + 1} has NaN or infinite pixels: "
+                                         "fix or remove it (e.g. re-extract the particles)")
+                self.finite_checks = []
 
 
 def _check_batch(batch: ParticleBatch, box: int, n_subsets: int) -> None:
@@ -750,12 +774,13 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
     timings = {}
     t0 = time.perf_counter()
     stager = concurrent.futures.ThreadPoolExecutor(max_workers=4) if devices[0].is_gpu else None
-    workers = [_DeviceWorker(d, box, settings, pixel_size_A, n_subsets, chunk, stager) for d in devices]
+    workers = [_DeviceWorker(d, box, settings, pixel_size_A, n_subsets, chunk, stager, check_finite)
+               for d in devices]
     timings["setup"] = time.perf_counter() - t0
 
     def validate(batch: ParticleBatch) -> None:
         _check_batch(batch, box, n_subsets)
-        if check_finite:
+        if check_finite and not devices[0].is_gpu:   # GPU workers check on the device
             xp = backend.get_xp(batch.images)
             if not bool(xp.all(xp.isfinite(batch.images))):
                 bad = np.nonzero(~np.isfinite(backend.to_host(batch.images)).reshape(len(batch), -1).all(axis=1))[0]
@@ -782,12 +807,12 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
     # sum the devices' partial volumes on the first device, then across MPI ranks
     t2 = time.perf_counter()
     main = workers[0]
-    with main.device:
+    with _on_device(main.device):
         for a in main.rec.accumulators:
             a.collapse()
         for w in workers[1:]:
             for a, b in zip(main.rec.accumulators, w.rec.accumulators):
-                with w.device:
+                with _on_device(w.device):
                     host = b.to_host()
                 a.add(host)
         accs = reduce_accumulators(main.rec.accumulators, mpi)

@@ -2,7 +2,8 @@
 
 Public names (arrays in, arrays or small dataclasses out; NumPy or CuPy):
 
-- :func:`fsc`, :class:`FSCResult`, :func:`resolution_at`, :func:`threshold_curve`
+- ``fsc.fsc`` (import it from :mod:`.fsc`: the package attribute ``fsc`` is the module),
+  :class:`FSCResult`, :func:`resolution_at`, :func:`threshold_curve`
 - :func:`masked_fsc_corrected`, :class:`MaskedFSC` (RELION phase-randomisation correction)
 - :func:`directional_fsc`, :class:`DirectionalFSC`, :func:`hemisphere_directions`
 - :func:`local_resolution`, :class:`LocalResolutionResult`
@@ -16,7 +17,6 @@ from .fsc import (
     MaskedFSC,
     crossing_frequency,
     directional_fsc,
-    fsc,
     hemisphere_directions,
     masked_fsc_corrected,
     resolution_at,
@@ -32,7 +32,6 @@ __all__ = [
     "MaskedFSC",
     "crossing_frequency",
     "directional_fsc",
-    "fsc",
     "hemisphere_directions",
     "local_resolution",
     "masked_fsc_corrected",

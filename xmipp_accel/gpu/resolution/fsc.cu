@@ -23,8 +23,8 @@
 template <typename T, typename ACC>
 __device__ void shell_sums_impl(const complex<T>* __restrict__ f1, const complex<T>* __restrict__ f2,
                                 unsigned int nz, unsigned int ny, unsigned int nxh, unsigned int nx,
-                                float scale_z, float scale_y, float scale_x, int nshell,
-                                float cx, float cy, float cz, float cos_half_angle,
+                                double scale_z, double scale_y, double scale_x, int nshell,
+                                double cx, double cy, double cz, double cos_half_angle,
                                 double* __restrict__ sums)
 {
     extern __shared__ unsigned char shared_raw[];
@@ -34,23 +34,25 @@ __device__ void shell_sums_impl(const complex<T>* __restrict__ f1, const complex
 
     const unsigned int total = nz * ny * nxh;
     const unsigned int stride = gridDim.x * blockDim.x;
-    const bool use_cone = cos_half_angle > -1.0f;
+    const bool use_cone = cos_half_angle > -1.0;
     const bool nx_even = (nx % 2u) == 0u;
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
         const unsigned int x = i % nxh;
         const unsigned int row = i / nxh;
         const unsigned int y = row % ny;
         const unsigned int z = row / ny;
-        const float kx = float(x) * scale_x;
-        const float ky = float(2u * y < ny ? int(y) : int(y) - int(ny)) * scale_y;
-        const float kz = float(2u * z < nz ? int(z) : int(z) - int(nz)) * scale_z;
-        const float r2 = kx * kx + ky * ky + kz * kz;
-        const float r = sqrtf(r2);
-        const int s = int(floorf(r + 0.5f));
+        // shell index in double with explicit rounding (no FMA contraction): bit-identical to the
+        // NumPy twin's  floor(sqrt(kz*kz + ky*ky + kx*kx) + 0.5)
+        const double kx = __dmul_rn(double(x), scale_x);
+        const double ky = __dmul_rn(double(2u * y < ny ? int(y) : int(y) - int(ny)), scale_y);
+        const double kz = __dmul_rn(double(2u * z < nz ? int(z) : int(z) - int(nz)), scale_z);
+        const double r2 = __dadd_rn(__dadd_rn(__dmul_rn(kz, kz), __dmul_rn(ky, ky)), __dmul_rn(kx, kx));
+        const double r = sqrt(r2);
+        const int s = int(floor(__dadd_rn(r, 0.5)));
         if (s >= nshell) continue;
-        if (use_cone && r2 > 0.0f) {
-            const float proj = fabsf(kx * cx + ky * cy + kz * cz);
-            if (proj < cos_half_angle * r) continue;
+        if (use_cone && r2 > 0.0) {
+            const double proj = fabs(__dadd_rn(__dadd_rn(__dmul_rn(kx, cx), __dmul_rn(ky, cy)), __dmul_rn(kz, cz)));
+            if (proj < __dmul_rn(cos_half_angle, r)) continue;
         }
         const ACC w = (x == 0u || (nx_even && 2u * x == nx)) ? ACC(1) : ACC(2);
         const complex<T> a = f1[i];
@@ -72,8 +74,8 @@ __device__ void shell_sums_impl(const complex<T>* __restrict__ f1, const complex
 
 extern "C" __global__ void fsc_shell_sums_complex64(
     const complex<float>* f1, const complex<float>* f2, unsigned int nz, unsigned int ny, unsigned int nxh,
-    unsigned int nx, float scale_z, float scale_y, float scale_x, int nshell, float cx, float cy, float cz,
-    float cos_half_angle, double* sums)
+    unsigned int nx, double scale_z, double scale_y, double scale_x, int nshell, double cx, double cy, double cz,
+    double cos_half_angle, double* sums)
 {
     shell_sums_impl<float, float>(f1, f2, nz, ny, nxh, nx, scale_z, scale_y, scale_x, nshell,
                                   cx, cy, cz, cos_half_angle, sums);
@@ -81,8 +83,8 @@ extern "C" __global__ void fsc_shell_sums_complex64(
 
 extern "C" __global__ void fsc_shell_sums_complex128(
     const complex<double>* f1, const complex<double>* f2, unsigned int nz, unsigned int ny, unsigned int nxh,
-    unsigned int nx, float scale_z, float scale_y, float scale_x, int nshell, float cx, float cy, float cz,
-    float cos_half_angle, double* sums)
+    unsigned int nx, double scale_z, double scale_y, double scale_x, int nshell, double cx, double cy, double cz,
+    double cos_half_angle, double* sums)
 {
     shell_sums_impl<double, double>(f1, f2, nz, ny, nxh, nx, scale_z, scale_y, scale_x, nshell,
                                     cx, cy, cz, cos_half_angle, sums);

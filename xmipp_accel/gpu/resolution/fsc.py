@@ -377,8 +377,8 @@ def _shell_sums_gpu(f1, f2, shape, direction=None, cos_half_angle: float = -2.0)
         cx, cy, cz = (float(v) for v in direction)
     kernel((blocks,), (threads,),
            (f1, f2, np.uint32(nz), np.uint32(ny), np.uint32(nxh), np.uint32(nx),
-            np.float32(nref / nz), np.float32(nref / ny), np.float32(nref / nx), np.int32(nshell),
-            np.float32(cx), np.float32(cy), np.float32(cz), np.float32(cos_half_angle), sums),
+            np.float64(nref / nz), np.float64(nref / ny), np.float64(nref / nx), np.int32(nshell),
+            np.float64(cx), np.float64(cy), np.float64(cz), np.float64(cos_half_angle), sums),
            shared_mem=4 * nshell * acc_bytes)
     return cp.asnumpy(sums).reshape(4, nshell)
 
@@ -392,6 +392,8 @@ def _shell_sums(f1, f2, shape, direction=None, cos_half_angle: float = -2.0) -> 
 
 
 def _result_from_sums(sums: np.ndarray, shape) -> FSCResult:
+    if not np.all(np.isfinite(sums)):
+        raise InputError("the FSC is not finite: the half maps (or the mask) contain NaN or infinite values")
     cross, p1, p2, count = sums
     denom = np.sqrt(p1 * p2)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -213,6 +213,20 @@ def _bands(n: int, window_px: float) -> Tuple[np.ndarray, float, int]:
     return centres, half_width, persistence
 
 
+def _coarse_grid_size(n: int, window_px: float) -> int:
+    """Grid holding the window-smoothed sums: twice the frequency where the window's transform is negligible."""
+    sigma = window_px / 4.0
+    k_window = math.sqrt(math.log(1.0 / _WINDOW_CUTOFF) / (2.0 * math.pi ** 2)) / sigma  # cycles/px
+    m = _fast_even(math.ceil(2.0 * k_window * n) + 2)
+    return n if m >= n else m
+
+
+def _band_grid_size(n: int, f: float, half_width: float, m_coarse: int) -> int:
+    """Grid holding a band (up to f + half_width) and its products without aliasing onto the coarse grid."""
+    size = _fast_even(math.ceil(n * 2.0 * (f + half_width) + m_coarse / 2.0 + 2))
+    return n if size >= n else size
+
+
 def local_resolution(half1, half2, *, pixel_size_A: float, mask=None, window_px: float = 20.0,
                      threshold: float = 0.143,
                      progress: Optional[Callable[[int, int], None]] = None) -> LocalResolutionResult:
@@ -249,9 +263,7 @@ def local_resolution(half1, half2, *, pixel_size_A: float, mask=None, window_px:
     xp, h1, h2, m, n = _prepare(half1, half2, mask, pixel_size_A, window_px, threshold)
     centres, half_width, persistence = _bands(n, float(window_px))
     sigma = window_px / 4.0
-    k_window = math.sqrt(math.log(1.0 / _WINDOW_CUTOFF) / (2.0 * math.pi ** 2)) / sigma  # cycles/px
-    m_coarse = _fast_even(math.ceil(2.0 * k_window * n) + 2)
-    m_coarse = n if m_coarse >= n else m_coarse
+    m_coarse = _coarse_grid_size(n, float(window_px))
     logger.debug("local resolution: %d bands, half width %.4f, coarse grid %d, persistence %d",
                  centres.size, half_width, m_coarse, persistence)
 
@@ -271,9 +283,7 @@ def local_resolution(half1, half2, *, pixel_size_A: float, mask=None, window_px:
     prev = None
     f_prev = None
     for b, f in enumerate(centres):
-        # grid holding the band and its products without aliasing onto the window's passband
-        size = _fast_even(math.ceil(n * 2.0 * (f + half_width) + m_coarse / 2.0 + 2))
-        size = n if size >= n else size
+        size = _band_grid_size(n, f, half_width, m_coarse)
         band_spectra = _fourier_crop(spectra, n, size)
         radius = _radius_rfft(size, xp) * np.float32(size / n)
         offset = (radius - np.float32(f)) / np.float32(half_width)

@@ -102,9 +102,11 @@ class PipelineRun(list):
     """
 
     def __init__(self, results: Iterable[ItemResult], stats: Dict[str, StageStats], wall_s: float,
-                 peak_in_flight: int, max_in_flight: int, workers: Sequence[str]):
+                 peak_in_flight: int, max_in_flight: int, workers: Sequence[str],
+                 stage_workers: Optional[Dict[str, int]] = None):
         super().__init__(results)
         self.stats = stats
+        self.stage_workers = dict(stage_workers or {})
         self.wall_s = wall_s
         self.peak_in_flight = peak_in_flight
         self.max_in_flight = max_in_flight
@@ -119,14 +121,22 @@ class PipelineRun(list):
         return [r.value for r in self]
 
     def summary(self) -> Dict[str, Any]:
-        """Stage busy times, wall time and overlap (sum of stage busy times / wall: > 1 means stages overlapped)."""
+        """Stage busy times, wall time and overlap.
+
+        ``overlap`` = sum of stage busy times / wall (> 1: stages overlapped); ``stage_floor_s`` = the
+        largest busy time of a stage divided by its number of workers, the shortest wall time any
+        schedule of these stages could reach; ``wall_over_floor`` = wall / that floor (1 is perfect).
+        """
         busy = {k: round(s.busy_s, 6) for k, s in self.stats.items() if s.count}
         total = sum(s.busy_s for s in self.stats.values())
         slowest = max((s.busy_s for s in self.stats.values()), default=0.0)
+        floor = max((s.busy_s / max(1, self.stage_workers.get(k, 1)) for k, s in self.stats.items()), default=0.0)
         return {"items": len(self), "failed": len(self.errors), "wall_s": self.wall_s, "stage_busy_s": busy,
-                "sum_stages_s": total, "slowest_stage_s": slowest,
+                "sum_stages_s": total, "slowest_stage_s": slowest, "stage_floor_s": floor,
                 "overlap": total / self.wall_s if self.wall_s > 0 else float("nan"),
-                "workers": self.workers, "peak_in_flight": self.peak_in_flight, "max_in_flight": self.max_in_flight}
+                "wall_over_floor": self.wall_s / floor if floor > 0 else float("nan"),
+                "workers": self.workers, "stage_workers": self.stage_workers,
+                "peak_in_flight": self.peak_in_flight, "max_in_flight": self.max_in_flight}
 
 
 @dataclass
@@ -168,13 +178,17 @@ class _PinnedPool:
         self._free: Dict[Any, List[np.ndarray]] = {}
         self._lock = threading.Lock()
 
-    def copy_in(self, a: np.ndarray) -> np.ndarray:
-        key = (a.shape, a.dtype.str)
+    def take(self, shape, dtype) -> np.ndarray:
+        """A pinned buffer of this shape and dtype (reused when one is free)."""
+        dtype = np.dtype(dtype)
+        key = (tuple(shape), dtype.str)
         with self._lock:
             free = self._free.get(key)
             buf = free.pop() if free else None
-        if buf is None:
-            buf = backend.pinned_empty(a.shape, a.dtype)
+        return buf if buf is not None else backend.pinned_empty(shape, dtype)
+
+    def copy_in(self, a: np.ndarray) -> np.ndarray:
+        buf = self.take(a.shape, a.dtype)
         np.copyto(buf, a)
         return buf
 
@@ -182,6 +196,13 @@ class _PinnedPool:
         with self._lock:
             for b in bufs:
                 self._free.setdefault((b.shape, b.dtype.str), []).append(b)
+
+
+def _root(a: np.ndarray) -> int:
+    """id of the array that owns ``a``'s memory (following views back to their base)."""
+    while isinstance(getattr(a, "base", None), np.ndarray):
+        a = a.base
+    return id(a)
 
 
 def _map_arrays(obj: Any, fn: Callable[[Any], Any], kind: type, pinned: bool = False) -> Any:
@@ -226,8 +247,11 @@ class Pipeline:
     ----------
     compute : callable ``(data, worker) -> result`` or ``(data) -> result``
         The work for one item, on the worker's device.
-    read : callable ``(item) -> data``, optional
-        Load one item (runs in a pool of ``read_workers`` threads); default: the item is the data.
+    read : callable ``(item) -> data`` or ``(item, alloc) -> data``, optional
+        Load one item (runs in a pool of ``read_workers`` threads); default: the item is the data. With
+        two parameters it gets ``alloc(shape, dtype) -> ndarray``, a host buffer (pinned when GPUs are
+        used) to read into directly, e.g. ``f.readinto(alloc(shape, "float32"))``, which saves the copy
+        into pinned memory.
     write : callable ``(item, result) -> value``, optional
         Store one result (runs in the writer thread); its return value is kept as ``ItemResult.value``.
     setup : callable ``(worker) -> state``, optional
@@ -269,6 +293,7 @@ class Pipeline:
                              "cpu_workers >= 0")
         self.compute, self.read, self.write, self.setup = compute, read, write, setup
         self._compute_ctx = _wants_two_args(compute)
+        self._read_alloc = read is not None and _wants_two_args(read)
         resolved = _resolve_devices(devices)
         gpus = [d for d in resolved if d.is_gpu]
         n_cpu = cpu_workers if (gpus or cpu_workers) else 1
@@ -330,7 +355,10 @@ class Pipeline:
             raise state.fatal
         results = state.results
         results = sorted(results, key=lambda r: r.index) if self.ordered else results
-        run = PipelineRun(results, state.stats, wall, state.peak, self.max_in_flight, self._names)
+        n_gpu = sum(1 for w in self.workers if w.is_gpu)
+        stage_workers = {"read": self.read_workers, "h2d": n_gpu, "compute": len(self.workers), "d2h": n_gpu,
+                         "write": self.write_workers}
+        run = PipelineRun(results, state.stats, wall, state.peak, self.max_in_flight, self._names, stage_workers)
         if self.fail_fast and run.errors:
             first = min(run.errors, key=lambda r: (r.stage == "cancelled", r.index))
             raise first.error
@@ -409,22 +437,36 @@ class _RunState:
             self.compute_q.put((index, item, None, (Cancelled("run stopped"), "cancelled")))
             return
         t = time.perf_counter()
+        pinned: List[np.ndarray] = []
         try:
-            data = self.p.read(item) if self.p.read is not None else item
+            if self.p._read_alloc:
+                def alloc(shape, dtype=np.float32) -> np.ndarray:
+                    if self.pool is None:
+                        return np.empty(shape, dtype)
+                    buf = self.pool.take(tuple(int(s) for s in np.atleast_1d(shape)), np.dtype(dtype))
+                    pinned.append(buf)
+                    return buf
+                data = self.p.read(item, alloc)
+            else:
+                data = self.p.read(item) if self.p.read is not None else item
             if self.pool is not None:
-                pinned: List[np.ndarray] = []
+                given = {_root(b) for b in pinned}
 
                 def to_pinned(a: np.ndarray) -> np.ndarray:
+                    if _root(a) in given:  # already in a pinned buffer of ours: no copy
+                        return a
                     buf = self.pool.copy_in(a)
                     pinned.append(buf)
                     return buf
                 data = _map_arrays(data, to_pinned, np.ndarray, pinned=True)
-                with self.lock:
-                    self.pinned_of[index] = pinned
         except Exception as exc:
             self._time("read", time.perf_counter() - t)
+            if pinned and self.pool is not None:
+                self.pool.release(pinned)
             self.compute_q.put((index, item, None, (exc, "read")))
             return
+        with self.lock:
+            self.pinned_of[index] = pinned
         self._time("read", time.perf_counter() - t)
         self.compute_q.put((index, item, data, None))
 

@@ -97,7 +97,7 @@ def _launcher(params: Dict[str, Any]):
             chunk = pairs[first:first + step]
             grid_y = -(-int(chunk.shape[0]) // ppb)
             kernel((grid_x, grid_y), (bs,),
-                   (spectra, chunk, weights if weights is not None else 0, out[first:first + step],
+                   (spectra, chunk, weights if weights is not None else np.uint64(0), out[first:first + step],
                     np.int64(n_pixels), np.int32(chunk.shape[0])))
         return out
     return launch

@@ -1,0 +1,66 @@
+"""Applying shifts: Fourier shifts, the local interpolation kernel against its NumPy twin, power spectrum."""
+import numpy as np
+import pytest
+
+from xmipp_accel.gpu import backend
+from xmipp_accel.gpu.movie._fft import irfft2, rfft2
+from xmipp_accel.gpu.movie.apply import (correct_local_motion, correct_local_motion_reference, power_spectrum,
+                                         shift_spectra)
+from xmipp_accel.gpu.movie.bspline import BSplineShiftModel
+
+
+def test_shift_spectra_moves_content_by_plus_shift(xp):
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((2, 32, 40)).astype(np.float32)
+    spec = rfft2(xp.asarray(img))
+    out = backend.to_host(irfft2(shift_spectra(spec, [[3, -2], [-5, 7]], (32, 40)), (32, 40)))
+    np.testing.assert_allclose(out[0], np.roll(img[0], (-2, 3), axis=(0, 1)), atol=1e-5)
+    np.testing.assert_allclose(out[1], np.roll(img[1], (7, -5), axis=(0, 1)), atol=1e-5)
+
+
+def _constant_field_model(shape, n, shift_xy):
+    """A model whose field is the same shift everywhere (B-splines sum to one)."""
+    coef = np.zeros((4, 4, 4, 2))
+    coef[...] = shift_xy
+    return BSplineShiftModel((4, 4, 4), (float(shape[1]), float(shape[0]), n), coef)
+
+
+def test_local_correction_with_a_constant_integer_field_is_a_roll():
+    rng = np.random.default_rng(1)
+    frames = rng.standard_normal((2, 40, 48)).astype(np.float32)
+    m = _constant_field_model((40, 48), 2, (2.0, -3.0))
+    hx, hy, _ = m.spacing
+    out = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx))
+    expect = np.roll(frames, (-3, 2), axis=(1, 2))
+    np.testing.assert_allclose(out[:, 5:-5, 5:-5], expect[:, 5:-5, 5:-5], atol=1e-5)
+
+
+def test_local_correction_of_a_smooth_image_by_a_fractional_shift():
+    y, x = np.mgrid[0:64, 0:64].astype(np.float64)
+    img = np.sin(2 * np.pi * x / 23.0) * np.cos(2 * np.pi * y / 31.0)
+    m = _constant_field_model((64, 64), 1, (0.4, -0.7))
+    hx, hy, _ = m.spacing
+    out = correct_local_motion_reference(img[None].astype(np.float32), m.frame_coefficients(), (hy, hx))[0]
+    expect = np.sin(2 * np.pi * (x - 0.4) / 23.0) * np.cos(2 * np.pi * (y + 0.7) / 31.0)
+    assert np.abs(out - expect)[4:-4, 4:-4].max() < 5e-3
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_matches_numpy_twin():
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(2)
+    frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
+    m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.5, (4, 4, 5, 2)))
+    hx, hy, _ = m.spacing
+    ref = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx))
+    gpu = correct_local_motion(cp.asarray(frames), cp.asarray(m.frame_coefficients()), (hy, hx))
+    np.testing.assert_allclose(backend.to_host(gpu), ref, atol=2e-4)
+
+
+def test_power_spectrum_peaks_at_the_cosine_frequency(xp):
+    y, x = np.mgrid[0:256, 0:256]
+    img = np.cos(2 * np.pi * (16 * x / 128.0 + 8 * y / 128.0)).astype(np.float32)   # 16, 8 cycles per 128 px
+    psd = backend.to_host(power_spectrum(xp.asarray(img), tile=128))
+    assert psd.shape == (128, 128)
+    peaks = set(zip(*np.nonzero(psd > 0.5 * psd.max())))
+    assert peaks == {(64 + 8, 64 + 16), (64 - 8, 64 - 16)}

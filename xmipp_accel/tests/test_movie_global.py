@@ -1,0 +1,116 @@
+"""Global alignment: correlation sign, sub-pixel peaks, robust least squares, accuracy on synthetic movies."""
+import numpy as np
+import pytest
+
+from xmipp_accel.em.synthetic_movies import global_drift, make_movie
+from xmipp_accel.gpu import backend
+from xmipp_accel.gpu.movie import AlignmentOptions, align_movie
+from xmipp_accel.gpu.movie._fft import rfft2
+from xmipp_accel.gpu.movie.global_align import (correlate_pairs, correlation_shape, frame_pairs, lowpass_filter,
+                                                reference_frame, solve_relative_shifts)
+
+
+def _periodic_shifted(shape, shifts_xy, seed=0):
+    """Band-limited periodic images with image_n(p) = image_0(p + s_n) (exact Fourier shifts)."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    base = np.fft.rfft2(rng.standard_normal(shape))
+    ky, kx = np.fft.fftfreq(ny)[:, None], np.fft.rfftfreq(nx)[None, :]
+    base *= np.exp(-(ky ** 2 + kx ** 2) / (2 * 0.08 ** 2))
+    return np.stack([np.fft.irfft2(base * np.exp(2j * np.pi * (kx * sx + ky * sy)), s=shape)
+                     for sx, sy in shifts_xy]).astype(np.float32)
+
+
+def test_correlation_peak_is_relative_shift_in_motioncor_sign(xp):
+    truth = np.array([[0.0, 0.0], [3.37, -1.81], [-7.05, 4.62]])
+    imgs = xp.asarray(_periodic_shifted((96, 128), truth))
+    spectra = rfft2(imgs)
+    a, b = frame_pairs(3)
+    d, z = correlate_pairs(spectra, a, b, (96, 128), 20.0)
+    np.testing.assert_allclose(d, truth[b] - truth[a], atol=2e-3)
+    assert (z > 6).all()
+
+
+def test_max_shift_limits_the_search(xp):
+    truth = np.array([[0.0, 0.0], [9.0, 0.0]])
+    spectra = rfft2(xp.asarray(_periodic_shifted((64, 64), truth)))
+    d, _ = correlate_pairs(spectra, np.array([0]), np.array([1]), (64, 64), 4.0)
+    assert np.hypot(*d[0]) < 4.0 + 1.5  # not the true peak (9 px): the integer maximum stays in the circle
+
+
+def test_least_squares_recovers_shifts_and_rejects_outliers():
+    rng = np.random.default_rng(2)
+    n = 12
+    truth = np.cumsum(rng.normal(0, 1.5, (n, 2)), axis=0)
+    a, b = frame_pairs(n)
+    d = truth[b] - truth[a] + rng.normal(0, 0.01, (len(a), 2))
+    bad = [3, 17, 40]
+    d[bad] += np.array([[6.0, -5.0], [-8.0, 0.0], [0.0, 9.0]])
+    shifts, inliers = solve_relative_shifts(a, b, d, n)
+    assert not inliers[bad].any() and inliers.sum() >= len(a) - 10
+    np.testing.assert_allclose(shifts - shifts[0], truth - truth[0], atol=0.02)
+    plain, _ = solve_relative_shifts(a, b, d, n, n_passes=0)
+    assert np.abs(plain - shifts).max() > 0.1   # the rejection mattered
+
+
+def test_reference_frame_is_minimax():
+    s = np.array([[0, 0], [1, 0], [2, 0], [3, 0], [10, 0]], dtype=float)
+    assert reference_frame(s) == 3    # worst distance 7 (frames 0 and 4); frame 2 has 8
+
+
+def test_correlation_size_and_filter_follow_flexalign():
+    # 4096 px at 1 Å/px and 30 Å: 4096 * 1 / (30 / 6.79) = 926 px, rounded up to a fast size
+    cy, cx = correlation_shape((4096, 4096), 1.0, 30.0)
+    assert 926 <= cy <= 1000 and cx == cy
+    f = lowpass_filter((cy, cx), (4096 / cy, 4096 / cx), 30.0)
+    k = np.hypot(np.fft.fftfreq(cy)[:, None] * cy / 4096, np.fft.rfftfreq(cx)[None, :] * cx / 4096)
+    at_r = np.abs(k - 1 / 30.0) < 2e-4
+    np.testing.assert_allclose(f[at_r], 0.5, atol=0.01)
+
+
+@pytest.fixture(scope="module")
+def drift_movie():
+    # tens of pixels of drift (about 21 px) over 10 frames, 1 e/px/frame, no doming
+    frames, truth = make_movie((1024, 1024), 10, dose_per_pixel=1.0, drift_scale=4.0, doming_px=0.0, seed=5)
+    return frames, truth
+
+
+@pytest.fixture(scope="module")
+def numpy_result(drift_movie):
+    frames, _ = drift_movie
+    return align_movie(frames.copy(), AlignmentOptions(pixel_size_A=1.0, local=False, psd_size=0))
+
+
+def test_global_shifts_within_a_tenth_of_a_pixel(numpy_result, drift_movie):
+    _, truth = drift_movie
+    g = truth["global_shifts_px"]
+    assert np.ptp(g, axis=0).max() > 15
+    est = numpy_result.shifts_px
+    err = (est - est.mean(axis=0)) - (g - g.mean(axis=0))
+    rms = np.sqrt((err ** 2).sum(axis=1).mean())
+    assert rms < 0.1, f"RMS error {rms:.3f} px"
+    assert est[numpy_result.reference_frame].tolist() == [0.0, 0.0]
+    assert numpy_result.warnings == []
+
+
+def test_first_pass_alone_is_biased_by_the_frame_edges():
+    """The refinement pass is what brings the error down (noise-free movie, so only bias remains)."""
+    frames, _ = make_movie((256, 256), 8, dose_per_pixel=1.0, drift_scale=4.0, doming_px=0.0, noise=False,
+                           seed=5)
+    g = global_drift(8, drift_scale=4.0)
+
+    def rms(refine):
+        r = align_movie(frames.copy(), AlignmentOptions(pixel_size_A=1.0, local=False, psd_size=0,
+                                                        refine_global=refine, hot_pixel_sigma=0))
+        e = (r.shifts_px - r.shifts_px.mean(0)) - (g - g.mean(0))
+        return np.sqrt((e ** 2).sum(axis=1).mean())
+    assert rms(True) < 0.03 < rms(False)
+
+
+@pytest.mark.gpu
+def test_gpu_global_agrees_with_numpy(drift_movie, numpy_result):
+    cp = backend.cupy_module()
+    frames, _ = drift_movie
+    r = align_movie(cp.asarray(frames), AlignmentOptions(pixel_size_A=1.0, local=False, psd_size=0))
+    np.testing.assert_allclose(r.shifts_px, numpy_result.shifts_px, atol=0.01)
+    np.testing.assert_allclose(backend.to_host(r.sum), numpy_result.sum, rtol=1e-3, atol=1e-2)
