@@ -43,14 +43,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _make_dataset(args, box: int, n: int, outdir: str, xp) -> dict:
     from ..em import synthetic
-    from ..em.symmetry import symmetry_matrices
+    from ..em.symmetry import symmetrize_volume, symmetry_order
     from ..io.mrc import write_mrc
     from ..io.star import write_particles_from_arrays
 
     truth_map = synthetic.phantom_volume(box, seed=args.seed)
-    syms = symmetry_matrices(args.sym)
-    if len(syms) > 1:
-        truth_map = synthetic.symmetrize_volume(truth_map, syms)
+    if symmetry_order(args.sym) > 1:
+        truth_map = symmetrize_volume(truth_map, args.sym)
     images, truth = synthetic.make_particles(xp.asarray(truth_map), n, pixel_size_A=args.pixel_size, snr=args.snr,
                                              ctf=True, max_shift_px=3, seed=args.seed)
     from ..gpu.backend import to_host

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["symmetry_matrices", "symmetry_order", "is_valid_symmetry", "normalize_symmetry",
+__all__ = ["symmetry_matrices", "symmetry_order", "is_valid_symmetry", "normalize_symmetry", "symmetrize_volume",
            "rotation_about_axis", "VALID_SYMMETRIES"]
 
 VALID_SYMMETRIES = "c1, cN (N >= 1), dN (N >= 1), t, o, i (= i2), i1, i2, i3, i4"
@@ -157,3 +157,32 @@ def symmetry_order(sym: str) -> int:
     if name[0] == "d":
         return 2 * int(name[1:])
     return {"t": 12, "o": 24}.get(name, 60)
+
+
+def symmetrize_volume(volume: np.ndarray, sym: str | np.ndarray, *, order: int = 3) -> np.ndarray:
+    """Average a map over a symmetry group: ``V_s(r) = mean_g V(g r)``.
+
+    Parameters
+    ----------
+    volume : ``(N, N, N)`` real array indexed ``(z, y, x)``, centre at ``N // 2``.
+    sym : a group name (see :func:`symmetry_matrices`) or matrices ``(k, 3, 3)``.
+    order : spline order of the interpolation (scipy.ndimage.map_coordinates).
+
+    Returns
+    -------
+    ``(N, N, N)`` float32 map that satisfies ``V_s(g r) = V_s(r)`` for every ``g`` of the group
+    (up to interpolation error). CPU only: used for synthetic data and tests.
+    """
+    from scipy.ndimage import map_coordinates
+
+    mats = symmetry_matrices(sym) if isinstance(sym, str) else np.asarray(sym, dtype=np.float64)
+    vol = np.asarray(volume, dtype=np.float64)
+    n = vol.shape[0]
+    c = n // 2
+    z, y, x = np.meshgrid(*(np.arange(s, dtype=np.float64) - c for s in vol.shape), indexing="ij")
+    r = np.stack([x.ravel(), y.ravel(), z.ravel()])           # (3, M) vectors (x, y, z)
+    acc = np.zeros(vol.size)
+    for g in mats:
+        gx, gy, gz = g @ r
+        acc += map_coordinates(vol, [gz + c, gy + c, gx + c], order=order, mode="constant", cval=0.0)
+    return (acc / len(mats)).reshape(vol.shape).astype(np.float32)

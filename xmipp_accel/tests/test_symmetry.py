@@ -93,3 +93,23 @@ def test_returns_a_copy():
     g = symmetry_matrices("c2")
     g[:] = 0
     np.testing.assert_allclose(symmetry_matrices("c2")[0], np.eye(3))
+
+
+def test_symmetrize_volume_is_invariant_under_the_group():
+    """A symmetrised phantom is unchanged by each group rotation (and the phantom itself is not)."""
+    from scipy.ndimage import map_coordinates
+
+    from xmipp_accel.em.symmetry import symmetrize_volume
+    from xmipp_accel.em.synthetic import phantom_volume
+    vol = phantom_volume(32, seed=3)
+    sym = symmetrize_volume(vol, "d3")
+    g = symmetry_matrices("d3")[1]
+    c = 16
+    z, y, x = np.meshgrid(*(np.arange(32.0) - c,) * 3, indexing="ij")
+    gx, gy, gz = g @ np.stack([x.ravel(), y.ravel(), z.ravel()])
+
+    def rotated(v):
+        return map_coordinates(v, [gz + c, gy + c, gx + c], order=3).reshape(v.shape)
+    corr = lambda a, b: np.corrcoef(a.ravel(), b.ravel())[0, 1]  # noqa: E731
+    assert corr(rotated(sym), sym) > 0.995
+    assert corr(rotated(vol), vol) < 0.95
