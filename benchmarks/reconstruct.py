@@ -124,17 +124,36 @@ def work_floor(box: int, n: int, sym_order: int, sym_mode: str, peaks: dict) -> 
 
 # ---------------------------------------------------------------------------------------------- runs
 
-def time_gpu(images, mats, shifts, ctf, sym: str, sym_mode: str, devices) -> tuple:
+def time_gpu(images, mats, shifts, ctf, sym: str, sym_mode: str, devices, **kw) -> tuple:
+    """Seconds of one reconstruction (after a warm-up on 64 particles) and its stage timings."""
     cp = backend.cupy_module()
     # warm-up: kernels compiled, FFT plans made, memory pool filled at this size
     fr.reconstruct(images[:64], mats[:64], shifts_px=shifts[:64], ctf={k: v[:64] for k, v in ctf.items()},
-                   pixel_size_A=APIX, sym=sym, sym_mode=sym_mode, devices=devices)
+                   pixel_size_A=APIX, sym=sym, sym_mode=sym_mode, devices=devices, **kw)
     cp.cuda.Device().synchronize()
     t0 = time.perf_counter()
     res = fr.reconstruct(images, mats, shifts_px=shifts, ctf=ctf, pixel_size_A=APIX, sym=sym, sym_mode=sym_mode,
-                         devices=devices)
+                         devices=devices, **kw)
     cp.cuda.Device().synchronize()
     return time.perf_counter() - t0, res.timings
+
+
+def time_staging(images) -> float:
+    """Host copy throughput (B/s) of the pinned staging alone: the images copied into pinned buffers."""
+    import concurrent.futures
+    n_stage = max(2, min(12, (os.cpu_count() or 4) - 2))
+    chunk = max(1, (1 << 26) // (images[0].nbytes))
+    buf = backend.pinned_empty((chunk,) + images.shape[1:], np.float32)
+    pool = concurrent.futures.ThreadPoolExecutor(n_stage)
+    t0 = time.perf_counter()
+    for start in range(0, images.shape[0], chunk):
+        part = images[start:start + chunk]
+        b = [part.shape[0] * i // n_stage for i in range(n_stage + 1)]
+        futures = [pool.submit(np.copyto, buf[lo:hi], part[lo:hi]) for lo, hi in zip(b[:-1], b[1:])]
+        for f in futures:
+            f.result()
+    pool.shutdown()
+    return images.nbytes / (time.perf_counter() - t0)
 
 
 def time_numpy(box: int, n_total: int, n_sub: int, sym: str) -> dict:
@@ -221,6 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="64,128,256,512", help="boxes to run (default: %(default)s)")
     p.add_argument("--syms", default="c1,i", help="symmetries (default: %(default)s)")
     p.add_argument("--expand", default="128", help="boxes also run with --sym-mode expand (default: %(default)s)")
+    p.add_argument("--blob-variants", default="256", help="boxes where blob table/on-the-fly variants are timed")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the particle counts (quick runs)")
     p.add_argument("--no-numpy", action="store_true", help="skip the NumPy path")
     p.add_argument("--peer", choices=("none", "cryodrgn"), default="none")
@@ -239,31 +259,43 @@ def main(argv=None) -> int:
     rows = []
     boxes = [int(b) for b in args.configs.split(",") if b]
     expand = {int(b) for b in args.expand.split(",") if b}
+    blob_boxes = {int(b) for b in args.blob_variants.split(",") if b}
     hdr = ("| box x particles | sym | mode | ours GPU (s) | floor (s) | bound | ours/floor | insert+finish (s) | "
-           "NumPy (s) | NumPy/ours | thesis 2x3090 (s) |")
+           "resident (s) | NumPy (s) | NumPy/ours | thesis 2x3090 (s) |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for box in boxes:
         n = max(64, int(CONFIGS[box] * args.scale))
         images, mats, shifts, ctf = host_particles(box, n)
+        print(f"# {box}²: staging copy into pinned memory {time_staging(images) / 1e9:.1f} GB/s", flush=True)
+        resident = cp.asarray(images)
         for sym in args.syms.split(","):
             modes = ["volume"] + (["expand"] if (box in expand and symmetry_order(sym) > 1) else [])
             for mode in modes:
                 seconds, timings = time_gpu(images, mats, shifts, ctf, sym, mode, devices)
+                res_s, _ = time_gpu(resident, mats, shifts, ctf, sym, mode, devices)
                 floor = work_floor(box, n, symmetry_order(sym), mode, peaks)
                 npy = None
                 if not args.no_numpy and mode == "volume":
                     npy = time_numpy(box, n, NUMPY_SUBSET[box], sym)
                 row = {"box": box, "particles": n, "sym": sym, "mode": mode, "gpu_s": seconds, "timings": timings,
-                       "floor": floor, "numpy": npy}
+                       "resident_s": res_s, "floor": floor, "numpy": npy}
                 rows.append(row)
                 thesis = THESIS_SYM_S.get(box) if sym != "c1" else None
                 stages = f"{timings.get('insert', 0):.3f}+{timings.get('finish', 0):.3f}"
                 print(f"| {box}² x {n} | {sym} | {mode} | {seconds:.3f} | {floor['floor_s']:.3f} | {floor['bound']} | "
-                      f"{seconds / floor['floor_s']:.1f} | {stages} | "
+                      f"{seconds / floor['floor_s']:.1f} | {stages} | {res_s:.3f} | "
                       + (f"~{npy['total_s']:.0f} | ~{npy['total_s'] / seconds:.0f}x" if npy else "- | -")
                       + f" | {thesis if thesis else '-'} |", flush=True)
-        del images
+        if box in blob_boxes:   # insertion variants on GPU-resident images (the autotuner's knobs)
+            for label, kw in (("table in shared memory", {"tuning": {"table_memory": "shared"}}),
+                              ("table through L1", {"tuning": {"table_memory": "global"}}),
+                              ("blob on the fly", {"blob_mode": "onthefly"})):
+                t, _ = time_gpu(resident, mats, shifts, ctf, "c1", "volume", devices, **kw)
+                print(f"# {box}² c1 resident, {label}: {t:.3f} s", flush=True)
+                rows.append({"box": box, "variant": label, "resident_s": t})
+        del images, resident
+        cp.get_default_memory_pool().free_all_blocks()
     if args.peer == "cryodrgn":
         box = 256
         with tempfile.TemporaryDirectory() as tmp:

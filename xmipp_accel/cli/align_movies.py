@@ -267,7 +267,6 @@ def main(args: argparse.Namespace) -> int:
     on_gpu = any(d.is_gpu for d in devices)
     logger.info("aligning %d movie(s) on %s", len(paths), ", ".join(d.describe() for d in devices))
     buffers = _PinnedBuffers(limit=2 + len(devices)) if on_gpu else None
-    infos: Dict[str, object] = {}
 
     def read(path):
         info = movie_info(path)
@@ -279,7 +278,6 @@ def main(args: argparse.Namespace) -> int:
         if stop > info.n_frames:
             raise InputError(f"{path} has {info.n_frames} frames; --frames asks for frames up to {stop}")
         n = stop - start
-        infos[path] = info
         dtype = info.dtype.newbyteorder("=") if info.format == "mrc" else info.dtype
         token, out = None, None
         if buffers is not None:
@@ -291,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
             if buffers is not None:
                 buffers.release(token)
             raise
-        return {"raw": raw, "token": token}
+        return {"raw": raw, "token": token, "frame_shape": info.frame_shape}
 
     def setup(ctx):
         xp = ctx.xp
@@ -308,7 +306,9 @@ def main(args: argparse.Namespace) -> int:
                 ctx.stream.synchronize()  # the upload from the pinned buffer is complete
             if buffers is not None:
                 buffers.release(data.get("token"))
-        return _result_dict(result)
+        out = _result_dict(result)
+        out["frame_shape"] = data["frame_shape"]
+        return out
 
     def read_named(path):
         d = read(path)
@@ -334,10 +334,9 @@ def main(args: argparse.Namespace) -> int:
         if res.get("psd") is not None:
             outputs["psd"] = os.path.join(outdir, f"{stem}_psd.mrc")
             write_mrc(outputs["psd"], res["psd"], ps)
-        info = infos.pop(path)
         n_frames = int(np.asarray(res["shifts_px"]).shape[0])
         outputs["shifts"] = os.path.join(outdir, f"{stem}_shifts.star")
-        write_star(outputs["shifts"], _star_blocks(path, info.frame_shape, n_frames, first, res, args,
+        write_star(outputs["shifts"], _star_blocks(path, res["frame_shape"], n_frames, first, res, args,
                                                   float(pixel_size)))
         return {"movie": path, "status": "ok", "outputs": outputs,
                 "shifts_px": np.round(np.asarray(res["shifts_px"]), 4).tolist(),

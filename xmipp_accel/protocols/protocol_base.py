@@ -78,13 +78,12 @@ class XmippAccelProtBase:
             return ["--device", "gpu", "--gpus", GPU_PLACEHOLDER]
         return ["--device", "cpu"]
 
-    def _runAccel(self, subcommand: str, args: Sequence, jsonFile: str, *,
-                  numberOfMpi: Optional[int] = None, cwd: Optional[str] = None) -> dict:
-        """Run ``xmipp-accel <subcommand> ARGS --json`` through ``runJob`` and return its JSON summary.
+    @staticmethod
+    def _accelArgs(subcommand: str, args: Sequence, jsonFile: str) -> str:
+        """The argument string given to ``runJob``: shell-quoted, ``--json``, stdout redirected to ``jsonFile``.
 
-        The command's standard output goes to ``jsonFile`` (its human-readable lines are copied to
-        the run log afterwards); its standard error (warnings, progress) goes to the run log.
-        ``%(GPU)s`` in ``args`` is replaced by Scipion with the GPUs of the step.
+        When ``%(GPU)s`` is present Scipion applies ``%`` formatting to the string, so any other ``%``
+        (e.g. in a file name) is doubled; without it the string is used as is.
         """
         args = [str(a) for a in args] + ["--json"]
         substituted = any(GPU_PLACEHOLDER in a for a in args)
@@ -98,7 +97,17 @@ class XmippAccelProtBase:
         redirect = shlex.quote(os.path.abspath(jsonFile))
         if substituted:
             redirect = redirect.replace("%", "%%")
-        argStr = " ".join([subcommand] + quoted) + " > " + redirect
+        return " ".join([subcommand] + quoted) + " > " + redirect
+
+    def _runAccel(self, subcommand: str, args: Sequence, jsonFile: str, *,
+                  numberOfMpi: Optional[int] = None, cwd: Optional[str] = None) -> dict:
+        """Run ``xmipp-accel <subcommand> ARGS --json`` through ``runJob`` and return its JSON summary.
+
+        The command's standard output goes to ``jsonFile`` (its human-readable lines are copied to
+        the run log afterwards); its standard error (warnings, progress) goes to the run log.
+        ``%(GPU)s`` in ``args`` is replaced by Scipion with the GPUs of the step.
+        """
+        argStr = self._accelArgs(subcommand, args, jsonFile)
         kwargs = {"env": Plugin.getEnviron()}
         if numberOfMpi is not None:
             kwargs["numberOfMpi"] = numberOfMpi

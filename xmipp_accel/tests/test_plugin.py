@@ -167,3 +167,24 @@ def test_package_imports_without_scipion():
             "import xmipp_accel.viewers.plots; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_command_line_built_for_run_job(plugin):
+    """What Scipion runs: the step's GPUs replace %(GPU)s, a literal % survives, stdout goes to the JSON file."""
+    import shlex
+
+    from pyworkflow.utils.process import buildRunCommand
+
+    from xmipp_accel.protocols.protocol_base import XmippAccelProtBase
+    args = ["/data/100% done/p.star", "-o", "/out/map.mrc", "--sym", "c1", "--device", "gpu", "--gpus", "%(GPU)s"]
+    arg_str = XmippAccelProtBase._accelArgs("reconstruct", args, "/run/extra/r.json")
+    command = buildRunCommand(plugin.Plugin.getCommand(), arg_str, 1, gpuList=[0, 1])
+    tokens = shlex.split(command)
+    i = tokens.index("reconstruct")
+    assert tokens[i - 2:i] == ["-m", "xmipp_accel"]
+    assert tokens[i + 1:] == ["/data/100% done/p.star", "-o", "/out/map.mrc", "--sym", "c1", "--device", "gpu",
+                              "--gpus", "0 1", "--json", ">", "/run/extra/r.json"]
+    # on the CPU there is no placeholder: Scipion does no % formatting and the string is used as is
+    cpu = XmippAccelProtBase._accelArgs("fsc", ["/a/50%.mrc", "--device", "cpu"], "/j.json")
+    command = buildRunCommand(plugin.Plugin.getCommand(), cpu, 1, gpuList=[])
+    assert shlex.split(command)[-6:] == ["/a/50%.mrc", "--device", "cpu", "--json", ">", "/j.json"]

@@ -13,7 +13,9 @@ import pytest
 pytest.importorskip("pwem")
 
 from pwem.protocols import ProtImportMovies  # noqa: E402
+from pwem.objects import SetOfMovies  # noqa: E402
 from pyworkflow.object import Set  # noqa: E402
+from pyworkflow.protocol import getProtocolFromDb  # noqa: E402
 from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402
 
 import xmipp_accel  # noqa: E402
@@ -56,6 +58,13 @@ class TestXmippAccelMovieAlign(BaseTest):
                                          samplingRate=PIXEL, dosePerFrame=DOSE, voltage=300,
                                          sphericalAberration=2.7)
         cls.launchProtocol(cls.protImport)
+        # the same movies with a gain reference of 2 (the command multiplies the frames by it)
+        gain = os.path.join(cls.folder, "gain.mrc")
+        write_mrc(gain, np.full(SHAPE, 2.0, np.float32), PIXEL)
+        cls.protImportGain = cls.newProtocol(ProtImportMovies, filesPath=cls.folder, filesPattern="movie_*.mrcs",
+                                             samplingRate=PIXEL, dosePerFrame=DOSE, voltage=300,
+                                             sphericalAberration=2.7, gainFile=gain, objLabel="with gain")
+        cls.launchProtocol(cls.protImportGain)
 
     def test_align_batch(self):
         prot = self.newProtocol(XmippAccelProtMovieAlign, inputMovies=self.protImport.outputMovies, useGpu=False,
@@ -82,10 +91,17 @@ class TestXmippAccelMovieAlign(BaseTest):
             assert np.sqrt(np.mean(np.sum(err ** 2, axis=1))) < 0.5, (xs, ys, self.truths[i])
         summary = " ".join(prot.summary())
         assert "3 movies aligned" in summary
+        from xmipp_accel.viewers import XmippAccelMovieAlignViewer
+        viewer = XmippAccelMovieAlignViewer(project=self.proj, protocol=prot)
+        viewer.setProtocol(prot)
+        for name, views in (("shifts", viewer._showShifts()), ("drift", viewer._showDrift())):
+            png = os.path.abspath(prot._getExtraPath(f"viewer_{name}.png"))
+            views[0].savefig(png)
+            assert os.path.getsize(png) > 10000
         assert prot._citations() == ["Strelak2020FlexAlign"]
 
-    def test_frame_range_and_binning(self):
-        prot = self.newProtocol(XmippAccelProtMovieAlign, inputMovies=self.protImport.outputMovies, useGpu=False,
+    def test_frame_range_binning_and_gain(self):
+        prot = self.newProtocol(XmippAccelProtMovieAlign, inputMovies=self.protImportGain.outputMovies, useGpu=False,
                                 doLocal=False, alignFrame0=2, alignFrameN=9, binFactor=2.0, doApplyDoseFilter=False,
                                 numberOfThreads=3)
         self.launchProtocol(prot)
@@ -93,7 +109,12 @@ class TestXmippAccelMovieAlign(BaseTest):
         assert not hasattr(prot, "outputMicrographsDoseWeighted")
         assert prot.outputMicrographs.getSamplingRate() == pytest.approx(2 * PIXEL)
         mic = prot.outputMicrographs.getFirstItem()
-        assert read_mrc(mic.getFileName())[0].shape == (SHAPE[0] // 2, SHAPE[1] // 2)
+        data = read_mrc(mic.getFileName())[0]
+        assert data.shape == (SHAPE[0] // 2, SHAPE[1] // 2)
+        # frames 2..9 of the movie multiplied by the gain (2); Fourier binning keeps the mean value
+        movie = next(m for m in prot.outputMovies if m.getObjId() == mic.getObjId())
+        frames = read_mrc(movie.getFileName())[0]
+        assert data.mean() == pytest.approx(2.0 * frames[1:9].sum(axis=0).mean(), rel=1e-3)
         movie = prot.outputMovies.getFirstItem()
         xs, _ = movie.getAlignment().getShifts()
         assert movie.getAlignment().getRange() == (2, 9) and len(xs) == 8
@@ -141,23 +162,32 @@ class TestXmippAccelStreamingTemplate(BaseTest):
         self.proj.launchProtocol(imp, wait=False)
         self._waitOutput(imp, "outputMovies", sleepTime=1, timeOut=60)
         self.proj.scheduleProtocol(align)
-        sizes = []
         for name in ("movie_11.mrcs", "movie_12.mrcs"):
             time.sleep(4)
             shutil.copy(os.path.join(staging, name), folder)
-        deadline = time.time() + 150
+        deadline = time.time() + 120
+        states = []
         while time.time() < deadline:
-            time.sleep(2)
-            align = self.proj.getProtocol(align.getObjId())
-            mics = getattr(align, "outputMicrographs", None)
+            time.sleep(1)
+            current = getProtocolFromDb(self.proj.path, align.getDbPath(), align.getObjId())
+            mics = getattr(current, "outputMicrographs", None)
             if mics is not None:
-                mics.loadAllProperties()
-                sizes.append(mics.getSize())
-                if mics.getSize() == 3 and mics.getStreamState() == Set.STREAM_CLOSED and align.isFinished():
-                    break
-            if align.isFailed():
-                raise AssertionError(align.getErrorMessage())
-        assert sizes and sizes[-1] == 3, (sizes, align.getStatus())
-        assert mics.getStreamState() == Set.STREAM_CLOSED
-        assert align.isFinished()
-        assert len(truths) == 3
+                states.append((mics.getSize(), mics.getStreamState()))
+            status = current.getStatus()
+            current.getProject().closeMapper()
+            current.closeMappers()
+            if current.isFailed():
+                raise AssertionError(current.getErrorMessage())
+            if status == "finished":
+                break
+        assert status == "finished", (states, status)
+        sizes = [n for n, _ in states]
+        # the set grew while movies arrived, and was closed with all 3 at the end
+        assert sizes == sorted(sizes) and sizes[0] < 3 and sizes[-1] == 3, states
+        assert states[-1][1] == Set.STREAM_CLOSED and states[0][1] == Set.STREAM_OPEN, states
+        aligned = SetOfMovies(filename=os.path.join(self.proj.path, align._getPath("movies.sqlite")))
+        for movie in aligned:
+            i = int(os.path.basename(movie.getFileName()).split("_")[1].split(".")[0]) - 10
+            err = centred(np.column_stack(movie.getAlignment().getShifts())) - centred(truths[i])
+            assert np.sqrt(np.mean(np.sum(err ** 2, axis=1))) < 1.0
+        aligned.close()

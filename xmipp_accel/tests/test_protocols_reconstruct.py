@@ -34,26 +34,26 @@ def fsc_curve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def import_synthetic_particles(test_cls, name: str, volume: np.ndarray, n: int, *, with_alignment: bool = True,
-                               snr=None, max_shift_px: float = 2.0, seed: int = 1):
+                               snr=None, max_shift_px: float = 2.0, seed: int = 1, pixel_size_A: float = PIXEL):
     """Project ``volume``, write stack + STAR, turn it into a Scipion set and import it into the project.
 
     Returns (import protocol, truth dict of make_particles).
     """
     data = os.path.abspath(test_cls.proj.getTmpPath(name))
     os.makedirs(data, exist_ok=True)
-    images, truth = make_particles(volume, n, pixel_size_A=PIXEL, snr=snr, ctf=True, max_shift_px=max_shift_px,
-                                   seed=seed)
-    write_mrc(os.path.join(data, "particles.mrcs"), images, PIXEL)
+    images, truth = make_particles(volume, n, pixel_size_A=pixel_size_A, snr=snr, ctf=True,
+                                   max_shift_px=max_shift_px, seed=seed)
+    write_mrc(os.path.join(data, "particles.mrcs"), images, pixel_size_A)
     star_path = os.path.join(data, "particles.star")
     angles = np.column_stack([truth["rot"], truth["tilt"], truth["psi"]]) if with_alignment else None
     origins = np.column_stack([truth["origin_x_A"], truth["origin_y_A"]]) if with_alignment else None
-    star.write_particles_from_arrays(star_path, [f"{i + 1}@particles.mrcs" for i in range(n)], PIXEL,
+    star.write_particles_from_arrays(star_path, [f"{i + 1}@particles.mrcs" for i in range(n)], pixel_size_A,
                                      angles_deg=angles, origins_A=origins, ctf=truth,
                                      subset=truth.get("subset"), box_size=volume.shape[0])
     sqlite = os.path.join(data, "particles.sqlite")
     convert.star_to_particles(star_path, sqlite)
     prot = test_cls.newProtocol(ProtImportParticles, importFrom=ProtImportParticles.IMPORT_FROM_SCIPION,
-                                sqliteFile=sqlite, samplingRate=PIXEL, voltage=truth["voltage_kV"],
+                                sqliteFile=sqlite, samplingRate=pixel_size_A, voltage=truth["voltage_kV"],
                                 sphericalAberration=truth["cs_mm"], amplitudeContrast=truth["amplitude_contrast"],
                                 objLabel=f"import {name}")
     test_cls.launchProtocol(prot)
@@ -107,6 +107,18 @@ class TestXmippAccelReconstruct(BaseTest):
         half1 = read_mrc(halves[0])[0]
         assert fsc_curve(half1, self.volume)[1:BOX // 6].min() > 0.5
         assert "Fourier inversion" in prot.methods()[0] and prot._citations() == ["Strelak2019Reconstruction"]
+
+        # numberOfMpi = 2: Scipion wraps the command in mpirun (hosts.conf PARALLEL_COMMAND); the ranks share
+        # the particles and rank 0 writes the same maps
+        mpi = self.newProtocol(XmippAccelProtReconstructFourier, inputParticles=self.protImport.outputParticles,
+                               symmetryGroup="c1", useGpu=False, numberOfMpi=2, objLabel="2 MPI ranks")
+        self.launchProtocol(mpi)
+        assert "mpirun -np 2" in open(mpi.getLogPaths()[0]).read()
+        assert mpi._readJson(mpi._getExtraPath("reconstruct.json"))["mpi_ranks"] == 2
+        for ours, theirs in zip([vol.getFileName()] + halves,
+                                [mpi.outputVolume.getFileName()] + mpi.outputVolume.getHalfMaps(asList=True)):
+            a, b = read_mrc(ours)[0], read_mrc(theirs)[0]
+            np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
 
     def test_validation(self):
         prot = self.newProtocol(XmippAccelProtReconstructFourier, inputParticles=self.protImport.outputParticles,

@@ -104,6 +104,13 @@ class TestXmippAccelResolution(BaseTest):
         assert 2 * PIXEL <= float(fsc.calculateResolution(0.143)) < 40
         assert os.path.exists(prot._getExtraPath("fsc.png")) and os.path.exists(prot._getExtraPath("fsc.xml"))
         assert any("Resolution" in line for line in prot.summary())
+        # the viewer of the run draws the curve (PNG, no display)
+        from xmipp_accel.viewers import XmippAccelFscViewer
+        viewer = XmippAccelFscViewer(project=self.proj, protocol=prot)
+        viewer.setProtocol(prot)
+        png = os.path.abspath(prot._getExtraPath("viewer_fsc.png"))
+        viewer._showFsc()[0].savefig(png)
+        assert os.path.getsize(png) > 10000
 
     def test_fsc_of_two_volumes_with_mask(self):
         masked = self.newProtocol(XmippAccelProtFSC, inputType=1, half1=self.protHalf1.outputVolume,
@@ -137,6 +144,12 @@ class TestXmippAccelResolution(BaseTest):
                         "--device", "cpu", "--quiet"], check=True)
         np.testing.assert_allclose(locres, read_mrc(direct)[0], rtol=1e-5, atol=1e-4)
         assert "Median" in " ".join(prot.summary())
+        from xmipp_accel.viewers import XmippAccelLocalResolutionViewer
+        viewer = XmippAccelLocalResolutionViewer(project=self.proj, protocol=prot)
+        viewer.setProtocol(prot)
+        png = os.path.abspath(prot._getExtraPath("viewer_slices.png"))
+        viewer._showSlices()[0].savefig(png)
+        assert os.path.getsize(png) > 10000
 
     def test_validation(self):
         prot = self.newProtocol(XmippAccelProtFSC, inputVolume=self.protHalf1.outputVolume, useGpu=False)

@@ -222,6 +222,23 @@ def test_gather_is_the_blob_weighted_sum_of_pixels():
     assert checked == 40
 
 
+def test_packed_layout_holds_pixels_and_hermitian_mates():
+    from xmipp_accel.gpu.reconstruct.insert import pack_projections_numpy, packed_width
+    rng = np.random.default_rng(8)
+    g = FourierGrid(16, 7.5)
+    proj = (rng.normal(size=(2, 16, 9)) + 1j * rng.normal(size=(2, 16, 9))).astype(np.complex64)
+    pw = rng.uniform(size=(2, 16, 9)).astype(np.float32)
+    packed = pack_projections_numpy(proj, pw, g)
+    W = packed_width(g, KaiserBesselBlob())
+    Kp = (W - 1) // 2
+    assert packed.shape == (2, W, W, 4) and Kp == 7 + 3
+    at = lambda px, py: packed[1, py + Kp, px + Kp]  # noqa: E731
+    assert at(3, -2)[0] == proj[1, -2 % 16, 3].real and at(3, -2)[2] == pw[1, -2 % 16, 3]
+    assert at(-3, 2)[1] == -proj[1, -2 % 16, 3].imag          # conj F(-p)
+    assert np.all(at(6, 6) == 0) and np.all(at(-9, 0) == 0)   # beyond kmax / K: zeros, weight too
+    assert np.all(packed[..., 3] == 0)
+
+
 def test_table_and_on_the_fly_blob_agree():
     rng = np.random.default_rng(4)
     g = FourierGrid(32, 14.5)

@@ -125,6 +125,28 @@ def test_projection_transforms_match(cp, mode, premult):
         assert rel(w1, w0) < 1e-5
 
 
+@pytest.mark.parametrize("mode,premult", [("wiener", False), ("wiener", True), ("phase-flip", False),
+                                          ("none", False)])
+@pytest.mark.parametrize("max_res", [0.5, 0.31])
+def test_packed_projections_match_numpy(cp, mode, premult, max_res):
+    """GPU packing (phases + CTF on the device) equals the NumPy transforms packed on the host."""
+    rng = np.random.default_rng(11)
+    imgs = rng.normal(size=(5, 30, 30)).astype(np.float32)
+    shifts = rng.uniform(-4, 4, (5, 2))
+    ctf = {"defocus_u_A": rng.uniform(5000, 9000, 5), "defocus_v_A": rng.uniform(5000, 9000, 5),
+           "defocus_angle_deg": rng.uniform(0, 180, 5)}
+    settings = fr.ReconstructionSettings(max_res_digital=max_res)
+    grid = fr.fourier_grid(30, settings)
+    use = None if mode == "none" else ctf
+    f0, w0 = fr.projection_transforms(imgs, grid, shifts_px=shifts, ctf=use, pixel_size_A=1.5, ctf_mode=mode,
+                                      ctf_premultiplied=premult)
+    ref = ins.pack_projections_numpy(f0, w0, grid)
+    got = fr.packed_projections(cp.asarray(imgs), grid, shifts_px=shifts, ctf=use, pixel_size_A=1.5, ctf_mode=mode,
+                                ctf_premultiplied=premult)
+    assert got.shape == ref.shape
+    assert rel(got, ref) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def particles():
     box, n = 32, 300
@@ -181,14 +203,14 @@ def test_gpu_out_of_memory_retries(particles, monkeypatch, caplog):
                   pixel_size_A=APIX)
     ref = fr.reconstruct(particles["images"][:60], particles["matrices"][:60], devices=gpu0(), batch_size=60,
                          **common).volume
-    real = fr.projection_transforms
+    real = fr.packed_projections
 
     def limited(images, *a, **k):
         if images.shape[0] > 16:
             raise MemoryError("simulated GPU out of memory")
         return real(images, *a, **k)
 
-    monkeypatch.setattr(fr, "projection_transforms", limited)
+    monkeypatch.setattr(fr, "packed_projections", limited)
     with caplog.at_level(logging.WARNING):
         vol = fr.reconstruct(particles["images"][:60], particles["matrices"][:60], devices=gpu0(), batch_size=60,
                              **common).volume

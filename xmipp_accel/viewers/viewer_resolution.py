@@ -185,6 +185,7 @@ class XmippAccelLocalResolutionViewer(LocalResolutionViewer):
         locres, mask, background = self._readVolumes()
         vmin, vmax = self._range()
         plotter = EmPlotter(x=1, y=1, windowTitle="Local resolution", figsize=(10, 6.5))
+        plotter.tightLayoutOn = False  # plots.draw_local_resolution lays out its axes and colour bar itself
         info = draw_local_resolution(plotter.getFigure(), locres, mask=mask, background=background,
                                      vmin=vmin, vmax=vmax, title=self.protocol.getRunName())
         return plotter, info

@@ -34,8 +34,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -45,8 +45,8 @@ from .. import backend
 from .polar import centred_rfft2, fourier_crop
 from .projmatch import AlignmentResult, ProjectionMatcher
 
-__all__ = ["require_torch", "RegionSet", "region_centres", "NoiseModel", "estimate_noise_model",
-           "TrainingImages", "RegionClassifier", "DeepAlignConfig", "DeepAligner", "MODEL_FILE", "MODEL_META"]
+__all__ = ["require_torch", "RegionSet", "region_centres", "NoiseModel", "estimate_noise_model", "TrainingImages",
+           "polar_images", "RegionClassifier", "DeepAlignConfig", "DeepAligner", "MODEL_FILE", "MODEL_META"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,13 @@ def _radial_index(box: int) -> np.ndarray:
     return np.rint(np.hypot(ky[:, None], kx[None, :])).astype(np.int64)
 
 
+def _shell_counts(box: int) -> np.ndarray:
+    """Coefficients per shell (0 .. box//2) of the full 2-D spectrum of a ``box`` image."""
+    ky = np.fft.fftfreq(box) * box
+    idx = np.rint(np.hypot(ky[:, None], ky[None, :])).astype(np.int64).ravel()
+    return np.bincount(idx[idx <= box // 2], minlength=box // 2 + 1).astype(np.float64)
+
+
 def _radial_power(images, box: int) -> np.ndarray:
     """Mean |F|^2 per shell (0 .. box//2) of images (n, box, box); host float64 (box//2 + 1,)."""
     xp = backend.get_xp(images)
@@ -178,9 +185,10 @@ def estimate_noise_model(particles, simulated) -> NoiseModel:
             a2, s2 = float(pd @ ps / (ps @ ps)), 0.0
     noise = np.maximum(pd - a2 * ps, 0.1 * max(s2, 1e-12 * float(pd.mean())))
     noise = np.concatenate([[noise[0]], noise])
-    sig = a2 * float(ps.sum())
+    cnt = _shell_counts(box)[1:]
+    sig = a2 * float((ps * cnt).sum())
     return NoiseModel(scale=math.sqrt(max(a2, 0.0)), noise_power=[float(v) for v in noise], box=box,
-                      snr=float(sig / max(float(noise[1:].sum()), 1e-30)))
+                      snr=float(sig / max(float((noise[1:] * cnt).sum()), 1e-30)))
 
 
 class TrainingImages:
@@ -259,21 +267,79 @@ def normalise_images(images):
 # Classifier
 # ------------------------------------------------------------------------------------------------------------
 
+def polar_images(images, n_theta: Optional[int] = None):
+    """Real-space polar resampling about the centre ``N//2``: in-plane rotations become cyclic shifts.
+
+    Parameters
+    ----------
+    images : (n, B, B) float32 (numpy or cupy).
+    n_theta : angular samples (default ``2 B``).
+
+    Returns
+    -------
+    (n, B//2, n_theta) float32 on the same device: ring ``r`` (pixels, 0 .. B/2 - 1), angle
+    ``2 pi a / n_theta`` from +x towards +y; bilinear interpolation.
+    """
+    xp = backend.get_xp(images)
+    n, b = images.shape[0], images.shape[-1]
+    n_theta = int(n_theta or 2 * b)
+    r = np.arange(b // 2, dtype=np.float64)
+    th = 2.0 * np.pi * np.arange(n_theta) / n_theta
+    x = (r[:, None] * np.cos(th)[None, :]).ravel() + b // 2
+    y = (r[:, None] * np.sin(th)[None, :]).ravel() + b // 2
+    x0 = np.clip(np.floor(x).astype(np.int64), 0, b - 2)
+    y0 = np.clip(np.floor(y).astype(np.int64), 0, b - 2)
+    fx = xp.asarray((x - x0).astype(np.float32))[None]
+    fy = xp.asarray((y - y0).astype(np.float32))[None]
+    flat = xp.asarray(images, dtype=xp.float32).reshape(n, -1)
+    i00 = xp.asarray(y0 * b + x0)
+    v = ((1 - fy) * ((1 - fx) * flat[:, i00] + fx * flat[:, i00 + 1])
+         + fy * ((1 - fx) * flat[:, i00 + b] + fx * flat[:, i00 + b + 1]))
+    return v.reshape(n, b // 2, n_theta).astype(xp.float32)
+
+
 def build_network(n_regions: int, width: int = 32):
-    """A small CNN: 4 conv blocks (width, 2w, 4w, 4w; batch norm, ReLU, max-pool), 4 x 4 pooling, dense 256, softmax logits."""
+    """A rotation-invariant CNN on polar images (rings x angles).
+
+    Four conv blocks (``width, 2w, 4w, 4w`` channels; batch norm, ReLU; 2 x 2 max-pool after the first
+    three) with circular padding along the angle, then a maximum over the angle (so an in-plane
+    rotation of the particle, a cyclic shift of its polar image, does not change the output), a
+    dense layer of 256 and the region logits. Input (n, 1, rings, angles) with rings a multiple of 8.
+    """
     torch = require_torch()
     nn = torch.nn
+    f = torch.nn.functional
     w = int(width)
 
-    def block(cin, cout, k, pool=True):
-        layers = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-        if pool:
-            layers.append(nn.MaxPool2d(2))
-        return layers
+    class PolarConv(nn.Module):
+        def __init__(self, cin, cout, k, pool):
+            super().__init__()
+            self.k = k
+            self.conv = nn.Conv2d(cin, cout, k, bias=False)
+            self.bn = nn.BatchNorm2d(cout)
+            self.pool = pool
 
-    return nn.Sequential(*block(1, w, 5), *block(w, 2 * w, 3), *block(2 * w, 4 * w, 3), *block(4 * w, 4 * w, 3, False),
-                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * 4 * w, 256), nn.ReLU(inplace=True),
-                         nn.Dropout(0.2), nn.Linear(256, n_regions))
+        def forward(self, x):
+            p = self.k // 2
+            x = f.pad(x, (p, p, 0, 0), mode="circular")
+            x = f.pad(x, (0, 0, p, p))
+            x = f.relu(self.bn(self.conv(x)))
+            return f.max_pool2d(x, 2) if self.pool else x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(PolarConv(1, w, 5, True), PolarConv(w, 2 * w, 3, True),
+                                          PolarConv(2 * w, 4 * w, 3, True), PolarConv(4 * w, 4 * w, 3, False))
+            self.rings = nn.AdaptiveAvgPool1d(4)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(16 * w, 256), nn.ReLU(inplace=True), nn.Dropout(0.2),
+                                      nn.Linear(256, n_regions))
+
+        def forward(self, x):
+            h = self.features(x).amax(dim=3)          # (n, C, rings): invariant to cyclic shifts in angle
+            return self.head(self.rings(h))
+
+    return Net()
 
 
 def _to_torch(a, device):
@@ -297,7 +363,7 @@ class RegionClassifier:
     @classmethod
     def train(cls, images: TrainingImages, *, steps: int, batch: int = 256, lr: float = 2e-3, width: int = 32,
               seed: int = 0, device=None, n_validation: int = 1024,
-              log: Optional[Callable[[str], None]] = None) -> "RegionClassifier":
+              log: Optional[Callable[[str], None]] = None) -> RegionClassifier:
         """Train on freshly generated images (one new batch per step; AdamW, one-cycle schedule).
 
         Returns the classifier with ``history`` = steps, seconds, final loss and validation accuracy.
@@ -315,7 +381,7 @@ class RegionClassifier:
         loss_val = float("nan")
         for step in range(steps):
             x, y = images.batch(batch)
-            xt = _to_torch(normalise_images(x), device)[:, None]
+            xt = _to_torch(polar_images(normalise_images(x)), device)[:, None]
             yt = torch.as_tensor(y, device=device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = loss_fn(net(xt), yt)
@@ -344,7 +410,7 @@ class RegionClassifier:
         out = []
         with torch.no_grad():
             for s in range(0, images.shape[0], batch):
-                xt = _to_torch(normalise_images(images[s:s + batch]), self.device)[:, None]
+                xt = _to_torch(polar_images(normalise_images(images[s:s + batch])), self.device)[:, None]
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                     enabled=self.device.type == "cuda"):
                     logits = self.network(xt)
@@ -359,7 +425,7 @@ class RegionClassifier:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str, n_regions: int, width: int, device) -> "RegionClassifier":
+    def load(cls, path: str, n_regions: int, width: int, device) -> RegionClassifier:
         torch = require_torch()
         net = build_network(n_regions, width)
         try:

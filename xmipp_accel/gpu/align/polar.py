@@ -343,7 +343,8 @@ class CentralSlicer:
         padded[o:o + box, o:o + box, o:o + box] = vol
         mod, kw = _fft_module(xp)
         ft = mod.fftn(xp.fft.ifftshift(padded), **kw)
-        self.ft = xp.fft.fftshift(ft).astype(xp.complex64)
+        # the crop kept intensities: rescale so samples equal the transform of the original map's slices
+        self.ft = (xp.fft.fftshift(ft) * ((n / box) ** 3)).astype(xp.complex64)
         self.xp = xp
         self.box = n
         self.pad = pad

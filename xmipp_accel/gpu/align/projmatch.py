@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -235,7 +235,7 @@ class AlignmentResult:
         return np.stack([np.atleast_1d(rot), np.atleast_1d(tilt), np.atleast_1d(psi)], 1)
 
     @staticmethod
-    def concatenate(parts: Sequence["AlignmentResult"]) -> "AlignmentResult":
+    def concatenate(parts: Sequence[AlignmentResult]) -> AlignmentResult:
         keys = set(parts[0].extra) if parts else set()
         return AlignmentResult(np.concatenate([p.matrices for p in parts]),
                                np.concatenate([p.origins_px for p in parts]),

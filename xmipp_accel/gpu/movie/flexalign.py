@@ -35,7 +35,7 @@ from ._fft import fast_shape, fourier_crop_rfft, irfft2, rfft2
 from .apply import correct_local_motion, power_spectrum, shift_spectra
 from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_shifts
 from .dose import dose_weighted_sum
-from .global_align import GlobalAlignment, correlation_shape, estimate_global_shifts, lowpass_filter
+from .global_align import GlobalAlignment, correlation_shape, estimate_global_shifts, lowpass_filter, refine_band
 from .local_align import MIN_PEAK_Z, PATCH_SIZE_A, LocalAlignment, estimate_local_shifts, patch_size_px
 from .preprocess import check_frames, correct_dark_gain, find_hot_pixels, replace_defect_pixels
 
@@ -323,8 +323,10 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
         coarse *= lowpass_filter(cshape, (work_ps / scale_yx[0], work_ps / scale_yx[1]), options.max_res_A, xp=xp)
 
     with timer("global"):
+        band = refine_band(work_ps / (0.5 * (scale_yx[0] + scale_yx[1])), options.max_res_A)
         galign = estimate_global_shifts(coarse, cshape, scale_yx=scale_yx, max_shift_px=max_shift_px,
-                                        refine=options.refine_global, batch_bytes=options.batch_bytes)
+                                        refine=options.refine_global, band=band, batch_bytes=options.batch_bytes,
+                                        timer=timer)
     shifts = galign.shifts_px
     global_z = float(np.median(galign.peak_z))
     if global_z < MIN_PEAK_Z:
@@ -337,7 +339,8 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
     model = None
     if options.local:
         with timer("local"):
-            local, model, msg = _local_alignment(coarse, cshape, scale_yx, work_shape, work_ps, galign, options)
+            local, model, msg = _local_alignment(coarse, cshape, scale_yx, work_shape, work_ps, galign, options, band,
+                                                 timer)
         if msg:
             warnings_.append(f"{name}: {msg}")
             logger.warning("%s: %s", name, msg)
@@ -347,18 +350,21 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
         shift_spectra(spec, shifts, work_shape, out=spec)
         sum_odd = sum_even = stack = None
         if model is not None:
-            frames = irfft2(spec, work_shape).astype(np.float32, copy=False)
-            del spec
-            hx, hy, _ = model.spacing
-            aligned = correct_local_motion(frames, xp.asarray(model.frame_coefficients()), (hy, hx))
-            del frames
+            with timer("apply.inverse_fft"):
+                frames = irfft2(spec, work_shape).astype(np.float32, copy=False)
+                del spec
+            with timer("apply.interpolate"):
+                hx, hy, _ = model.spacing
+                aligned = correct_local_motion(frames, xp.asarray(model.frame_coefficients()), (hy, hx))
+                del frames
             total = aligned.sum(axis=0)
             if options.odd_even:
                 sum_odd = aligned[0::2].sum(axis=0)
                 sum_even = aligned[1::2].sum(axis=0)
             if options.save_stack:
                 stack = aligned[:, :out_shape[0], :out_shape[1]].copy()
-            spec = rfft2(aligned) if options.dose_per_frame else None
+            with timer("apply.forward_fft"):
+                spec = rfft2(aligned) if options.dose_per_frame else None
             del aligned
         else:
             total = irfft2(spec.sum(axis=0), work_shape)
@@ -392,7 +398,7 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
                           timings_ms=timer.milliseconds(), warnings=warnings_)
 
 
-def _local_alignment(coarse, cshape, scale_yx, work_shape, work_ps, galign, options):
+def _local_alignment(coarse, cshape, scale_yx, work_shape, work_ps, galign, options, band, timer):
     """Patches, per-patch shifts and the B-spline fit; returns (local, model or None, warning or '')."""
     n = int(coarse.shape[0])
     wy, wx = work_shape
@@ -407,12 +413,14 @@ def _local_alignment(coarse, cshape, scale_yx, work_shape, work_ps, galign, opti
     local_max = options.local_max_shift_A if options.local_max_shift_A else 0.4 * options.max_shift_A
     local = estimate_local_shifts(aligned, scale_yx=scale_yx, n_patches_xy=(npx, npy), patch_size_px_yx=size_yx,
                                   reference_frame=galign.reference_frame, window=options.patch_window,
-                                  max_shift_px=local_max / work_ps, batch_bytes=options.batch_bytes)
+                                  max_shift_px=local_max / work_ps, band=band, batch_bytes=options.batch_bytes,
+                                  timer=timer)
     if not local.ok:
         return local, None, f"local alignment skipped, using the global shifts only: {local.reason}"
     ctrl = options.control_points or auto_control_points(work_shape, work_ps, n)
     pts = np.array([(cx, cy, t) for (cx, cy) in local.patch_centres_px for t in range(n)], dtype=np.float64)
     vals = local.shifts_px.reshape(-1, 2)
     weights = np.repeat(local.patch_ok, n).astype(np.float64)
-    model, _ = fit_bspline_shifts(pts, vals, n_ctrl=ctrl, extent=(wx, wy, n), weights=weights)
+    with timer("local.fit"):
+        model, _ = fit_bspline_shifts(pts, vals, n_ctrl=ctrl, extent=(wx, wy, n), weights=weights)
     return local, model, ""

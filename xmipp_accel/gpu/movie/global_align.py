@@ -24,6 +24,7 @@ peaks at ``s_j - s_i``. Shifts are ``(x, y)`` pairs in pixels.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import numpy as np
 from .. import backend
 from ._fft import fast_size, irfft2, rfft2, rfft_freqs
 
-__all__ = ["GAUSS_C", "correlation_pixel_size", "correlation_shape", "lowpass_filter", "edge_taper",
+__all__ = ["GAUSS_C", "correlation_pixel_size", "correlation_shape", "lowpass_filter", "refine_band", "edge_taper",
            "correlation_spectra", "frame_pairs", "correlate_pairs", "refine_peaks_dft", "solve_relative_shifts",
            "reference_frame", "GlobalAlignment", "estimate_global_shifts"]
 
@@ -100,6 +101,17 @@ def lowpass_filter(shape: Sequence[int], pixel_size_yx_A: Sequence[float], max_r
     return xp.exp(-k2 / (2.0 * sigma * sigma)).astype(np.float32)
 
 
+def refine_band(coarse_pixel_size_A: float, max_res_A: float) -> float:
+    """Fraction of Nyquist beyond which the low-passed cross-power spectra are negligible.
+
+    The product of two spectra carries the square of the Gaussian low-pass, ``exp(-k²/σ²)`` with
+    ``σ = c / R``; at ``2.6 σ`` it is 0.1% of its peak. At FlexAlign's coarse pixel size ``R / (8c)``
+    this is 65% of Nyquist.
+    """
+    sigma = GAUSS_C / float(max_res_A)
+    return float(min(1.0, 2.6 * sigma * 2.0 * coarse_pixel_size_A))
+
+
 def edge_taper(shape: Sequence[int], *, width_fraction: float = 0.05, margin_yx: Sequence[int] = (0, 0), xp=np):
     """Separable raised-cosine window (y, x) float32.
 
@@ -150,6 +162,10 @@ def frame_pairs(n_frames: int, *, min_gap: int = 1) -> Tuple[np.ndarray, np.ndar
     return i.astype(np.int64), j.astype(np.int64)
 
 
+def _no_timer(name: str):
+    return contextlib.nullcontext()
+
+
 def _hermitian_weights(nx: int, xp):
     """Weights of the columns of an rfft half spectrum so that Re(sum) equals the full-spectrum sum."""
     w = np.full(nx // 2 + 1, 2.0)
@@ -159,7 +175,7 @@ def _hermitian_weights(nx: int, xp):
     return xp.asarray(w)
 
 
-def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
+def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *, band: float = 1.0,
                      stages: Sequence[Tuple[int, float]] = ((9, 0.25), (9, 0.03125))):
     """Sub-pixel maxima of correlations given by their spectra, near integer maxima.
 
@@ -176,6 +192,9 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
         Starting points (x, y) in pixels (integer maxima), signed.
     shape : (ny, nx)
         Real-space size of the correlation.
+    band : float
+        Only frequencies up to this fraction of Nyquist (per axis) enter the sums: beyond it the
+        low-passed spectra are negligible (a symmetric cut, so the peak is not moved).
     stages : sequence of (m, step)
         Grid points per axis (odd) and spacing in pixels of each refinement stage.
 
@@ -186,10 +205,13 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
     xp = backend.get_xp(products)
     ny, nx = (int(s) for s in shape)
     B = products.shape[0]
-    ky = xp.asarray(np.fft.fftfreq(ny) * ny)                     # signed integer frequencies (float64)
-    kx = xp.asarray(np.arange(nx // 2 + 1, dtype=np.float64))
-    w = _hermitian_weights(nx, xp)
-    products = products.astype(np.complex128)  # the finer stages need double precision sums
+    ky_all = np.fft.fftfreq(ny) * ny
+    keep_y = np.flatnonzero(np.abs(ky_all) <= band * ny / 2.0)
+    keep_x = int(min(nx // 2, math.ceil(band * nx / 2.0))) + 1
+    products = products[:, xp.asarray(keep_y), :keep_x].astype(np.complex128)  # double precision sums
+    ky = xp.asarray(ky_all[keep_y])                               # signed integer frequencies (float64)
+    kx = xp.asarray(np.arange(keep_x, dtype=np.float64))
+    w = _hermitian_weights(nx, xp)[:keep_x]
     start = xp.asarray(centres_xy, dtype=np.float64).reshape(B, 2)
     best = start.copy()
     grid = None
@@ -228,7 +250,7 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *,
     return xp.clip(best + xp.stack([ox, oy], axis=1), start - 1.0, start + 1.0)
 
 
-def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *,
+def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *, band: float = 1.0,
                     batch_bytes: float = 1.0e9) -> Tuple[np.ndarray, np.ndarray]:
     """Relative shifts of pairs of images from the maxima of their cross-correlations.
 
@@ -243,6 +265,8 @@ def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *
     max_shift_px : float or (float, float)
         Largest relative shift searched, in pixels of these images (along y, x); the integer maximum is
         searched inside this ellipse around zero.
+    band : float
+        Fraction of Nyquist used by the sub-pixel refinement (:func:`refine_peaks_dft`).
     batch_bytes : float
         Memory budget of one batch of pairs.
 
@@ -291,7 +315,7 @@ def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *
         peak = win.reshape(B, -1)[xp.arange(B), k]
         z = (peak - mean) / xp.where(std > 0, std, 1.0)
         start = xp.stack([px, py], axis=1).astype(np.float64)
-        refined = refine_peaks_dft(prod, start, (ny, nx))
+        refined = refine_peaks_dft(prod, start, (ny, nx), band=band)
         shifts.append(refined)
         zs.append(z.astype(np.float64))
         del prod, corr, win
@@ -413,8 +437,8 @@ class GlobalAlignment:
 
 
 def estimate_global_shifts(coarse_spectra, coarse_shape: Sequence[int], *, scale_yx: Sequence[float],
-                           max_shift_px: float, refine: bool = True, batch_bytes: float = 1.0e9,
-                           n_passes: int = 2, n_sigma: float = 3.0) -> GlobalAlignment:
+                           max_shift_px: float, refine: bool = True, band: float = 1.0, batch_bytes: float = 1.0e9,
+                           n_passes: int = 2, n_sigma: float = 3.0, timer=None) -> GlobalAlignment:
     """Global per-frame shifts from the low-passed coarse spectra of the frames.
 
     A first pass correlates the tapered coarse frames. Because the frames are cut-outs of a moving
@@ -434,6 +458,10 @@ def estimate_global_shifts(coarse_spectra, coarse_shape: Sequence[int], *, scale
         Largest shift between any two frames, in full-resolution pixels.
     refine : bool
         Run the second (pre-aligned) pass.
+    band : float
+        Fraction of Nyquist used for the sub-pixel refinement (:func:`refine_band`).
+    timer : callable ``name -> context manager``, optional
+        Records the sub-steps (``global.correlate``, ``global.solve``, ``global.refine``).
 
     Returns
     -------
@@ -444,27 +472,31 @@ def estimate_global_shifts(coarse_spectra, coarse_shape: Sequence[int], *, scale
     sy, sx = (float(v) for v in scale_yx)
     to_full = np.array([sx, sy])
     a, b = frame_pairs(n)
-    coarse = irfft2(coarse_spectra, coarse_shape)
-    d, z = correlate_pairs(correlation_spectra(coarse), a, b, coarse_shape, (max_shift_px * sy, max_shift_px * sx),
-                           batch_bytes=batch_bytes)
-    del coarse
-    d_full = d / to_full
-    shifts, inl = solve_relative_shifts(a, b, d_full, n, n_passes=n_passes, n_sigma=n_sigma)
+    timer = timer or _no_timer
+    with timer("global.correlate"):
+        coarse = irfft2(coarse_spectra, coarse_shape)
+        d, z = correlate_pairs(correlation_spectra(coarse), a, b, coarse_shape,
+                               (max_shift_px * sy, max_shift_px * sx), band=band, batch_bytes=batch_bytes)
+        del coarse
+    with timer("global.solve"):
+        d_full = d / to_full
+        shifts, inl = solve_relative_shifts(a, b, d_full, n, n_passes=n_passes, n_sigma=n_sigma)
     if refine:
-        centred = shifts - shifts.mean(axis=0)
-        coarse_px = centred * to_full
-        margin = np.ceil(np.abs(coarse_px).max(axis=0)).astype(int) + 1      # (x, y)
-        aligned = irfft2(shift_spectra(coarse_spectra, coarse_px, coarse_shape), coarse_shape)
-        spectra = correlation_spectra(aligned, margin_yx=(margin[1], margin[0]))
-        del aligned
-        r, z = correlate_pairs(spectra, a, b, coarse_shape, (max(4.0, 0.1 * max_shift_px * sy),
-                                                              max(4.0, 0.1 * max_shift_px * sx)),
-                               batch_bytes=batch_bytes)
-        del spectra
-        r_full = r / to_full
-        resid, inl = solve_relative_shifts(a, b, r_full, n, n_passes=n_passes, n_sigma=n_sigma)
-        shifts = centred + resid
-        d_full = r_full + (centred[b] - centred[a])
+        with timer("global.refine"):
+            centred = shifts - shifts.mean(axis=0)
+            coarse_px = centred * to_full
+            margin = np.ceil(np.abs(coarse_px).max(axis=0)).astype(int) + 1      # (x, y)
+            aligned = irfft2(shift_spectra(coarse_spectra, coarse_px, coarse_shape), coarse_shape)
+            spectra = correlation_spectra(aligned, margin_yx=(margin[1], margin[0]))
+            del aligned
+            r, z = correlate_pairs(spectra, a, b, coarse_shape, (max(4.0, 0.1 * max_shift_px * sy),
+                                                                  max(4.0, 0.1 * max_shift_px * sx)),
+                                   band=band, batch_bytes=batch_bytes)
+            del spectra
+            r_full = r / to_full
+            resid, inl = solve_relative_shifts(a, b, r_full, n, n_passes=n_passes, n_sigma=n_sigma)
+            shifts = centred + resid
+            d_full = r_full + (centred[b] - centred[a])
     ref = reference_frame(shifts)
     shifts = shifts - shifts[ref]
     res = d_full - (shifts[b] - shifts[a])

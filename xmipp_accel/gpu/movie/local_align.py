@@ -18,6 +18,7 @@ rise clearly above their maps, the caller falls back to the global alignment wit
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -109,8 +110,8 @@ class LocalAlignment:
 
 def estimate_local_shifts(aligned_coarse, *, scale_yx: Sequence[float], n_patches_xy: Sequence[int],
                           patch_size_px_yx: Sequence[int], reference_frame: int, window: int = 3,
-                          max_shift_px: float = 25.0, batch_bytes: float = 1.0e9,
-                          min_peak_z: float = MIN_PEAK_Z) -> LocalAlignment:
+                          max_shift_px: float = 25.0, band: float = 1.0, batch_bytes: float = 1.0e9,
+                          min_peak_z: float = MIN_PEAK_Z, timer=None) -> LocalAlignment:
     """Measure the residual shift of every patch in every frame.
 
     Parameters
@@ -129,6 +130,10 @@ def estimate_local_shifts(aligned_coarse, *, scale_yx: Sequence[float], n_patche
         Frames averaged per patch frame (odd).
     max_shift_px : float
         Largest residual shift searched between two patch frames (full-resolution pixels).
+    band : float
+        Fraction of Nyquist used for the sub-pixel refinement (see :func:`.global_align.refine_band`).
+    timer : callable ``name -> context manager``, optional
+        Records the sub-steps (``local.patches``, ``local.correlate``, ``local.solve``).
 
     Returns
     -------
@@ -143,27 +148,31 @@ def estimate_local_shifts(aligned_coarse, *, scale_yx: Sequence[float], n_patche
     px = min(cx - cx % 2, fast_size(max(16, int(math.ceil(patch_size_px_yx[1] * sx))), real=True))
     ys = patch_starts(cy, npy, py)
     xs = patch_starts(cx, npx, px)
-    averaged = temporal_average(aligned_coarse, window)
-    patches = xp.stack([averaged[:, y0:y0 + py, x0:x0 + px] for y0 in ys for x0 in xs])   # (P, N, py, px)
-    n_p = patches.shape[0]
-    spectra = correlation_spectra(patches.reshape(n_p * n, py, px))
-    del patches, averaged
+    timer = timer or (lambda name: contextlib.nullcontext())
+    with timer("local.patches"):
+        averaged = temporal_average(aligned_coarse, window)
+        patches = xp.stack([averaged[:, y0:y0 + py, x0:x0 + px] for y0 in ys for x0 in xs])   # (P, N, py, px)
+        n_p = patches.shape[0]
+        spectra = correlation_spectra(patches.reshape(n_p * n, py, px))
+        del patches, averaged
     min_gap = window if n >= window + 3 else 1
     a, b = frame_pairs(n, min_gap=min_gap)
     offs = (np.arange(n_p) * n)[:, None]
     fa = (offs + a[None]).ravel()
     fb = (offs + b[None]).ravel()
-    d, z = correlate_pairs(spectra, fa, fb, (py, px), (max(2.0, max_shift_px * sy), max(2.0, max_shift_px * sx)),
-                           batch_bytes=batch_bytes)
-    del spectra
-    d = d.reshape(n_p, len(a), 2) / np.array([sx, sy])
-    z = z.reshape(n_p, len(a))
-    shifts = np.zeros((n_p, n, 2))
-    inliers = np.zeros((n_p, len(a)), dtype=bool)
-    for p in range(n_p):
-        s, inl = solve_relative_shifts(a, b, d[p], n)
-        shifts[p] = s - s[reference_frame]
-        inliers[p] = inl
+    with timer("local.correlate"):
+        d, z = correlate_pairs(spectra, fa, fb, (py, px), (max(2.0, max_shift_px * sy), max(2.0, max_shift_px * sx)),
+                               band=band, batch_bytes=batch_bytes)
+        del spectra
+    with timer("local.solve"):
+        d = d.reshape(n_p, len(a), 2) / np.array([sx, sy])
+        z = z.reshape(n_p, len(a))
+        shifts = np.zeros((n_p, n, 2))
+        inliers = np.zeros((n_p, len(a)), dtype=bool)
+        for p in range(n_p):
+            s, inl = solve_relative_shifts(a, b, d[p], n)
+            shifts[p] = s - s[reference_frame]
+            inliers[p] = inl
     peak_z = np.median(z, axis=1)
     patch_ok = peak_z >= min_peak_z
     centres = np.array([((x0 + px / 2.0) / sx, (y0 + py / 2.0) / sy) for y0 in ys for x0 in xs])

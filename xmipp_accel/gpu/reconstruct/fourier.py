@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -42,12 +43,14 @@ import numpy as np
 from ...errors import InputError
 from .. import backend
 from .blob import KaiserBesselBlob
-from .insert import BLOB_MODES, FourierGrid, insert_gather, symmetrize_fourier_volume
+from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu, packed_width,
+                     symmetrize_fourier_volume)
 
 __all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "ParticleBatch", "ReconstructionResult",
            "FourierAccumulator", "FourierReconstructor", "padded_box", "fourier_grid", "projection_transforms",
            "finish_volume", "reconstruct", "reconstruct_batches", "reduce_accumulators", "batches_from_arrays",
-           "default_batch_size", "group_matrices", "replica_count"]
+           "default_batch_size", "group_matrices", "replica_count",
+           "packed_projections"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +148,16 @@ def fourier_grid(box: int, settings: ReconstructionSettings) -> FourierGrid:
 
 
 def default_batch_size(box: int, settings: ReconstructionSettings, *, gpu: bool,
-                       budget_bytes: float = 1.0e9) -> int:
-    """Particles per batch keeping the per-batch buffers near ``budget_bytes`` (GPU) or small (CPU)."""
-    M = padded_box(box, settings.pad)
-    per_image = M * (M // 2 + 1) * (8 + 4 + 8 + 4) + box * box * 4 * 3
+                       budget_bytes: float = 2.0e9) -> int:
+    """Particles per batch keeping the per-batch buffers near ``budget_bytes`` (GPU) or small (CPU).
+
+    A GPU batch holds the images, their padded transforms and CTFs (rfft layout) and the packed
+    projections (``W² x 16`` bytes each, :func:`.insert.packed_width`).
+    """
+    grid = fourier_grid(box, settings)
+    M = grid.padded_box
+    W = packed_width(grid, settings.blob)
+    per_image = M * (M // 2 + 1) * (8 + 4) + M * M * 4 + W * W * 16 + box * box * 4 * 3
     if not gpu:
         budget_bytes = 1.5e8
     return int(max(1, min(4096, budget_bytes // per_image)))
@@ -332,6 +341,29 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
     return ft, w
 
 
+def packed_projections(images, grid: FourierGrid, *, shifts_px=None, ctf=None, pixel_size_A: float = 1.0,
+                       ctf_mode: str = "wiener", ctf_premultiplied: bool = False,
+                       blob: KaiserBesselBlob = KaiserBesselBlob()):
+    """GPU: images ``(n, N, N)`` → packed projections for :func:`.insert.insert_packed_gpu`.
+
+    The same transforms as :func:`projection_transforms` (padding, centring, shift, CTF), but the
+    phase ramp and the CTF are applied on the GPU while packing (:func:`.insert.pack_projections_gpu`),
+    so the host only sends the shifts and defoci. Returns cupy ``(n, W, W, 4)`` float32.
+    """
+    cp = backend.cupy_module()
+    n, N = int(images.shape[0]), int(images.shape[-1])
+    M = grid.padded_box
+    use_ctf = ctf is not None and ctf_mode != "none"
+    mode = ctf_mode if use_ctf else "none"
+    if mode == "wiener" and ctf_premultiplied:
+        mode = "wiener-premultiplied"
+    ft = cp.fft.rfft2(cp.asarray(images, dtype=cp.float32), s=(M, M))
+    sh = np.zeros((n, 2)) if shifts_px is None else np.asarray(backend.to_host(shifts_px), dtype=np.float64)
+    centre_shift = cp.asarray(sh - N // 2)   # content moves by +shift, its centre N//2 goes to the origin
+    ctf_img = _ctf_images(ctf, n, M, pixel_size_A, cp) if use_ctf else None
+    return pack_projections_gpu(ft, ctf_img, centre_shift, grid, blob, mode)
+
+
 # ---------------------------------------------------------------------------------------------- accumulators
 
 @dataclass
@@ -390,13 +422,18 @@ class FourierAccumulator:
         return FourierAccumulator(backend.to_host(self.data), backend.to_host(self.weight), self.count)
 
 
-def replica_count(grid: FourierGrid, *, target_threads: int = 1 << 18, budget_bytes: float = 1.5e9) -> int:
+def replica_count(grid: FourierGrid, *, target_threads: int = 1 << 19, budget_bytes: Optional[float] = None) -> int:
     """Replicas of a GPU accumulator so that about ``target_threads`` columns run at once.
 
     One thread owns a column of the half volume, ``(K+1)(2K+1)`` of them: a 64-pixel box
     (``M = 128``) has 8 000, too few to fill a GPU; replicas multiply the threads while the
-    extra memory stays within ``budget_bytes``.
+    extra memory stays within ``budget_bytes`` (default: 4 GB or a fifth of the free memory).
     """
+    if budget_bytes is None:
+        budget_bytes = 4.0e9
+        cp = backend.cupy_module()
+        if cp is not None:
+            budget_bytes = min(budget_bytes, 0.2 * cp.cuda.runtime.memGetInfo()[0])
     K = grid.K
     face = (K + 1) * (2 * K + 1)
     want = int(math.ceil(target_threads / face))
@@ -460,8 +497,12 @@ class FourierReconstructor:
             return mats, np.repeat(np.arange(m.shape[0]), k)
         return m, np.arange(m.shape[0])
 
-    def insert_transforms(self, ft, weight, matrices, subset=None) -> None:
-        """Insert prepared transforms (:func:`projection_transforms`) with their rotations ``(n, 3, 3)``."""
+    def insert_transforms(self, ft, weight, matrices, subset=None, *, packed: bool = False) -> None:
+        """Insert prepared transforms with their rotations ``(n, 3, 3)``.
+
+        ``ft``/``weight``: :func:`projection_transforms` output (rfft layout), or with ``packed=True``
+        the GPU's packed projections (:func:`packed_projections`; ``weight`` is then unused).
+        """
         mats, idx = self.entries(matrices)
         k = mats.shape[0] // max(1, np.asarray(matrices).reshape(-1, 9).shape[0])
         if self.n_subsets == 1 or subset is None:
@@ -476,8 +517,12 @@ class FourierReconstructor:
                 continue
             acc = self.accumulators[s]
             target_d, target_w = acc.insert_targets
-            insert_gather(target_d, target_w, ft, weight, mats[sel], idx[sel], self.grid, self.settings.blob,
-                          blob_mode=self.settings.blob_mode, tuning=self.settings.tuning)
+            if packed:
+                insert_packed_gpu(target_d, target_w, ft, mats[sel], idx[sel], self.grid, self.settings.blob,
+                                  blob_mode=self.settings.blob_mode, tuning=self.settings.tuning)
+            else:
+                insert_gather(target_d, target_w, ft, weight, mats[sel], idx[sel], self.grid, self.settings.blob,
+                              blob_mode=self.settings.blob_mode, tuning=self.settings.tuning)
             acc.count += sel.size // max(k, 1)
 
     def insert(self, images, matrices, *, shifts_px=None, ctf=None, subset=None) -> None:
@@ -485,6 +530,12 @@ class FourierReconstructor:
         images = self.xp.asarray(images, dtype=self.xp.float32)
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
             raise InputError(f"images must have shape (n, {self.box}, {self.box}), got {tuple(images.shape)}")
+        if self.xp is not np:
+            packed = packed_projections(images, self.grid, shifts_px=shifts_px, ctf=ctf,
+                                        pixel_size_A=self.pixel_size_A, ctf_mode=self.settings.ctf_mode,
+                                        ctf_premultiplied=self.settings.ctf_premultiplied, blob=self.settings.blob)
+            self.insert_transforms(packed, None, matrices, subset, packed=True)
+            return
         ft, w = projection_transforms(images, self.grid, shifts_px=shifts_px, ctf=ctf,
                                       pixel_size_A=self.pixel_size_A, ctf_mode=self.settings.ctf_mode,
                                       ctf_premultiplied=self.settings.ctf_premultiplied)
@@ -592,9 +643,10 @@ class _DeviceWorker:
 
     def __init__(self, device: backend.Device, box: int, settings: ReconstructionSettings, pixel_size_A: float,
                  n_subsets: int, chunk: int, stager: Optional[concurrent.futures.Executor] = None,
-                 check_finite: bool = True):
+                 check_finite: bool = True, stage_parts: int = 4):
         self.device = device
         self.check_finite = check_finite
+        self.stage_parts = max(1, int(stage_parts))
         self.chunk = max(1, int(chunk))
         self.stager = stager
         with _on_device(device):
@@ -646,7 +698,7 @@ class _DeviceWorker:
         if self.stager is None or n < 8:
             np.copyto(dst[:n], src)
             return
-        parts = 4
+        parts = self.stage_parts
         bounds = [n * i // parts for i in range(parts + 1)]
         futures = [self.stager.submit(np.copyto, dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         for f in futures:
@@ -685,11 +737,12 @@ class _DeviceWorker:
                 self.compute_stream.wait_event(ready)
             if self.check_finite:   # on the device, read back once at the end (no synchronisation here)
                 self.finite_checks.append((part.first_index, cp.isfinite(images).all(axis=(1, 2))))
-            ft, w = projection_transforms(images, self.rec.grid, shifts_px=part.shifts_px, ctf=part.ctf,
-                                          pixel_size_A=self.rec.pixel_size_A, ctf_mode=self.rec.settings.ctf_mode,
-                                          ctf_premultiplied=self.rec.settings.ctf_premultiplied)
+            settings = self.rec.settings
+            packed = packed_projections(images, self.rec.grid, shifts_px=part.shifts_px, ctf=part.ctf,
+                                        pixel_size_A=self.rec.pixel_size_A, ctf_mode=settings.ctf_mode,
+                                        ctf_premultiplied=settings.ctf_premultiplied, blob=settings.blob)
             try:
-                self.rec.insert_transforms(ft, w, part.matrices, part.subset)
+                self.rec.insert_transforms(packed, None, part.matrices, part.subset, packed=True)
             except Exception as exc:  # past this point a retry would insert twice
                 exc._inserted = True
                 raise
@@ -773,8 +826,9 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
         chunk = default_batch_size(box, settings, gpu=devices[0].is_gpu)
     timings = {}
     t0 = time.perf_counter()
-    stager = concurrent.futures.ThreadPoolExecutor(max_workers=4) if devices[0].is_gpu else None
-    workers = [_DeviceWorker(d, box, settings, pixel_size_A, n_subsets, chunk, stager, check_finite)
+    n_stage = max(2, min(12, (os.cpu_count() or 4) - 2))   # threads copying host images into pinned memory
+    stager = concurrent.futures.ThreadPoolExecutor(max_workers=n_stage) if devices[0].is_gpu else None
+    workers = [_DeviceWorker(d, box, settings, pixel_size_A, n_subsets, chunk, stager, check_finite, n_stage)
                for d in devices]
     timings["setup"] = time.perf_counter() - t0
 

@@ -5,8 +5,7 @@
 // Layouts (all sizes passed at run time, so a new box does not recompile):
 //   data   (M, M, Mh) float2, weight (M, M, Mh) float: index [kz][ky][kx], kz and ky in FFT order
 //          (k = i for i < M/2, i - M otherwise), kx = 0..Mh-1 with Mh = M/2 + 1 (rfft half axis).
-//   proj   (B, M, Mh) float2: rfft2 of each padded projection, [ky][kx], ky in FFT order.
-//   proj_w (B, M, Mh) float or nullptr: per-pixel weight (CTF^2 for Wiener, nullptr = 1).
+//   proj   (B, W, W) float4: packed projections (see pack_projections), centred, W = 2 Kp + 1.
 //   mats   (E, 9) float: row-major A of each entry (image x symmetry operator); a voxel k
 //          (vector (kx, ky, kz)) sits at q = A k in the projection frame; q_z is the distance
 //          to the central plane and (q_x, q_y) the position in the 2-D transform.
@@ -24,8 +23,8 @@
 //
 // Template parameters (the autotuner's knobs, see insert.py INSERT_TUNING_SPACE):
 //   TILE       entries staged per shared-memory tile
-//   BLOB_MODE  0: blob evaluated on the fly (Bessel I_m), 1: table read through the L1/texture
-//              path, 2: table copied into shared memory (dynamic shared memory, table_n floats)
+//   BLOB_MODE  0: blob evaluated on the fly (Bessel I_m), 1: table of (value, slope) pairs read
+//              through the L1/texture path, 2: table copied into shared memory (table_n floats)
 //   ORDER      blob order m for BLOB_MODE 0 (0, 1 or 2)
 
 template <int ORDER>
@@ -44,30 +43,74 @@ __device__ __forceinline__ float blob_on_the_fly(float d2, float inv_r2, float a
     }
 }
 
-__device__ __forceinline__ float blob_from_table(const float* __restrict__ table, int table_n, float scale,
-                                                 float d2)
-{
-    const float t = d2 * scale;
-    int i = (int)t;
-    i = min(max(i, 0), table_n - 1);
-    const int j = min(i + 1, table_n - 1);
-    const float f = t - (float)i;
-    return table[i] + f * (table[j] - table[i]);
-}
-
 __device__ __forceinline__ int wrap_index(int k, int M)
 {
     return k < 0 ? k + M : k;
 }
 
+// Packed projections (what the insertion kernel reads): for each image a centred square of
+// W = 2 Kp + 1 pixels (Kp = K + ceil(r) + 1, so that every pixel a blob can reach is inside),
+// float4 (re, im, weight, 0) at [py + Kp][px + Kp]: the rfft value for px >= 0 and its Hermitian
+// mate conj(F(-p)) for px < 0, already multiplied by the shift phase and the CTF treatment, and
+// exact zeros (weight too) outside the pixels that take part (|p|^2 <= kmax2, |px|, |py| <= K).
+// The insertion loop then needs neither bounds checks nor Hermitian branches.
+//   mode 0: weight 1; 1: Wiener (F*ctf, ctf^2); 2: Wiener on CTF-premultiplied data (F, ctf^2);
+//   3: phase flip (F*sign(ctf), 1); 4: explicit per-pixel weights (F, aux).
+extern "C" __global__ void pack_projections(const float2* __restrict__ ft, const float* __restrict__ aux,
+                                            const double* __restrict__ shift, float4* __restrict__ out,
+                                            const int B, const int M, const int Mh, const int K, const int kmax2,
+                                            const int Kp, const int mode)
+{
+    const int W = 2 * Kp + 1;
+    const size_t total = (size_t)B * W * W;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const int b = (int)(i / ((size_t)W * W));
+    const int rem = (int)(i - (size_t)b * W * W);
+    const int py = rem / W - Kp;
+    const int px = rem % W - Kp;
+    if (px * px + py * py > kmax2 || abs(px) > K || abs(py) > K) {
+        out[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        return;
+    }
+    int ax = px, ay = py;
+    float sg = 1.0f;
+    if (px < 0) { ax = -px; ay = -py; sg = -1.0f; }
+    const size_t j = (size_t)b * M * Mh + (size_t)(ay < 0 ? ay + M : ay) * Mh + ax;
+    float2 f = ft[j];
+    f.y *= sg;
+    if (shift != nullptr) {   // content moves by +shift and its centre goes to the origin: exp(-2 pi i p.s'/M)
+        const double ang = -6.283185307179586 * ((double)px * shift[2 * b] + (double)py * shift[2 * b + 1]) / M;
+        double sn, cs;
+        sincos(ang, &sn, &cs);
+        const float c = (float)cs, s = (float)sn;
+        f = make_float2(f.x * c - f.y * s, f.x * s + f.y * c);
+    }
+    float w = 1.0f;
+    if (mode == 1) {
+        const float c = aux[j];
+        f.x *= c; f.y *= c; w = c * c;
+    } else if (mode == 2) {
+        const float c = aux[j];
+        w = c * c;
+    } else if (mode == 3) {
+        const float c = aux[j] < 0.0f ? -1.0f : 1.0f;
+        f.x *= c; f.y *= c;
+    } else if (mode == 4) {
+        w = aux[j];
+    }
+    out[i] = make_float4(f.x, f.y, w, 0.0f);
+}
+
 template <int TILE, int BLOB_MODE, int ORDER>
 __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ weight,
-                              const float2* __restrict__ proj, const float* __restrict__ proj_w,
+                              const float4* __restrict__ proj,
                               const float* __restrict__ mats, const int* __restrict__ img,
                               const int n_entries, const int axis, const long long replica_stride,
-                              const int M, const int Mh, const int K, const int kmax2,
+                              const int K, const int kmax2, const int M, const int Mh, const int Kp,
                               const float r, const float r2, const float alpha, const float inv_norm,
-                              const float* __restrict__ table, const int table_n, const float table_scale)
+                              const float* __restrict__ table, const float2* __restrict__ table2,
+                              const int table_n, const float table_scale)
 {
     extern __shared__ float s_table[];
     __shared__ float s_mat[TILE][9];
@@ -78,7 +121,6 @@ __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ wei
     if (BLOB_MODE == 2) {
         for (int i = tid; i < table_n; i += nthreads) s_table[i] = table[i];
     }
-    const float* tab = (BLOB_MODE == 2) ? s_table : table;
 
     // face coordinates (u fastest): axis 2 -> (kx, ky), axis 1 -> (kx, kz), axis 0 -> (ky, kz)
     const int u = ((axis == 0) ? -K : 0) + (int)(blockIdx.x * blockDim.x + threadIdx.x);
@@ -98,8 +140,10 @@ __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ wei
             c_lo = (axis == 0) ? 0 : -cs;
         }
     }
-    const size_t plane = (size_t)M * Mh;
+    const int W = 2 * Kp + 1;
+    const size_t plane = (size_t)W * W;
     const float inv_r2 = 1.0f / r2;
+    const int last = table_n - 1;
     // this replica's share of the entries
     const int e_begin = (int)(((long long)n_entries * blockIdx.z) / gridDim.z);
     const int e_end = (int)(((long long)n_entries * (blockIdx.z + 1)) / gridDim.z);
@@ -125,8 +169,7 @@ __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ wei
             const int c0 = max((int)ceilf(fminf(a, b)), c_lo);
             const int c1 = min((int)floorf(fmaxf(a, b)), c_hi);
             if (c0 > c1) continue;
-            const float2* P = proj + (size_t)s_img[e] * plane;
-            const float* PW = (proj_w != nullptr) ? proj_w + (size_t)s_img[e] * plane : nullptr;
+            const float4* P = proj + (size_t)s_img[e] * plane + (size_t)Kp * W + Kp;   // pixel (0, 0)
             for (int c = c0; c <= c1; ++c) {
                 int kx, ky, kz;
                 if (axis == 2) { kx = u; ky = v; kz = c; }
@@ -139,27 +182,38 @@ __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ wei
                 const float qz2 = qz * qz;
                 if (qz2 > r2) continue;
                 const float rp = sqrtf(r2 - qz2);
-                const int x0 = (int)ceilf(qx - rp), x1 = (int)floorf(qx + rp);
                 const int y0 = (int)ceilf(qy - rp), y1 = (int)floorf(qy + rp);
                 float sre = 0.0f, sim = 0.0f, sw = 0.0f;
                 for (int py = y0; py <= y1; ++py) {
                     const float dy = (float)py - qy;
+                    const float dyz = fmaf(dy, dy, qz2);
+                    const float rx2 = r2 - dyz;
+                    if (rx2 < 0.0f) continue;
+                    const float rx = sqrtf(rx2);
+                    const int x0 = (int)ceilf(qx - rx), x1 = (int)floorf(qx + rx);
+                    const float4* row = P + (long long)py * W;
                     for (int px = x0; px <= x1; ++px) {
                         const float dx = (float)px - qx;
-                        const float d2 = dx * dx + dy * dy + qz2;
-                        if (d2 > r2) continue;
-                        if (px * px + py * py > kmax2 || abs(px) > K || abs(py) > K) continue;
+                        const float d2 = fmaf(dx, dx, dyz);
                         float w;
-                        if (BLOB_MODE == 0) w = blob_on_the_fly<ORDER>(d2, inv_r2, alpha, inv_norm);
-                        else w = blob_from_table(tab, table_n, table_scale, d2);
-                        int ax = px, ay = py;
-                        float sgn = 1.0f;
-                        if (px < 0) { ax = -px; ay = -py; sgn = -1.0f; }   // Hermitian mate
-                        const int idx = wrap_index(ay, M) * Mh + ax;
-                        const float2 f = __ldg(P + idx);
-                        sre += w * f.x;
-                        sim += sgn * w * f.y;
-                        sw += (PW != nullptr) ? w * __ldg(PW + idx) : w;
+                        if (BLOB_MODE == 0) {
+                            w = blob_on_the_fly<ORDER>(d2, inv_r2, alpha, inv_norm);
+                        } else {
+                            const float tt = d2 * table_scale;
+                            const int ti = min((int)tt, last);
+                            const float tf = tt - (float)ti;
+                            if (BLOB_MODE == 1) {
+                                const float2 tb = __ldg(table2 + ti);
+                                w = fmaf(tf, tb.y, tb.x);
+                            } else {
+                                const float t0 = s_table[ti];
+                                w = fmaf(tf, s_table[min(ti + 1, last)] - t0, t0);
+                            }
+                        }
+                        const float4 p = __ldg(row + px);
+                        sre = fmaf(w, p.x, sre);
+                        sim = fmaf(w, p.y, sim);
+                        sw = fmaf(w, p.z, sw);
                     }
                 }
                 if (sw != 0.0f || sre != 0.0f || sim != 0.0f) {
@@ -185,12 +239,13 @@ extern "C" __global__ void symmetrize_half_volume(const float2* __restrict__ dat
                                                   const float* __restrict__ syms, const int n_sym,
                                                   const int M, const int Mh, const int K, const int kmax2)
 {
-    const size_t total = (size_t)M * M * Mh;
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const int kx = (int)(i % Mh);
-    const int iy = (int)((i / Mh) % M);
-    const int iz = (int)(i / ((size_t)Mh * M));
+    // 3-D thread blocks: the voxels of a block stay close together once rotated, so the taps of
+    // one operator fall in a few cache lines (a flat 1-D block would map to a rotated line).
+    const int kx = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const int iy = (int)(blockIdx.y * blockDim.y + threadIdx.y);
+    const int iz = (int)(blockIdx.z * blockDim.z + threadIdx.z);
+    if (kx >= Mh || iy >= M || iz >= M) return;
+    const size_t i = ((size_t)iz * M + iy) * Mh + kx;
     const int ky = (iy < (M + 1) / 2) ? iy : iy - M;
     const int kz = (iz < (M + 1) / 2) ? iz : iz - M;
     if (kx > K || abs(ky) > K || abs(kz) > K || kx * kx + ky * ky + kz * kz > kmax2) {

@@ -42,8 +42,9 @@ import numpy as np
 from .. import backend
 from .blob import DEFAULT_TABLE_SIZE, KaiserBesselBlob
 
-__all__ = ["FourierGrid", "INSERT_TUNING_SPACE", "DEFAULT_INSERT_TUNING", "BLOB_MODES", "dominant_axis",
-           "insert_gather", "insert_gather_numpy", "insert_gather_gpu", "symmetrize_fourier_volume",
+__all__ = ["FourierGrid", "INSERT_TUNING_SPACE", "DEFAULT_INSERT_TUNING", "BLOB_MODES", "PACK_MODES", "dominant_axis",
+           "insert_gather", "insert_gather_numpy", "insert_gather_gpu", "insert_packed_gpu", "pack_projections_gpu",
+           "pack_projections_numpy", "packed_width", "symmetrize_fourier_volume",
            "symmetrize_fourier_volume_numpy", "symmetrize_fourier_volume_gpu", "insertion_count"]
 
 #: ``"table"``: blob values interpolated linearly from a 10 000-entry table indexed by squared
@@ -60,7 +61,7 @@ INSERT_TUNING_SPACE = {
     "tile": [8, 16, 32, 64],
     "table_memory": ["shared", "global"],
 }
-DEFAULT_INSERT_TUNING = {"block_x": 32, "block_y": 4, "tile": 32, "table_memory": "shared"}
+DEFAULT_INSERT_TUNING = {"block_x": 32, "block_y": 4, "tile": 32, "table_memory": "global"}
 
 _CU_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "insert.cu")
 
@@ -374,9 +375,12 @@ def _kernel(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _device_table(device_id: int, blob: KaiserBesselBlob, size: int):
+def _device_tables(device_id: int, blob: KaiserBesselBlob, size: int):
+    """The blob table on a device: values ``(n,)`` and (value, slope-to-next) pairs ``(n, 2)``, float32."""
     cp = backend.cupy_module()
-    return cp.asarray(blob.table(size))
+    tab = blob.table(size)
+    pairs = np.stack([tab, np.append(np.diff(tab), np.float32(0.0))], axis=1).astype(np.float32)
+    return cp.asarray(tab), cp.asarray(pairs)
 
 
 def _tuning(tuning: Optional[dict]) -> dict:
@@ -390,17 +394,111 @@ def _tuning(tuning: Optional[dict]) -> dict:
     return out
 
 
-def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, grid: FourierGrid,
+#: Modes of :func:`pack_projections_gpu`: what multiplies the data and what the weight channel holds.
+PACK_MODES = {"none": 0, "wiener": 1, "wiener-premultiplied": 2, "phase-flip": 3, "weights": 4}
+
+
+def packed_pad(blob: KaiserBesselBlob) -> int:
+    """Pixels beyond ``K`` a blob centred inside the sphere can reach: ``ceil(radius) + 1``."""
+    return int(math.ceil(blob.radius)) + 1
+
+
+def packed_width(grid: FourierGrid, blob: KaiserBesselBlob) -> int:
+    """Side ``W = 2 (K + pad) + 1`` of a packed projection."""
+    return 2 * (grid.K + packed_pad(blob)) + 1
+
+
+def pack_projections_numpy(proj: np.ndarray, proj_weight: Optional[np.ndarray], grid: FourierGrid,
+                           blob: KaiserBesselBlob = KaiserBesselBlob()) -> np.ndarray:
+    """Packed projections ``(B, W, W, 4)`` float32 from rfft-layout transforms (the oracle of the GPU packer).
+
+    Element ``[b, py + Kp, px + Kp]`` holds (re, im, weight, 0) of pixel ``(px, py)``: the transform for
+    ``px >= 0``, its Hermitian mate ``conj F(-p)`` for ``px < 0``, the weight (1 when ``proj_weight`` is
+    None), and zeros for pixels that do not take part (``|p|² > kmax²`` or a component beyond ``K``).
+    """
+    B, M, Mh = proj.shape
+    Kp = grid.K + packed_pad(blob)
+    c = np.arange(-Kp, Kp + 1)
+    py, px = np.meshgrid(c, c, indexing="ij")
+    valid = (px * px + py * py <= grid.kmax2) & (np.abs(px) <= grid.K) & (np.abs(py) <= grid.K)
+    neg = px < 0
+    ax = np.where(neg, -px, px)
+    ay = np.where(neg, -py, py) % M
+    ax = np.where(valid, ax, 0)
+    ay = np.where(valid, ay, 0)
+    f = proj[:, ay, ax]
+    f = np.where(neg[None], np.conj(f), f)
+    w = np.ones(f.shape, np.float32) if proj_weight is None else proj_weight[:, ay, ax]
+    out = np.zeros((B,) + px.shape + (4,), np.float32)
+    out[..., 0] = np.where(valid[None], f.real, 0)
+    out[..., 1] = np.where(valid[None], f.imag, 0)
+    out[..., 2] = np.where(valid[None], w, 0)
+    return out
+
+
+def pack_projections_gpu(ft, aux, shifts_centre_px, grid: FourierGrid, blob: KaiserBesselBlob = KaiserBesselBlob(),
+                         mode: str = "none"):
+    """Pack rfft transforms for the insertion kernel, applying the shift phase and the CTF treatment.
+
+    Parameters
+    ----------
+    ft : cupy ``(B, M, M//2+1)`` complex64: rfft2 of the padded images.
+    aux : cupy ``(B, M, M//2+1)`` float32 or None: the CTF (modes wiener, wiener-premultiplied,
+        phase-flip) or explicit weights (mode weights).
+    shifts_centre_px : array ``(B, 2)`` float64 or None: ``(x, y)`` content shifts minus the image
+        centre, in pixels; the pixel ``p`` is multiplied by ``exp(-2 pi i p . s / M)``.
+    grid, blob : the reconstruction grid and blob (they fix ``W``).
+    mode : one of :data:`PACK_MODES`.
+
+    Returns
+    -------
+    cupy ``(B, W, W, 4)`` float32 (see :func:`pack_projections_numpy`).
+    """
+    cp = backend.cupy_module()
+    if mode not in PACK_MODES:
+        raise ValueError(f"pack mode must be one of {sorted(PACK_MODES)}, got {mode!r}")
+    B, M, Mh = ft.shape
+    if ft.dtype != cp.complex64 or not ft.flags.c_contiguous:
+        ft = cp.ascontiguousarray(ft, dtype=cp.complex64)
+    needs_aux = PACK_MODES[mode] != 0
+    if needs_aux:
+        if aux is None:
+            raise ValueError(f"pack mode {mode!r} needs the CTF or weights")
+        aux = cp.ascontiguousarray(aux, dtype=cp.float32)
+    Kp = grid.K + packed_pad(blob)
+    W = 2 * Kp + 1
+    out = cp.empty((B, W, W, 4), dtype=cp.float32)
+    sh = None if shifts_centre_px is None else cp.ascontiguousarray(cp.asarray(shifts_centre_px, dtype=cp.float64))
+    total = B * W * W
+    block = 256
+    _kernel("pack_projections")(((total + block - 1) // block,), (block,),
+                                (ft, aux if needs_aux else np.uint64(0), sh if sh is not None else np.uint64(0), out,
+                                 np.int32(B), np.int32(M), np.int32(Mh), np.int32(grid.K), np.int32(grid.kmax2),
+                                 np.int32(Kp), np.int32(PACK_MODES[mode])))
+    return out
+
+
+def _sorted_entries(matrices, image_index):
+    m_host = np.asarray(backend.to_host(matrices), dtype=np.float64).reshape(-1, 3, 3)
+    idx_host = np.asarray(backend.to_host(image_index), dtype=np.int64).reshape(-1)
+    if m_host.shape[0] != idx_host.shape[0]:
+        raise ValueError(f"{m_host.shape[0]} matrices but {idx_host.shape[0]} image indices")
+    axes = dominant_axis(m_host)
+    order = np.argsort(axes, kind="stable")
+    return (np.ascontiguousarray(m_host[order].reshape(-1, 9), dtype=np.float32),
+            np.ascontiguousarray(idx_host[order], dtype=np.int32), np.bincount(axes, minlength=3))
+
+
+def insert_packed_gpu(data, weight, packed, matrices, image_index, grid: FourierGrid,
                       blob: KaiserBesselBlob = KaiserBesselBlob(), *, blob_mode: str = "table",
                       table_size: int = DEFAULT_TABLE_SIZE, tuning: Optional[dict] = None) -> None:
-    """CUDA gather insertion (``insert.cu``); same arguments and result as :func:`insert_gather_numpy`.
+    """Gather-insert packed projections (:func:`pack_projections_gpu`) into ``data``/``weight`` in place.
 
-    ``data`` (complex64), ``weight`` (float32), ``proj`` (complex64) and ``proj_weight`` (float32 or
-    None) are CuPy arrays, C-contiguous; ``matrices``/``image_index`` may be host or device arrays.
-    ``data``/``weight`` may also be stacks of ``R`` replicas ``(R, M, M, M//2+1)``: the entries are
-    then split into ``R`` shares inserted in parallel, one per replica (their sum is the result),
-    which fills the GPU for small boxes without atomics. Launches one kernel per dominant axis on
-    the current stream. ``tuning`` overrides :data:`DEFAULT_INSERT_TUNING` (see :data:`INSERT_TUNING_SPACE`).
+    ``data`` (complex64) and ``weight`` (float32) are CuPy arrays of shape ``(M, M, M//2+1)`` or stacks of
+    ``R`` replicas ``(R, M, M, M//2+1)``: the entries are then split into ``R`` shares inserted in
+    parallel, one per replica (their sum is the result), which fills the GPU for small boxes without
+    atomics. ``matrices (E, 3, 3)``/``image_index (E,)`` are host arrays. One kernel launch per dominant
+    axis, on the current stream. ``tuning`` overrides :data:`DEFAULT_INSERT_TUNING`.
     """
     cp = backend.cupy_module()
     if blob_mode not in BLOB_MODES:
@@ -408,37 +506,33 @@ def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, gr
     if blob_mode == "onthefly" and blob.order > 2:
         raise ValueError(f"on-the-fly blob evaluation supports orders 0-2, got {blob.order}: use the table")
     tun = _tuning(tuning)
-    for name, arr, dt in (("data", data, cp.complex64), ("weight", weight, cp.float32),
-                          ("proj", proj, cp.complex64)):
+    for name, arr, dt in (("data", data, cp.complex64), ("weight", weight, cp.float32)):
         if arr.dtype != dt or not arr.flags.c_contiguous:
             raise ValueError(f"{name} must be a C-contiguous {np.dtype(dt).name} CuPy array, got {arr.dtype}")
-    if proj_weight is not None and (proj_weight.dtype != cp.float32 or not proj_weight.flags.c_contiguous):
-        raise ValueError("proj_weight must be a C-contiguous float32 CuPy array or None")
-    m_host = np.asarray(backend.to_host(matrices), dtype=np.float64).reshape(-1, 3, 3)
-    idx_host = np.asarray(backend.to_host(image_index), dtype=np.int64).reshape(-1)
-    if m_host.shape[0] == 0:
-        return
-    if idx_host.min() < 0 or idx_host.max() >= proj.shape[0]:
-        raise ValueError(f"image indices must lie in [0, {proj.shape[0]}), got {idx_host.min()}..{idx_host.max()}")
     replicas = int(data.shape[0]) if data.ndim == 4 else 1
     if tuple(data.shape[-3:]) != grid.shape or weight.shape != data.shape:
         raise ValueError(f"data and weight must have shape {grid.shape} or (R,) + that, got {data.shape}, "
                          f"{weight.shape}")
-    axes = dominant_axis(m_host)
-    order = np.argsort(axes, kind="stable")
-    counts = np.bincount(axes, minlength=3)
-    m_dev = cp.asarray(m_host[order].reshape(-1, 9), dtype=cp.float32)
-    i_dev = cp.asarray(idx_host[order], dtype=cp.int32)
+    W = packed_width(grid, blob)
+    if packed.ndim != 4 or packed.shape[1:] != (W, W, 4) or packed.dtype != cp.float32:
+        raise ValueError(f"packed projections must be (B, {W}, {W}, 4) float32, got {packed.shape} {packed.dtype}")
+    mats, idx, counts = _sorted_entries(matrices, image_index)
+    if mats.shape[0] == 0:
+        return
+    if idx.min() < 0 or idx.max() >= packed.shape[0]:
+        raise ValueError(f"image indices must lie in [0, {packed.shape[0]}), got {idx.min()}..{idx.max()}")
+    m_dev = cp.asarray(mats)
+    i_dev = cp.asarray(idx)
     mode = 0 if blob_mode == "onthefly" else (2 if tun["table_memory"] == "shared" else 1)
     kern = _kernel(_insert_name(tun["tile"], mode, blob.order if mode == 0 else 0))
-    table = _device_table(cp.cuda.Device().id, blob, int(table_size))
+    table, table2 = _device_tables(cp.cuda.Device().id, blob, int(table_size))
     shared = int(table_size) * 4 if mode == 2 else 0
     if shared > 48 * 1024:
         kern.max_dynamic_shared_size_bytes = shared
     K, M, Mh = grid.K, grid.padded_box, grid.half
+    Kp = K + packed_pad(blob)
     bx, by = int(tun["block_x"]), int(tun["block_y"])
     r = float(blob.radius)
-    pw = proj_weight if proj_weight is not None else np.uint64(0)  # null pointer
     start = 0
     for axis in range(3):
         n = int(counts[axis])
@@ -448,13 +542,27 @@ def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, gr
         nv = 2 * K + 1
         grid_dims = ((nu + bx - 1) // bx, (nv + by - 1) // by, min(replicas, n))
         kern(grid_dims, (bx, by, 1),
-             (data, weight, proj, pw, m_dev[start:], i_dev[start:], np.int32(n), np.int32(axis),
-              np.int64(int(np.prod(grid.shape))),
-              np.int32(M), np.int32(Mh), np.int32(K), np.int32(grid.kmax2),
-              np.float32(r), np.float32(r * r), np.float32(blob.alpha), np.float32(1.0 / blob.norm),
-              table, np.int32(table_size), np.float32(blob.table_scale(table_size))),
+             (data, weight, packed, m_dev[start:], i_dev[start:], np.int32(n), np.int32(axis),
+              np.int64(int(np.prod(grid.shape))), np.int32(K), np.int32(grid.kmax2), np.int32(M), np.int32(Mh),
+              np.int32(Kp), np.float32(r), np.float32(r * r), np.float32(blob.alpha), np.float32(1.0 / blob.norm),
+              table, table2, np.int32(table_size), np.float32(blob.table_scale(table_size))),
              shared_mem=shared)
         start += n
+
+
+def insert_gather_gpu(data, weight, proj, proj_weight, matrices, image_index, grid: FourierGrid,
+                      blob: KaiserBesselBlob = KaiserBesselBlob(), *, blob_mode: str = "table",
+                      table_size: int = DEFAULT_TABLE_SIZE, tuning: Optional[dict] = None) -> None:
+    """CUDA gather insertion (``insert.cu``); same arguments and result as :func:`insert_gather_numpy`.
+
+    ``proj`` (complex64) and ``proj_weight`` (float32 or None) are CuPy arrays in rfft layout; they are
+    packed (:func:`pack_projections_gpu`) and inserted (:func:`insert_packed_gpu`, which also takes
+    replica stacks for ``data``/``weight``).
+    """
+    packed = pack_projections_gpu(proj, proj_weight, None, grid, blob,
+                                  "weights" if proj_weight is not None else "none")
+    insert_packed_gpu(data, weight, packed, matrices, image_index, grid, blob, blob_mode=blob_mode,
+                      table_size=table_size, tuning=tuning)
 
 
 def symmetrize_fourier_volume_gpu(data, weight, sym_matrices, grid: FourierGrid):
@@ -464,10 +572,10 @@ def symmetrize_fourier_volume_gpu(data, weight, sym_matrices, grid: FourierGrid)
                       dtype=cp.float32)
     out_d = cp.empty_like(data)
     out_w = cp.empty_like(weight)
-    total = data.size
-    block = 256
+    M, Mh = grid.padded_box, grid.half
+    block = (8, 8, 4)
     kern = _kernel("symmetrize_half_volume")
-    kern(((total + block - 1) // block,), (block,),
+    kern(((Mh + 7) // 8, (M + 7) // 8, (M + 3) // 4), block,
          (data, weight, out_d, out_w, syms, np.int32(syms.shape[0]), np.int32(grid.padded_box),
           np.int32(grid.half), np.int32(grid.K), np.int32(grid.kmax2)))
     return out_d, out_w

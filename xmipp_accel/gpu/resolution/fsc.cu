@@ -27,7 +27,7 @@ __device__ void shell_sums_impl(const complex<T>* __restrict__ f1, const complex
                                 double cx, double cy, double cz, double cos_half_angle,
                                 double* __restrict__ sums)
 {
-    extern __shared__ unsigned char shared_raw[];
+    extern __shared__ __align__(8) unsigned char shared_raw[];
     ACC* acc = reinterpret_cast<ACC*>(shared_raw);
     for (int i = threadIdx.x; i < 4 * nshell; i += blockDim.x) acc[i] = ACC(0);
     __syncthreads();

@@ -348,7 +348,8 @@ def _shell_sum_kernels(device_id: int):
     """The compiled ``fsc.cu`` module for a device (memoised)."""
     with open(os.path.join(os.path.dirname(__file__), "fsc.cu")) as fh:
         source = fh.read()
-    return backend.get_raw_module(source)
+    # C++17: CuPy 14's complex.cuh comes from CCCL (Thrust), which refuses older dialects
+    return backend.get_raw_module(source, options=("-std=c++17",))
 
 
 def _shell_sums_gpu(f1, f2, shape, direction=None, cos_half_angle: float = -2.0) -> np.ndarray:
