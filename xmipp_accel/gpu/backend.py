@@ -73,8 +73,9 @@ class Device:
 
     def __enter__(self):
         if self.is_gpu:
-            self._ctx = _import_cupy().cuda.Device(self.gpu_id)
-            self._ctx.__enter__()
+            ctx = _import_cupy().cuda.Device(self.gpu_id)
+            ctx.__enter__()
+            object.__setattr__(self, "_ctx", ctx)  # frozen dataclass: store the context explicitly
         return self
 
     def __exit__(self, *exc):
@@ -212,7 +213,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return cp is not None and isinstance(exc, cp.cuda.memory.OutOfMemoryError)
 
 
-def get_raw_module(source: str, name_expressions=None, options=("-std=c++14",)):
+def get_raw_module(source: str, name_expressions=None, options=("-std=c++17",)):
     """Compile (cached per device by CuPy) a CUDA source into a RawModule."""
     cp = _import_cupy()
     if cp is None:

@@ -31,8 +31,11 @@ IMAGE_NAME = "rlnImageName"
 ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 ORIGINS = ("rlnOriginXAngst", "rlnOriginYAngst")
 SUBSET = "rlnRandomSubset"
-SCORE_COLUMNS = ("rlnXmippAccelScore", "rlnMaxValueProbDistribution", "rlnLogLikeliContribution",
-                 "rlnParticleScore", "rlnScore")
+SCORE_COLUMNS = ("rlnParticleFigureOfMerit", "rlnXmippAccelScore", "rlnMaxValueProbDistribution",
+                 "rlnLogLikeliContribution", "rlnParticleScore", "rlnScore")
+# per-particle columns of ``xmipp-accel assign-angles`` copied onto Scipion particles: column -> attribute
+EXTRA_PARTICLE_COLUMNS = {"rlnXmippAccelConsensusDeg": "_xmippAccelConsensusDeg",
+                          "rlnXmippAccelConsensusDisagree": "_xmippAccelDisagree"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +258,10 @@ def table_columns(table) -> dict:
 def read_alignment_rows(path: str) -> Dict[str, dict]:
     """Per-image alignment read back from a particles STAR (e.g. ``xmipp-accel assign-angles`` output).
 
-    Returns ``{rlnImageName: {"rot", "tilt", "psi", "shift_x_px", "shift_y_px", "score"}}``
-    with the image path made absolute the same way :func:`particles_to_columns` wrote it.
+    Returns ``{rlnImageName: {"rot", "tilt", "psi", "shift_x_px", "shift_y_px", "score", "extra"}}``
+    with the image path made absolute the same way :func:`particles_to_columns` wrote it; ``score`` is
+    the first of :data:`SCORE_COLUMNS` present (else None), ``extra`` maps the Scipion attribute names
+    of :data:`EXTRA_PARTICLE_COLUMNS` present to their values.
     """
     from ..io import star
     pset = star.read_particles(path)
@@ -272,13 +277,16 @@ def read_alignment_rows(path: str) -> Dict[str, dict]:
         if name in cols:
             score = np.asarray(cols[name], dtype=np.float64)
             break
+    extra = {attr: np.asarray(cols[name], dtype=np.float64) for name, attr in EXTRA_PARTICLE_COLUMNS.items()
+             if name in cols}
     rows = {}
     for i, ref in enumerate(pset.image_refs):
         rows[normalize_ref(ref, os.path.dirname(os.path.abspath(path)))] = {
             "rot": float(pset.angles_deg[i, 0]), "tilt": float(pset.angles_deg[i, 1]),
             "psi": float(pset.angles_deg[i, 2]),
             "shift_x_px": float(shifts_px[i, 0]), "shift_y_px": float(shifts_px[i, 1]),
-            "score": None if score is None else float(score[i])}
+            "score": None if score is None else float(score[i]),
+            "extra": {attr: float(values[i]) for attr, values in extra.items()}}
     return rows
 
 

@@ -68,6 +68,11 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
                       label="Trained models folder (optional)",
                       help="Reuse DeepAlign models trained earlier on the same reference (the 'models' folder "
                            "of a previous run). Empty: train new models in this run's folder.")
+        form.addParam("trainSteps", params.IntParam, default=0, condition="method == 1",
+                      expertLevel=LEVEL_ADVANCED,
+                      label="Training steps per model",
+                      help="DeepAlign training steps (one new batch of simulated images each) for each of its two "
+                           "models; 0 uses the command's default. Ignored when trained models are reused.")
         form.addParam("batchSize", params.IntParam, default=0, expertLevel=LEVEL_ADVANCED,
                       label="Batch size (particles)",
                       help="Particles sent to the GPU at a time; 0 chooses it from the free GPU memory.")
@@ -100,6 +105,8 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
         if METHODS[self.method.get()] == c.METHOD_DEEPALIGN:
             modelDir = self.modelDir.get("").strip() or self._getExtraPath("models")
             args += ["--model-dir", os.path.abspath(modelDir)]
+            if self.trainSteps.get() > 0:
+                args += ["--train-steps", self.trainSteps.get()]
         if self.batchSize.get() > 0:
             args += ["--batch", self.batchSize.get()]
         args += self._deviceArgs()
@@ -122,6 +129,8 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
             particle.setTransform(emobj.Transform(matrix))
             if row["score"] is not None:
                 setattr(particle, SCORE_ATTR, pwobj.Float(row["score"]))
+            for attr, value in row["extra"].items():
+                setattr(particle, attr, pwobj.Float(value))
 
         outSet = self._createSetOfParticles()
         outSet.copyInfo(inputSet)
@@ -177,6 +186,11 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
         if seconds:
             lines.append(f"Time: {float(seconds):.1f} s ({self.outputParticles.getSize() / float(seconds):.1f} "
                          "particles/s).")
+        if info.get("median_score") is not None:
+            lines.append(f"Median score (correlation with the reference projection): {info['median_score']:.3f}.")
+        if info.get("disagree_fraction") is not None:
+            lines.append(f"{100 * info['disagree_fraction']:.1f}% of the particles flagged: the two DeepAlign "
+                         "models disagree (attribute _xmippAccelDisagree = 1).")
         return lines
 
     def _methods(self):

@@ -62,7 +62,7 @@ def test_pinned_empty_shape_and_dtype():
 
 
 @pytest.mark.gpu
-def test_gpu_round_trip_and_info():
+def test_gpu_round_trip_and_info():  # also checks that `with device:` works on a frozen Device
     dev = backend.resolve_device("gpu", 0)
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     with dev:

@@ -133,12 +133,14 @@ def test_subsets_and_scores_are_kept(tmp_path):
     # a command's output with angles and a score column
     table = parts.table.with_columns(rlnAngleRot=np.arange(6.0), rlnAngleTilt=90.0, rlnAnglePsi=0.0,
                                      rlnOriginXAngst=PIXEL, rlnOriginYAngst=-PIXEL,
-                                     rlnXmippAccelScore=np.linspace(0, 1, 6))
+                                     rlnParticleFigureOfMerit=np.linspace(0, 1, 6),
+                                     rlnXmippAccelConsensusDeg=np.full(6, 2.5))
     star.write_star(path, {"optics": parts.optics, "particles": table.without_columns(*parts.optics_columns)})
     rows = convert.read_alignment_rows(path)
     first = rows[convert.particle_ref(pset.getFirstItem())]
     assert (first["rot"], first["tilt"], first["shift_x_px"], first["shift_y_px"]) == pytest.approx((0, 90, 1, -1))
     assert first["score"] == 0.0
+    assert first["extra"] == {"_xmippAccelConsensusDeg": 2.5}
 
 
 def test_non_mrc_stack_is_converted(tmp_path):

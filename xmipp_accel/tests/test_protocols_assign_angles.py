@@ -64,7 +64,8 @@ class TestXmippAccelAssignAngles(BaseTest):
             # CTF and image location are carried over from the input
             assert particle.getCTF().getDefocusU() > 0
         errors = np.array(errors)
-        assert np.median(errors) < 6.0, np.percentile(errors, [50, 90])
-        assert np.median(shift_errors) < 1.0, np.percentile(shift_errors, [50, 90])
+        # a 10 degree gallery refined locally: well below the step (SNR 3, CTF, shifts up to 2 px)
+        assert np.median(errors) < 4.0 and np.percentile(errors, 90) < 8.0, np.percentile(errors, [50, 90])
+        assert np.median(shift_errors) < 0.5, np.percentile(shift_errors, [50, 90])
         assert all(s is not None for s in scores)
         assert str(N) in " ".join(prot.summary())

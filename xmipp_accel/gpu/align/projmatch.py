@@ -41,8 +41,8 @@ import numpy as np
 
 from ...em.geometry import euler_to_matrix, matrix_to_euler
 from .. import backend
-from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, oversampled_spectrum,
-                    polar_points, polar_samples_hermitian, sample_rfft, shift_phases)
+from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, halfplane_points,
+                    oversampled_spectrum, polar_points, polar_samples_hermitian, sample_rfft, shift_phases)
 from .refine import RefineLevel, levels_for, refine_candidates
 
 __all__ = ["SearchPlan", "AlignmentResult", "plan_search", "ProjectionMatcher", "ctf_values",
@@ -268,6 +268,9 @@ class ProjectionMatcher:
     n_candidates : directions kept per particle after the global search.
     ctf_mode : how the images carry the CTF (see :func:`ctf_values`).
     directions : optional (rot, tilt) arrays (degrees) replacing ``sphere_sampling(step, sym)``.
+    whiten : weight frequencies by the inverse of the particles' mean power on their ring (set from the
+        first batch, or by :meth:`set_whitening`): noise whitening at low SNR, equal weight of the rings
+        at high SNR, where the low frequencies would otherwise make every pose score near 1.
 
     Examples
     --------
@@ -279,7 +282,7 @@ class ProjectionMatcher:
     def __init__(self, reference, *, pixel_size_A: float, sym: str = "c1", step_deg: float = 3.0,
                  max_res_A: Optional[float] = None, max_shift_px: Optional[float] = None,
                  n_refine_levels: int = 3, n_candidates: int = 3, ctf_mode: str = "normal",
-                 directions: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+                 directions: Optional[Tuple[np.ndarray, np.ndarray]] = None, whiten: bool = True):
         xp = backend.get_xp(reference)
         self.xp = xp
         box = int(reference.shape[-1])
@@ -305,6 +308,8 @@ class ProjectionMatcher:
             raise ValueError("no projection directions to search")
         self.dir_matrices = euler_to_matrix(self.rot, self.tilt, np.zeros_like(self.rot))
         self._gallery = None
+        self.whiten = bool(whiten)
+        self.ring_power: Optional[np.ndarray] = None
         self._dir_vectors = xp.asarray(self.dir_matrices[:, 2, :], dtype=xp.float32)
 
     # -- gallery -------------------------------------------------------------------------------------------
@@ -330,6 +335,62 @@ class ProjectionMatcher:
             self._gallery = (spec, power)
         return self._gallery
 
+    # -- frequency weights ---------------------------------------------------------------------------------
+    def set_whitening(self, images, ctf=None, *, n_sim: int = 64, seed: int = 0) -> np.ndarray:
+        """Set the frequency weights from particles (n, N, N) and their CTFs.
+
+        The particles' mean power per ring is fitted as ``D(r) = a^2 S(r) + s^2`` where ``S`` is the power of
+        CTF-modulated central slices of the reference at random orientations; the noise power is
+        ``N(r) = max(D - a^2 S, s^2 / 10, D / 1000)`` and the weights ``1 / (N(r) + beta a^2 S(r))`` with
+        ``beta = 0.03``: inverse noise power (the matched filter for coloured noise) where the noise
+        dominates, equal weight of the rings where the signal does (otherwise the low frequencies make
+        every pose score near 1 and the coarse search loses the true basin).
+        """
+        xp, plan = self.xp, self.plan
+        box = plan.box
+        n_sh = int(math.ceil(plan.r_res)) + 3
+        kx, ky = halfplane_points(0.5, n_sh - 1)
+        rad = np.hypot(kx, ky)
+        shell = np.rint(rad).astype(np.int64)
+        f = centred_rfft2(xp.asarray(images, dtype=xp.float32))
+        p_data = backend.to_host((f.real ** 2 + f.imag ** 2).mean(0)).astype(np.float64)[ky % box, kx]
+        from ...em.sampling import random_rotations
+        mats = random_rotations(n_sim, np.random.default_rng(seed))
+        sl = self.slicer.sample(mats, kx, ky)
+        p_sim = sl.real ** 2 + sl.imag ** 2
+        if ctf is not None:
+            n = int(np.asarray(ctf["defocus_u_A"]).size)
+            pick = np.arange(n_sim) % n
+            sub = {k: (np.asarray(v)[pick] if np.ndim(v) else v) for k, v in ctf.items()}
+            c = ctf_values(sub, kx, ky, box=box, pixel_size_A=plan.pixel_size_A, xp=xp, mode=self.ctf_mode)
+            p_sim = p_sim * c * c
+        p_sim = backend.to_host(p_sim.mean(0)).astype(np.float64)
+        cnt = np.maximum(np.bincount(shell, minlength=n_sh), 1)
+        d = np.bincount(shell, weights=p_data, minlength=n_sh) / cnt
+        sim = np.bincount(shell, weights=p_sim, minlength=n_sh) / cnt
+        use = slice(max(1, int(plan.r_min)), n_sh - 1)
+        a_mat = np.stack([sim[use], np.ones_like(sim[use])], 1)
+        (a2, s2), *_ = np.linalg.lstsq(a_mat, d[use], rcond=None)
+        if a2 <= 0:
+            a2, s2 = 0.0, float(d[use].mean())
+        s2 = max(float(s2), 0.0)
+        noise = np.maximum.reduce([d - a2 * sim, np.full_like(d, 0.1 * s2), 1e-3 * d])
+        self.ring_power = np.maximum(noise + 0.03 * a2 * sim, 1e-30)
+        self.noise_fit = {"signal_scale": float(np.sqrt(a2)), "white_noise_power": s2}
+        return self.ring_power
+
+    def ring_weight(self, radius):
+        """Weight of frequencies at ``radius`` (cycles per box, host array): 1 / ring power, or 1 without whitening."""
+        r = np.asarray(radius, dtype=np.float64)
+        if not self.whiten or self.ring_power is None:
+            return np.ones_like(r)
+        w = 1.0 / np.interp(r, np.arange(self.ring_power.size), self.ring_power)
+        return w / w.max()
+
+    def _ensure_whitening(self, images, ctf) -> None:
+        if self.whiten and self.ring_power is None:
+            self.set_whitening(images, ctf)
+
     # -- particles -----------------------------------------------------------------------------------------
     def _polar_particles(self, images, ctf):
         """CTF-filtered, ring-weighted polar samples (B, n_r, n_theta), |X|^2 (B,) and ring <C^2> (B, n_r)."""
@@ -338,7 +399,7 @@ class ProjectionMatcher:
         kx, ky = polar_points(plan.radii, plan.n_theta)
         n_r = len(plan.radii)
         pol = polar_samples_hermitian(lambda x, y: sample_rfft(spec, x, y, pad=_PAD), plan.radii, plan.n_theta)
-        w = xp.asarray(plan.radii, dtype=xp.float32)[None, :, None]
+        w = xp.asarray(plan.radii * self.ring_weight(plan.radii), dtype=xp.float32)[None, :, None]
         norm2 = (w * (pol.real ** 2 + pol.imag ** 2)).sum((1, 2))
         c = ctf_values(ctf, kx, ky, box=plan.box, pixel_size_A=plan.pixel_size_A, xp=xp, mode=self.ctf_mode)
         if c is not None:
@@ -376,6 +437,7 @@ class ProjectionMatcher:
         xp, plan = self.xp, self.plan
         k = int(n_candidates or self.n_candidates)
         nb = images.shape[0]
+        self._ensure_whitening(images, ctf)
         spec, power = self.gallery()
         n_m, n_r, n_dir = spec.shape
         pol, norm2, c2w = self._polar_particles(images, ctf)
@@ -456,6 +518,7 @@ class ProjectionMatcher:
         """Local refinement of candidates (see :func:`refine_candidates`); returns mats, origins, scores."""
         xp, plan = self.xp, self.plan
         levels = plan.refine if levels is None else levels
+        self._ensure_whitening(images, ctf)
         spectra = centred_rfft2(xp.asarray(images, dtype=xp.float32)).astype(xp.complex64)
 
         def ctf_fn(kx, ky):
@@ -463,6 +526,7 @@ class ProjectionMatcher:
 
         return refine_candidates(self.slicer, spectra, ctf_fn if ctf is not None else None, matrices, origins_px,
                                  levels=levels, r_min=plan.r_min, box=plan.box, max_shift_px=plan.max_shift_px,
+                                 weight_fn=self.ring_weight,
                                  max_items_points=(1 << 24) if xp is not np else (1 << 21))
 
     def align_batch(self, images, ctf=None, *, allowed=None) -> AlignmentResult:

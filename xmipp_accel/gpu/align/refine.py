@@ -12,7 +12,10 @@ over the half-plane of integer frequencies ``r_min <= |k| <= r_max`` of the part
 (no interpolation on the particle side), with central-slice samples of the map from
 :class:`~xmipp_accel.gpu.align.polar.CentralSlicer`::
 
-    score = Re <X, C P> / (|X| |C P|) = Re <C X, P> / (|X| |C P|)
+    score = Re <X, C P>_w / (|X|_w |C P|_w),   <a, b>_w = sum_k w(|k|) a(k) conj b(k)
+
+with optional frequency weights ``w`` (the matcher's whitening: inverse mean power of the particles
+on each ring; 1 without).
 
 Everything is batched: items (particle x candidate) x 27 rotations x K frequencies, one gather of
 the map's transform and one batched real GEMM (``(9, 2K) @ (2K, 27)`` per item) per level.
@@ -20,7 +23,7 @@ the map's transform and one batched real GEMM (``(9, 2K) @ (2K, 27)`` per item) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -86,7 +89,7 @@ def _parabolic_offset(sm, s0, sp):
     return np.clip(off, -0.5, 0.5)
 
 
-def _score_level(slicer: CentralSlicer, x_k, c_k, mats, origins, kx, ky, box: int, rots, shift_step: float,
+def _score_level(slicer: CentralSlicer, x_k, c_k, w_k, mats, origins, kx, ky, box: int, rots, shift_step: float,
                  max_shift_px: float):
     """Scores of 27 rotations x 9 origins around each item; returns (scores (I, 9, 27), new mats, new origins)."""
     xp = slicer.xp
@@ -99,17 +102,17 @@ def _score_level(slicer: CentralSlicer, x_k, c_k, mats, origins, kx, ky, box: in
         norm = xp.sqrt((offs ** 2).sum(-1, keepdims=True))
         offs = xp.where(norm > max_shift_px, offs * (max_shift_px / xp.maximum(norm, 1e-12)), offs)
     refs = slicer.sample(new_mats.reshape(-1, 3, 3), kx, ky).reshape(n_items, 27, -1)   # (I, 27, K)
-    z = (c_k * x_k) if c_k is not None else x_k                                       # (I, K)
+    z = ((c_k * w_k) * x_k) if c_k is not None else w_k * x_k                         # (I, K)
     zs = z[:, None, :] * shift_phases(kx, ky, offs, box)                              # (I, 9, K)
     zs_ri = xp.concatenate([zs.real, zs.imag], axis=-1)
     refs_ri = xp.concatenate([refs.real, refs.imag], axis=-1)
     num = xp.matmul(zs_ri, refs_ri.transpose(0, 2, 1))                                # (I, 9, 27)
     pow_ref = refs.real ** 2 + refs.imag ** 2
     if c_k is not None:
-        den_ref = xp.matmul(pow_ref, (c_k * c_k)[:, :, None])[..., 0]                 # (I, 27)
+        den_ref = xp.matmul(pow_ref, (c_k * c_k * w_k)[:, :, None])[..., 0]           # (I, 27)
     else:
-        den_ref = pow_ref.sum(-1)
-    den_x = (x_k.real ** 2 + x_k.imag ** 2).sum(-1)                                   # (I,)
+        den_ref = xp.matmul(pow_ref, w_k[:, None])[..., 0]
+    den_x = (w_k * (x_k.real ** 2 + x_k.imag ** 2)).sum(-1)                           # (I,)
     den = xp.sqrt(xp.maximum(den_ref, 1e-30) * xp.maximum(den_x, 1e-30)[:, None])
     return num / den[:, None, :], new_mats, offs
 
@@ -117,7 +120,7 @@ def _score_level(slicer: CentralSlicer, x_k, c_k, mats, origins, kx, ky, box: in
 def refine_candidates(slicer: CentralSlicer, spectra, ctf_fn, matrices, origins_px, *,
                       levels: Sequence[RefineLevel], r_min: float, box: int,
                       max_shift_px: Optional[float] = None, subpixel: bool = True,
-                      max_items_points: int = 1 << 22):
+                      weight_fn: Optional[Callable] = None, max_items_points: int = 1 << 22):
     """Refine candidate poses of a batch of particles.
 
     Parameters
@@ -133,6 +136,7 @@ def refine_candidates(slicer: CentralSlicer, spectra, ctf_fn, matrices, origins_
     box : particle box ``N`` in pixels.
     max_shift_px : origins are kept inside this radius.
     subpixel : parabolic interpolation of angles and origins after the last level.
+    weight_fn : callable ``radius (K,) -> (K,)`` host weights of the frequencies (whitening), or None.
     max_items_points : bound on items x 27 x K per pass (temporary memory).
 
     Returns
@@ -153,6 +157,7 @@ def refine_candidates(slicer: CentralSlicer, spectra, ctf_fn, matrices, origins_
     rad = np.hypot(kx_all, ky_all)
     x_all = gather_halfplane(spectra, kx_all, ky_all)
     c_all = ctf_fn(kx_all, ky_all) if ctf_fn is not None else None
+    w_all = xp.asarray(weight_fn(rad) if weight_fn is not None else np.ones_like(rad), dtype=xp.float32)
     for li, lv in enumerate(levels):
         n_k = int(np.searchsorted(rad, lv.r_max, side="right"))
         kx, ky = xp.asarray(kx_all[:n_k]), xp.asarray(ky_all[:n_k])
@@ -164,8 +169,8 @@ def refine_candidates(slicer: CentralSlicer, spectra, ctf_fn, matrices, origins_
             own = xp.asarray(owner[s:e])
             x_k = x_all[own, :n_k]
             c_k = c_all[own, :n_k] if c_all is not None else None
-            sc, new_mats, offs = _score_level(slicer, x_k, c_k, mats[s:e], origins[s:e], kx, ky, box, rots,
-                                              lv.shift_step_px, max_shift_px)
+            sc, new_mats, offs = _score_level(slicer, x_k, c_k, w_all[:n_k], mats[s:e], origins[s:e], kx, ky, box,
+                                              rots, lv.shift_step_px, max_shift_px)
             n_it = e - s
             flat = sc.reshape(n_it, -1)
             best = xp.argmax(flat, axis=1)
