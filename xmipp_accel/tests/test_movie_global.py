@@ -7,7 +7,8 @@ from xmipp_accel.gpu import backend
 from xmipp_accel.gpu.movie import AlignmentOptions, align_movie
 from xmipp_accel.gpu.movie._fft import rfft2
 from xmipp_accel.gpu.movie.global_align import (correlate_pairs, correlation_shape, frame_pairs, lowpass_filter,
-                                                reference_frame, solve_relative_shifts)
+                                                reference_frame, solve_relative_shifts,
+                                                solve_relative_shifts_batched)
 
 
 def _periodic_shifted(shape, shifts_xy, seed=0):
@@ -51,6 +52,20 @@ def test_least_squares_recovers_shifts_and_rejects_outliers():
     np.testing.assert_allclose(shifts - shifts[0], truth - truth[0], atol=0.02)
     plain, _ = solve_relative_shifts(a, b, d, n, n_passes=0)
     assert np.abs(plain - shifts).max() > 0.1   # the rejection mattered
+
+
+def test_batched_least_squares_matches_one_by_one():
+    rng = np.random.default_rng(4)
+    n = 12
+    a, b = frame_pairs(n, min_gap=3)
+    truth = np.cumsum(rng.normal(0, 1, (5, n, 2)), axis=1)
+    d = truth[:, b] - truth[:, a] + rng.normal(0, 0.05, (5, len(a), 2))
+    d[:, [3, 9]] += 5.0
+    batched, inl_b = solve_relative_shifts_batched(a, b, d, n)
+    for p in range(5):
+        one, inl = solve_relative_shifts(a, b, d[p], n)
+        np.testing.assert_allclose(batched[p], one, atol=1e-9)
+        assert (inl == inl_b[p]).all() and not inl[[3, 9]].any()
 
 
 def test_reference_frame_is_minimax():

@@ -246,7 +246,7 @@ def test_gpu_pipeline_reads_straight_into_pinned_buffers(monkeypatch):
     monkeypatch.setattr(pl._PinnedPool, "copy_in", lambda self, a: copies.append(a.shape) or original(self, a))
 
     def read(i, alloc):
-        buf = alloc((2, 32, 32), np.float32)
+        buf = alloc((2, 16, 16), np.float32)
         buf[...] = read_item(i)
         return {"frames": buf, "index": i}
 

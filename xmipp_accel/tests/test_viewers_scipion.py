@@ -299,7 +299,8 @@ def _free_display() -> str:
 @pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
 class TestXmippAccelGui(BaseTest):
     """Project window, our five protocol forms, a protocol run launched with the form's Execute button,
-    and our FSC viewer (form and plot window), screenshotted under Xvfb."""
+    and our FSC viewer (form and plot window), screenshotted under Xvfb (copies kept in
+    $XMIPP_ACCEL_SCREENSHOTS when set)."""
 
     @classmethod
     def setUpClass(cls):
@@ -344,6 +345,11 @@ class TestXmippAccelGui(BaseTest):
                      "XmippAccelProtFSC", "XmippAccelProtLocalResolution")]
         for name in names:
             assert_png_not_blank(os.path.join(out, name))
+        keep = os.environ.get("XMIPP_ACCEL_SCREENSHOTS")  # e.g. docs/screenshots: keep a copy
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            for name in names:
+                shutil.copy(os.path.join(out, name), keep)
         # the run launched from the form is in the project, finished, with its FSC
         runs = [r for r in self.proj.getRuns() if r.getClassName() == "XmippAccelProtFSC"]
         assert len(runs) == 1 and runs[0].isFinished() and runs[0].hasAttribute("outputFSC")

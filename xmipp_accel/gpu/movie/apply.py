@@ -199,7 +199,7 @@ def power_spectrum(image, *, tile: int = 512):
     count = 0
     for y0 in ys:
         row = xp.stack([image[y0:y0 + tile, x0:x0 + tile] for x0 in xs]).astype(np.float32)
-        row = row - row.mean(axis=(1, 2), keepdims=True)
+        row = row - row.mean(axis=2).mean(axis=1)[:, None, None]
         acc += (xp.abs(rfft2(row)) ** 2).sum(axis=0)
         count += len(xs)
     half = (acc / max(count, 1) / (tile * tile)).astype(np.float32)

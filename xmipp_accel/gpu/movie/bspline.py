@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["bspline3", "basis_matrix", "auto_control_points", "BSplineShiftModel", "fit_bspline_shifts"]
+__all__ = ["bspline3", "basis_matrix", "auto_control_points", "BSplineShiftModel", "fit_bspline_shifts",
+           "fit_bspline_grid"]
 
 MIN_CONTROL_POINTS = 4
 
@@ -172,6 +173,71 @@ def fit_bspline_shifts(points_xyt: np.ndarray, shifts_xy: np.ndarray, *, n_ctrl:
         out = (np.abs(res[:, 0]) > n_sigma * sx) | (np.abs(res[:, 1]) > n_sigma * sy)
         new_w = np.where(out, 0.0, w)
         if new_w.sum() == w.sum() or new_w.sum() < A.shape[1] // 2:
+            break
+        w = new_w
+        coef = solve(w)
+    model.coefficients = coef.reshape(lt, ly, lx, 2)
+    return model, w > 0
+
+
+def fit_bspline_grid(centres_xy: np.ndarray, shifts: np.ndarray, *, n_ctrl: Sequence[int], extent: Sequence[float],
+                     weights: Optional[np.ndarray] = None, n_passes: int = 2, n_sigma: float = 3.0,
+                     smoothness: float = 1e-3) -> Tuple[BSplineShiftModel, np.ndarray]:
+    """:func:`fit_bspline_shifts` for measurements on every (patch, frame) pair, using their Kronecker structure.
+
+    The row of patch p and frame t is ``β_t(t) ⊗ β_y(y_p) ⊗ β_x(x_p)``, so the normal matrix is
+    ``Σ_p (B_tᵀ W_p B_t) ⊗ (s_p s_pᵀ)`` with ``s_p = β_y(y_p) ⊗ β_x(x_p)``: a few small products instead
+    of one with (patches × frames) rows. Same result as :func:`fit_bspline_shifts`.
+
+    Parameters
+    ----------
+    centres_xy : float array (P, 2)
+        Patch centres (pixels).
+    shifts : float array (P, N, 2)
+        Shift of every patch in every frame.
+    weights : float array (P, N), optional
+
+    Returns
+    -------
+    model : BSplineShiftModel
+    inliers : bool ndarray (P, N)
+    """
+    lx, ly, lt = (int(v) for v in n_ctrl)
+    if min(lx, ly, lt) < MIN_CONTROL_POINTS:
+        raise ValueError(f"B-spline control points must be at least {MIN_CONTROL_POINTS} per axis, "
+                         f"got {lx}x{ly}x{lt}")
+    c = np.asarray(centres_xy, dtype=np.float64).reshape(-1, 2)
+    d = np.asarray(shifts, dtype=np.float64)
+    n_p, n = d.shape[:2]
+    model = BSplineShiftModel((lx, ly, lt), (float(extent[0]), float(extent[1]), int(extent[2])),
+                              np.zeros((lt, ly, lx, 2)))
+    hx, hy, ht = model.spacing
+    bt = basis_matrix(np.arange(n, dtype=np.float64), lt, ht)                                  # (N, Lt)
+    sp = (basis_matrix(c[:, 1], ly, hy)[:, :, None] * basis_matrix(c[:, 0], lx, hx)[:, None, :]).reshape(n_p, -1)
+    q = sp.shape[1]
+    w = np.ones((n_p, n)) if weights is None else (np.asarray(weights, dtype=np.float64) > 0).astype(np.float64)
+
+    ss = (sp[:, :, None] * sp[:, None, :]).reshape(n_p, q * q)                                # (P, Q²)
+
+    def solve(wt):
+        mt = ((wt[:, :, None] * bt[None]).transpose(0, 2, 1) @ bt).reshape(n_p, lt * lt)      # (P, Lt²)
+        normal = (mt.T @ ss).reshape(lt, lt, q, q).transpose(0, 2, 1, 3).reshape(lt * q, lt * q)
+        u = np.einsum("pt,ta,ptk->pak", wt, bt, d)                                             # (P, Lt, 2)
+        rhs = np.einsum("pak,pc->ack", u, sp).reshape(lt * q, 2)
+        ridge = smoothness * max(float(np.trace(normal)) / normal.shape[0], 1e-12)
+        return np.linalg.solve(normal + ridge * np.eye(normal.shape[0]), rhs).reshape(lt, q, 2)
+
+    def predict(coef):
+        return np.einsum("ta,aqk,pq->ptk", bt, coef, sp)
+
+    coef = solve(w)
+    for _ in range(int(n_passes)):
+        res = d - predict(coef)
+        keep = w > 0
+        sx, sy = res[keep][:, 0].std(), res[keep][:, 1].std()
+        out = (np.abs(res[..., 0]) > n_sigma * sx) | (np.abs(res[..., 1]) > n_sigma * sy)
+        new_w = np.where(out, 0.0, w)
+        if new_w.sum() == w.sum() or new_w.sum() < lt * q // 2:
             break
         w = new_w
         coef = solve(w)

@@ -33,7 +33,7 @@ from ...errors import InputError
 from .. import backend
 from ._fft import fast_shape, fourier_crop_rfft, irfft2, rfft2
 from .apply import correct_local_motion, power_spectrum, shift_spectra
-from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_shifts
+from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_grid
 from .dose import dose_weighted_sum
 from .global_align import GlobalAlignment, correlation_shape, estimate_global_shifts, lowpass_filter, refine_band
 from .local_align import MIN_PEAK_Z, PATCH_SIZE_A, LocalAlignment, estimate_local_shifts, patch_size_px
@@ -245,7 +245,7 @@ def _pad_to(frames, shape):
     if (ny, nx) == tuple(shape):
         return frames
     out = xp.empty((n,) + tuple(shape), dtype=np.float32)
-    out[...] = frames.mean(axis=(1, 2), dtype=np.float32)[:, None, None]
+    out[...] = frames.mean(axis=2, dtype=np.float32).mean(axis=1)[:, None, None]
     out[:, :ny, :nx] = frames
     return out
 
@@ -418,9 +418,8 @@ def _local_alignment(coarse, cshape, scale_yx, work_shape, work_ps, galign, opti
     if not local.ok:
         return local, None, f"local alignment skipped, using the global shifts only: {local.reason}"
     ctrl = options.control_points or auto_control_points(work_shape, work_ps, n)
-    pts = np.array([(cx, cy, t) for (cx, cy) in local.patch_centres_px for t in range(n)], dtype=np.float64)
-    vals = local.shifts_px.reshape(-1, 2)
-    weights = np.repeat(local.patch_ok, n).astype(np.float64)
+    weights = np.repeat(local.patch_ok[:, None], n, axis=1).astype(np.float64)
     with timer("local.fit"):
-        model, _ = fit_bspline_shifts(pts, vals, n_ctrl=ctrl, extent=(wx, wy, n), weights=weights)
+        model, _ = fit_bspline_grid(local.patch_centres_px, local.shifts_px, n_ctrl=ctrl, extent=(wx, wy, n),
+                                    weights=weights)
     return local, model, ""

@@ -36,8 +36,9 @@ from .. import backend
 from ._fft import fast_size, irfft2, rfft2, rfft_freqs
 
 __all__ = ["GAUSS_C", "correlation_pixel_size", "correlation_shape", "lowpass_filter", "refine_band", "edge_taper",
-           "correlation_spectra", "frame_pairs", "correlate_pairs", "refine_peaks_dft", "solve_relative_shifts",
-           "reference_frame", "GlobalAlignment", "estimate_global_shifts"]
+           "correlation_spectra", "frame_pairs", "BandSpectra", "correlate_pairs", "refine_peaks_dft",
+           "solve_relative_shifts", "solve_relative_shifts_batched", "reference_frame", "GlobalAlignment",
+           "estimate_global_shifts"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,9 @@ def correlation_spectra(frames, *, margin_yx: Sequence[int] = (0, 0)):
     """
     xp = backend.get_xp(frames)
     taper = edge_taper(frames.shape[-2:], margin_yx=margin_yx, xp=xp)
-    mean = (frames * taper).sum(axis=(-2, -1), keepdims=True, dtype=np.float32) / taper.sum(dtype=np.float32)
+    # last axis first (short reductions are fast on the GPU)
+    weighted = (frames * taper).sum(axis=-1, dtype=np.float32).sum(axis=-1, dtype=np.float32)
+    mean = (weighted / taper.sum(dtype=np.float32))[..., None, None]
     centred = frames - mean
     centred *= taper
     return rfft2(centred)
@@ -175,58 +178,120 @@ def _hermitian_weights(nx: int, xp):
     return xp.asarray(w)
 
 
-def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *, band: float = 1.0,
-                     stages: Sequence[Tuple[int, float]] = ((9, 0.25), (9, 0.03125))):
-    """Sub-pixel maxima of correlations given by their spectra, near integer maxima.
+class BandSpectra:
+    """rfft2 half spectra restricted to the frequencies below ``band`` × Nyquist.
 
-    The correlation ``c(x) = Re Σ_k P(k) exp(2πi k·x / n)`` is band limited, so it can be evaluated at
-    any point. Each stage evaluates it on an ``m × m`` grid of spacing ``step`` around the current best
-    point with two matrix products per pair (a matrix-multiply DFT); a parabola through the final 3×3
-    neighbourhood gives the last digits.
+    The correlation of two such spectra, ``c(x) = Re Σ_k w(k) F_a(k) conj(F_b(k)) exp(2πi k·x / n)``, is
+    then evaluated directly on small grids of points by two matrix products (a matrix-multiply DFT):
+    with the grid offsets shared by all pairs (:meth:`grid`), a whole batch is two large GEMMs.
+
+    Attributes
+    ----------
+    data : complex64 array (M, Ky, Kx)
+    ky, kx : float64 arrays (Ky,), (Kx,): signed row and non-negative column frequency indices.
+    weights : float64 array (Kx,): Hermitian weights (1 for the zero and Nyquist columns, else 2).
+    shape : (ny, nx): real-space size.
+    """
+
+    def __init__(self, spectra, shape: Sequence[int], band: float = 1.0):
+        xp = backend.get_xp(spectra)
+        ny, nx = (int(v) for v in shape)
+        ky_all = np.fft.fftfreq(ny) * ny
+        keep_y = np.flatnonzero(np.abs(ky_all) <= band * ny / 2.0)
+        keep_x = int(min(nx // 2, math.ceil(band * nx / 2.0))) + 1
+        if keep_y.size == ny:
+            self.data = spectra[:, :, :keep_x]
+        else:
+            self.data = spectra[:, xp.asarray(keep_y), :keep_x]
+        self.data = xp.ascontiguousarray(self.data, dtype=np.complex64)
+        self.xp = xp
+        self.shape = (ny, nx)
+        self.ky = xp.asarray(ky_all[keep_y])
+        self.kx = xp.asarray(np.arange(keep_x, dtype=np.float64))
+        self.weights = _hermitian_weights(nx, xp)[:keep_x]
+
+    def phase_x(self, offsets, dtype=np.complex64):
+        """(Kx, m) matrix ``w(kx) exp(2πi kx x / nx)`` for x in ``offsets`` (pixels)."""
+        xp = self.xp
+        offs = xp.asarray(offsets, dtype=np.float64)
+        e = xp.exp((2j * np.pi / self.shape[1]) * self.kx[:, None] * offs[None, :]) * self.weights[:, None]
+        return e.astype(dtype)
+
+    def phase_y(self, offsets, dtype=np.complex64):
+        """(m, Ky) matrix ``exp(2πi ky y / ny)`` for y in ``offsets`` (pixels)."""
+        xp = self.xp
+        offs = xp.asarray(offsets, dtype=np.float64)
+        return xp.exp((2j * np.pi / self.shape[0]) * offs[:, None] * self.ky[None, :]).astype(dtype)
+
+    def centred(self, products, centres_xy, dtype=np.complex64):
+        """Cross-power spectra moved so that ``centres_xy`` (B, 2) become the origin (phase ramps)."""
+        xp = self.xp
+        c = xp.asarray(centres_xy, dtype=np.float64)
+        rx = xp.exp((2j * np.pi / self.shape[1]) * c[:, 0:1] * self.kx[None, :]).astype(dtype)   # (B, Kx)
+        ry = xp.exp((2j * np.pi / self.shape[0]) * c[:, 1:2] * self.ky[None, :]).astype(dtype)   # (B, Ky)
+        out = products.astype(dtype, copy=True)
+        out *= ry[:, :, None]
+        out *= rx[:, None, :]
+        return out
+
+    def grid(self, products, ey, ex):
+        """Correlation values ``(B, my, mx)`` at the points of the phase matrices ``ey`` (my, Ky), ``ex`` (Kx, mx).
+
+        Two GEMMs for the whole batch: ``(B·Ky, Kx) @ (Kx, mx)``, then ``(my, Ky) @ (Ky, B·mx)``.
+        """
+        xp = self.xp
+        b, ky, kx = products.shape
+        my, mx = ey.shape[0], ex.shape[1]
+        t = xp.matmul(products.reshape(b * ky, kx), ex)                          # (B·Ky, mx)
+        t = xp.ascontiguousarray(t.reshape(b, ky, mx).transpose(1, 0, 2)).reshape(ky, b * mx)
+        g = xp.matmul(ey, t).reshape(my, b, mx)
+        return xp.ascontiguousarray(g.real.transpose(1, 0, 2))
+
+
+def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
+                     stages: Sequence[Tuple[int, float, object]] = ((9, 0.25, np.complex64),
+                                                                    (9, 0.03125, np.complex128))):
+    """Sub-pixel maxima of correlations given by their cross-power spectra, near integer maxima.
+
+    The correlation is band limited, so it can be evaluated at any point. Each stage moves every
+    spectrum so that its current best point is the origin (a phase ramp) and evaluates the correlation on
+    an ``m × m`` grid of spacing ``step`` around it with :meth:`BandSpectra.grid` (matrices shared by
+    the whole batch); the grid is re-centred while the maximum sits on its border (3 times at most). A
+    parabola through the final 3×3 neighbourhood gives the last digits. The last stage runs in double
+    precision: single-precision sums over ~10^5 frequencies are not precise enough at 1/32 pixel.
 
     Parameters
     ----------
-    products : complex64 array, shape (B, ny, nx//2 + 1)
-        Cross-power spectra ``F_i · conj(F_j)`` (rfft half spectra).
+    band : BandSpectra
+        Frequencies and weights of ``products``.
+    products : complex64 array, shape (B, Ky, Kx)
+        Cross-power spectra ``F_a · conj(F_b)`` on ``band``'s frequencies.
     centres_xy : float array, shape (B, 2)
         Starting points (x, y) in pixels (integer maxima), signed.
-    shape : (ny, nx)
-        Real-space size of the correlation.
-    band : float
-        Only frequencies up to this fraction of Nyquist (per axis) enter the sums: beyond it the
-        low-passed spectra are negligible (a symmetric cut, so the peak is not moved).
-    stages : sequence of (m, step)
-        Grid points per axis (odd) and spacing in pixels of each refinement stage.
+    stages : sequence of (m, step, dtype)
+        Grid points per axis (odd), spacing in pixels and complex dtype of each refinement stage.
 
     Returns
     -------
     float64 array (B, 2): refined (x, y) maxima in pixels, within 1 pixel of ``centres_xy``.
     """
-    xp = backend.get_xp(products)
-    ny, nx = (int(s) for s in shape)
+    xp = band.xp
     B = products.shape[0]
-    ky_all = np.fft.fftfreq(ny) * ny
-    keep_y = np.flatnonzero(np.abs(ky_all) <= band * ny / 2.0)
-    keep_x = int(min(nx // 2, math.ceil(band * nx / 2.0))) + 1
-    products = products[:, xp.asarray(keep_y), :keep_x].astype(np.complex128)  # double precision sums
-    ky = xp.asarray(ky_all[keep_y])                               # signed integer frequencies (float64)
-    kx = xp.asarray(np.arange(keep_x, dtype=np.float64))
-    w = _hermitian_weights(nx, xp)[:keep_x]
     start = xp.asarray(centres_xy, dtype=np.float64).reshape(B, 2)
     best = start.copy()
-    grid = None
-    last_step = None
-    for m, step in stages:
+    rows = xp.arange(B)
+    grid = last = None
+    last_step = 1.0
+    for m, step, dtype in stages:
+        offs = (np.arange(m) - m // 2) * float(step)
+        ex = band.phase_x(offs, dtype)
+        ey = band.phase_y(offs, dtype)
+        offs_d = xp.asarray(offs)
         for _ in range(3):  # re-centre while the maximum sits on the grid's border
-            offs = xp.asarray((np.arange(m) - m // 2) * float(step))
-            xs = best[:, 0:1] + offs[None, :]                         # (B, m)
-            ys = best[:, 1:2] + offs[None, :]
-            ex = xp.exp((2j * np.pi / nx) * kx[None, :, None] * xs[:, None, :]) * w[None, :, None]
-            ey = xp.exp((2j * np.pi / ny) * ys[:, :, None] * ky[None, None, :])
-            grid = xp.matmul(ey, xp.matmul(products, ex)).real       # (B, m_y, m_x)
+            grid = band.grid(band.centred(products, best, dtype), ey, ex)      # (B, m_y, m_x)
             flat = grid.reshape(B, -1).argmax(axis=1)
             iy, ix = flat // m, flat % m
-            best = xp.stack([xs[xp.arange(B), ix], ys[xp.arange(B), iy]], axis=1)
+            best = best + xp.stack([offs_d[ix], offs_d[iy]], axis=1)
             best = xp.clip(best, start - 1.0, start + 1.0)  # stay by the integer maximum (inside max-shift)
             on_border = (iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)
             if not bool(on_border.any()):
@@ -237,12 +302,11 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *, band: float 
     iy, ix, m = last
     inner = (iy > 0) & (iy < m - 1) & (ix > 0) & (ix < m - 1)
     iyc, ixc = xp.clip(iy, 1, m - 2), xp.clip(ix, 1, m - 2)
-    b = xp.arange(B)
-    c0 = grid[b, iyc, ixc]
-    dx = (grid[b, iyc, ixc + 1] - grid[b, iyc, ixc - 1]) / 2.0
-    dxx = grid[b, iyc, ixc + 1] - 2.0 * c0 + grid[b, iyc, ixc - 1]
-    dy = (grid[b, iyc + 1, ixc] - grid[b, iyc - 1, ixc]) / 2.0
-    dyy = grid[b, iyc + 1, ixc] - 2.0 * c0 + grid[b, iyc - 1, ixc]
+    c0 = grid[rows, iyc, ixc]
+    dx = (grid[rows, iyc, ixc + 1] - grid[rows, iyc, ixc - 1]) / 2.0
+    dxx = grid[rows, iyc, ixc + 1] - 2.0 * c0 + grid[rows, iyc, ixc - 1]
+    dy = (grid[rows, iyc + 1, ixc] - grid[rows, iyc - 1, ixc]) / 2.0
+    dyy = grid[rows, iyc + 1, ixc] - 2.0 * c0 + grid[rows, iyc - 1, ixc]
     ox = xp.where((dxx < 0) & inner, -dx / xp.where(dxx < 0, dxx, -1.0), 0.0)
     oy = xp.where((dyy < 0) & inner, -dy / xp.where(dyy < 0, dyy, -1.0), 0.0)
     ox = xp.clip(ox, -0.5, 0.5) * last_step
@@ -253,6 +317,12 @@ def refine_peaks_dft(products, centres_xy, shape: Sequence[int], *, band: float 
 def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *, band: float = 1.0,
                     batch_bytes: float = 1.0e9) -> Tuple[np.ndarray, np.ndarray]:
     """Relative shifts of pairs of images from the maxima of their cross-correlations.
+
+    The correlation of each pair is never formed as a whole map: its values on the integer points inside
+    the ``max_shift`` ellipse, then on finer grids around the best one (:func:`refine_peaks_dft`), are
+    computed from the band-limited cross-power spectrum by matrix-multiply DFTs shared by the batch. The
+    peak height is given in standard deviations of the whole map, which Parseval's theorem gives from
+    the spectrum.
 
     Parameters
     ----------
@@ -266,7 +336,8 @@ def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *
         Largest relative shift searched, in pixels of these images (along y, x); the integer maximum is
         searched inside this ellipse around zero.
     band : float
-        Fraction of Nyquist used by the sub-pixel refinement (:func:`refine_peaks_dft`).
+        Fraction of Nyquist kept (see :func:`refine_band`); beyond it the low-passed spectra are
+        negligible, and a symmetric cut does not move the peaks.
     batch_bytes : float
         Memory budget of one batch of pairs.
 
@@ -284,41 +355,38 @@ def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *
     ry = float(min(max(ry, 1.0), ny // 2 - 1))
     rx = float(min(max(rx, 1.0), nx // 2 - 1))
     iry, irx = int(math.floor(ry)), int(math.floor(rx))
-    oy = np.arange(-iry, iry + 1)
-    ox = np.arange(-irx, irx + 1)
-    inside = ((oy[:, None] / ry) ** 2 + (ox[None, :] / rx) ** 2) <= 1.0
-    rows = xp.asarray(oy % ny)
-    cols = xp.asarray(ox % nx)
-    outside = xp.asarray(~inside)
+    oy = np.arange(-iry, iry + 1, dtype=np.float64)
+    ox = np.arange(-irx, irx + 1, dtype=np.float64)
+    outside = xp.asarray(((oy[:, None] / ry) ** 2 + (ox[None, :] / rx) ** 2) > 1.0)
+    bs = BandSpectra(spectra, (ny, nx), band)
+    ey, ex = bs.phase_y(oy), bs.phase_x(ox)
     oy_d, ox_d = xp.asarray(oy), xp.asarray(ox)
+    w2 = bs.weights.astype(np.float32)
     idx_a = np.asarray(idx_a, dtype=np.int64)
     idx_b = np.asarray(idx_b, dtype=np.int64)
     P = idx_a.size
-    per_pair = ny * (nx // 2 + 1) * 8 * 2 + ny * nx * 4 * 2
+    _, ky, kx = bs.data.shape
+    per_pair = ky * kx * (8 * 3 + 16 * 2)
     batch = int(max(1, min(P, batch_bytes // per_pair)))
     shifts = []
     zs = []
     for s in range(0, P, batch):
         a = xp.asarray(idx_a[s:s + batch])
         b = xp.asarray(idx_b[s:s + batch])
-        prod = spectra[a] * xp.conj(spectra[b])
-        corr = irfft2(prod, (ny, nx))
-        B = corr.shape[0]
-        flat = corr.reshape(B, -1)
-        mean = flat.mean(axis=1)
-        std = flat.std(axis=1)
-        win = corr[:, rows][:, :, cols]
+        prod = bs.data[a] * xp.conj(bs.data[b])
+        B = prod.shape[0]
+        win = bs.grid(prod, ey, ex)                                   # (B, my, mx): N × the correlation
         win = xp.where(outside[None], -xp.inf, win)
         k = win.reshape(B, -1).argmax(axis=1)
-        py = oy_d[k // ox.size]
-        px = ox_d[k % ox.size]
         peak = win.reshape(B, -1)[xp.arange(B), k]
-        z = (peak - mean) / xp.where(std > 0, std, 1.0)
-        start = xp.stack([px, py], axis=1).astype(np.float64)
-        refined = refine_peaks_dft(prod, start, (ny, nx), band=band)
-        shifts.append(refined)
-        zs.append(z.astype(np.float64))
-        del prod, corr, win
+        # Parseval: the map r = N·ifft(P) has mean P(0) and mean square Σ_k |P(k)|² (full plane)
+        dc = prod[:, 0, 0].real.astype(np.float64)
+        power = (xp.abs(prod) ** 2 * w2[None, None, :]).sum(axis=2, dtype=np.float64).sum(axis=1)
+        std = xp.sqrt(xp.maximum(power - dc * dc, 1e-30))
+        zs.append((peak - dc) / std)
+        start = xp.stack([ox_d[k % ox.size], oy_d[k // ox.size]], axis=1)
+        shifts.append(refine_peaks_dft(bs, prod, start))
+        del prod, win
     return backend.to_host(xp.concatenate(shifts)), backend.to_host(xp.concatenate(zs))
 
 
@@ -388,6 +456,58 @@ def solve_relative_shifts(idx_a, idx_b, pair_shifts, n_frames: int, *, n_passes:
         w, delta = new_w, new_delta
     shifts = np.zeros((n_frames, 2))
     shifts[1:] = np.cumsum(delta, axis=0)
+    return shifts, w > 0
+
+
+def solve_relative_shifts_batched(idx_a, idx_b, pair_shifts, n_frames: int, *, n_passes: int = 2,
+                                  n_sigma: float = 3.0) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`solve_relative_shifts` for many independent systems with the same pairs (e.g. patches).
+
+    Parameters
+    ----------
+    idx_a, idx_b : int arrays (Q,)
+    pair_shifts : float array (P, Q, 2)
+        Measurements of P systems.
+
+    Returns
+    -------
+    shifts : float64 (P, N, 2) relative to frame 0
+    inliers : bool (P, Q)
+    """
+    idx_a = np.asarray(idx_a, dtype=np.int64)
+    idx_b = np.asarray(idx_b, dtype=np.int64)
+    d = np.asarray(pair_shifts, dtype=np.float64)
+    n_sys = d.shape[0]
+    A = _design_matrix(idx_a, idx_b, n_frames)                      # (Q, N-1)
+    w = np.ones(d.shape[:2])
+
+    def solve(wt):
+        awt = (A[None] * wt[:, :, None]).transpose(0, 2, 1)          # (P, N-1, Q)
+        return np.linalg.solve(awt @ A, awt @ d)                     # (P, N-1, 2)
+
+    delta = solve(w)
+    for _ in range(int(n_passes)):
+        res = d - A[None] @ delta
+        keep = w > 0
+        cnt = np.maximum(keep.sum(axis=1, keepdims=True), 1)
+        mean = (res * keep[:, :, None]).sum(axis=1, keepdims=True) / cnt[:, :, None]
+        sd = np.sqrt((((res - mean) ** 2) * keep[:, :, None]).sum(axis=1, keepdims=True) / cnt[:, :, None])
+        out = (np.abs(res) > n_sigma * sd).any(axis=2)
+        new_w = np.where(out, 0.0, w)
+        if (new_w == w).all():
+            break
+        try:
+            new_delta = solve(new_w)
+        except np.linalg.LinAlgError:                                # some system became singular: per system
+            new_delta = delta.copy()
+            for p in range(n_sys):
+                try:
+                    new_delta[p] = solve(new_w[p:p + 1])[0]
+                except np.linalg.LinAlgError:
+                    new_w[p] = w[p]
+        w, delta = new_w, new_delta
+    shifts = np.zeros((n_sys, n_frames, 2))
+    shifts[:, 1:] = np.cumsum(delta, axis=1)
     return shifts, w > 0
 
 

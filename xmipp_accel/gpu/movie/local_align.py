@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import backend
 from ._fft import fast_size
-from .global_align import correlate_pairs, correlation_spectra, frame_pairs, solve_relative_shifts
+from .global_align import correlate_pairs, correlation_spectra, frame_pairs, solve_relative_shifts_batched
 
 __all__ = ["PATCH_SIZE_A", "MIN_PEAK_Z", "patch_starts", "patch_size_px", "temporal_average",
            "LocalAlignment", "estimate_local_shifts"]
@@ -167,12 +167,8 @@ def estimate_local_shifts(aligned_coarse, *, scale_yx: Sequence[float], n_patche
     with timer("local.solve"):
         d = d.reshape(n_p, len(a), 2) / np.array([sx, sy])
         z = z.reshape(n_p, len(a))
-        shifts = np.zeros((n_p, n, 2))
-        inliers = np.zeros((n_p, len(a)), dtype=bool)
-        for p in range(n_p):
-            s, inl = solve_relative_shifts(a, b, d[p], n)
-            shifts[p] = s - s[reference_frame]
-            inliers[p] = inl
+        shifts, inliers = solve_relative_shifts_batched(a, b, d, n)
+        shifts -= shifts[:, reference_frame:reference_frame + 1]
     peak_z = np.median(z, axis=1)
     patch_ok = peak_z >= min_peak_z
     centres = np.array([((x0 + px / 2.0) / sx, (y0 + py / 2.0) / sy) for y0 in ys for x0 in xs])

@@ -1,1 +1,6 @@
-"""Tuning: FFT size advisor, kernel autotuner and their persistent cache (see :mod:`.cache`)."""
+"""Tuning: the FFT size advisor (:mod:`.fft_advisor`), the kernel autotuner (:mod:`.autotune`, kernels in
+:mod:`.builtin_kernels`) and the persistent, per-GPU cache they share (:mod:`.cache`).
+
+Algorithms call ``fft_advisor.good_fft_size``/``good_fft_shape`` for transform sizes and
+``autotune.tuned_params`` for kernel configurations; see docs/machinery.md.
+"""
