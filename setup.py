@@ -26,6 +26,7 @@ setup(
         "scipy>=1.10",
         "mrcfile>=1.4",
         "tifffile>=2023.1",
+        "imagecodecs>=2023.1",
         "tqdm>=4.60",
         "platformdirs>=3",
         "matplotlib>=3.6",

@@ -301,7 +301,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 peer = time_cryodrgn(box, args.peer_particles, tmp)
-                ours = [r for r in rows if r["box"] == box and r["sym"] == "c1"]
+                ours = [r for r in rows if r.get("box") == box and r.get("sym") == "c1" and "gpu_s" in r]
                 ratio = (peer["total_s"] * CONFIGS[box] / peer["particles"]) / ours[0]["gpu_s"] if ours else None
                 print(f"\n# peer cryoDRGN backproject_voxel (C1, no half maps), {box}² x {peer['particles']}: "
                       f"{peer['total_s']:.2f} s" + (f"; ours is {ratio:.1f}x faster on {box}² x {CONFIGS[box]}"

@@ -4,7 +4,7 @@ Public names, one per line; the stages live in their own modules:
 :mod:`.preprocess`, :mod:`.global_align`, :mod:`.local_align`, :mod:`.bspline`, :mod:`.apply`,
 :mod:`.dose`, and :mod:`.flexalign` which chains them.
 """
-from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_shifts
+from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_grid, fit_bspline_shifts
 from .dose import dose_weighted_sum, exposure_filter
 from .flexalign import AlignmentOptions, MovieAlignment, align_movie, auto_patches
 from .global_align import GlobalAlignment, estimate_global_shifts
@@ -18,6 +18,7 @@ __all__ = [
     "BSplineShiftModel",
     "auto_control_points",
     "fit_bspline_shifts",
+    "fit_bspline_grid",
     "dose_weighted_sum",
     "exposure_filter",
     "GlobalAlignment",
