@@ -167,7 +167,43 @@ def bench_deepalign(xp, matcher, imgs, truth, px, args, batch):
            "region_top1": top1, "region_top2": top2,
            "disagree_fraction": float(np.mean(res.extra["disagree"]))}
     out.update(_errors(res, truth, px))
+    return out, aligner
+
+
+def bench_fine(xp, vol, imgs, truth, px, args, max_res_A, batch, trained):
+    """Finer global step (``--fine-step``): projmatch against DeepAlign reusing the models trained above."""
+    from xmipp_accel.gpu.align.deepalign import DeepAligner
+    n = min(args.particles_fine, imgs.shape[0])
+    x = imgs[:n]
+    tr = {k: (v[:n] if np.ndim(v) and np.shape(v)[0] == imgs.shape[0] else v) for k, v in truth.items()}
+    save = args.step
+    args.step = args.fine_step
+    try:
+        pm, matcher = bench_projmatch(xp, vol, x, tr, px, args, max_res_A, batch)
+    finally:
+        args.step = save
+    out = {"step_deg": args.fine_step, "projmatch": pm}
+    if trained is not None:
+        aligner = DeepAligner(matcher, trained.config)
+        aligner.models, aligner.noise, aligner.cnn_box = trained.models, trained.noise, trained.cnn_box
+        ctf = _ctf(tr, n)
+        aligner.align_batch(x[:8], {k: v[:8] for k, v in ctf.items()})
+        _sync(xp)
+        t0 = time.perf_counter()
+        res = aligner.align(x, ctf, batch_size=batch)
+        _sync(xp)
+        t = time.perf_counter() - t0
+        out["deepalign"] = {"particles": n, "align_s": t, "particles_per_s": n / t,
+                            "disagree_fraction": float(np.mean(res.extra["disagree"]))}
+        out["deepalign"].update(_errors(res, tr, px))
     return out
+
+
+def _dump(report, args):
+    out = args.json or (os.path.join(os.environ["OUT"], "assign_angles.json") if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1, default=float)
 
 
 def run_box(box, args, xp, report):
@@ -197,15 +233,31 @@ def run_box(box, args, xp, report):
             print(f"[{box} px] numpy CPU peer {entry['peer_numpy_cpu']['particles_per_s']:.2f} particles/s", flush=True)
         except Exception:
             entry["peer_error"] = traceback.format_exc()
+    _dump(report, args)
+    trained = None
     if not args.no_deep:
         try:
-            entry["deepalign"] = bench_deepalign(xp, matcher, imgs, truth, px, args, batch)
+            entry["deepalign"], trained = bench_deepalign(xp, matcher, imgs, truth, px, args, batch)
             d = entry["deepalign"]
             print(f"[{box} px] deepalign train {d['train_s']:.1f} s, {d['particles_per_s']:.0f} particles/s, "
                   f"median error {d['median_err_deg']:.2f} deg, region top-1 {d['region_top1']}", flush=True)
         except Exception:
             entry["deepalign_error"] = traceback.format_exc()
             print(entry["deepalign_error"], flush=True)
+    _dump(report, args)
+    if box == max(SETUPS) and args.fine_step:
+        try:
+            entry["fine"] = f = bench_fine(xp, vol, imgs, truth, px, args, max_res, batch, trained)
+            line = (f"[{box} px, step {args.fine_step} deg] projmatch {f['projmatch']['particles_per_s']:.0f} "
+                    f"particles/s (median {f['projmatch']['median_err_deg']:.2f} deg)")
+            if "deepalign" in f:
+                line += (f", deepalign {f['deepalign']['particles_per_s']:.0f} particles/s "
+                         f"(median {f['deepalign']['median_err_deg']:.2f} deg)")
+            print(line, flush=True)
+        except Exception:
+            entry["fine_error"] = traceback.format_exc()
+            print(entry["fine_error"], flush=True)
+        _dump(report, args)
 
 
 def print_table(report):
@@ -235,6 +287,18 @@ def print_table(report):
         print(f"{e['box']:>4} {r['global_s']:>9.3f} {tflop:>8.2f} {tflop / r['global_s']:>8.2f} {gb:>9.1f} "
               f"{floor:>8.3f} {r['global_s'] / floor if floor else float('nan'):>6.1f}")
     for e in report["boxes"]:
+        f = e.get("fine")
+        if f:
+            print(f"\n{e['box']} px at a {f['step_deg']} deg global step ({f['projmatch']['particles']} particles):")
+            pm = f["projmatch"]
+            print(f"  projmatch {pm['particles_per_s']:.1f} particles/s (global {pm['global_s']:.2f} s, "
+                  f"{pm['global_flops'] / 1e12:.1f} TFLOP, {pm['global_bytes'] / 1e9:.0f} GB), median error "
+                  f"{pm['median_err_deg']:.2f} deg")
+            if "deepalign" in f:
+                d = f["deepalign"]
+                print(f"  deepalign {d['particles_per_s']:.1f} particles/s, median error {d['median_err_deg']:.2f} deg "
+                      f"({pm['particles_per_s'] and d['particles_per_s'] / pm['particles_per_s']:.1f}x projmatch)")
+    for e in report["boxes"]:
         if e["box"] == 300:
             pm, dp = e.get("projmatch"), e.get("deepalign")
             if pm:
@@ -250,8 +314,11 @@ def main(argv=None):
     p.add_argument("--boxes", default="128,300")
     p.add_argument("--particles-128", dest="particles_128", type=int, default=4000)
     p.add_argument("--particles-300", dest="particles_300", type=int, default=2000)
+    p.add_argument("--particles-32", dest="particles_32", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--step", type=float, default=3.0)
-    p.add_argument("--train-steps", type=int, default=1500)
+    p.add_argument("--train-steps", type=int, default=1000)
+    p.add_argument("--fine-step", type=float, default=1.5, help="finer global step compared at 300 px (0: skip)")
+    p.add_argument("--particles-fine", type=int, default=300)
     p.add_argument("--train-batch", type=int, default=256)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--no-peer", action="store_true")
@@ -261,7 +328,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.particles_128, args.particles_300, args.train_steps = 256, 128, 100
+        args.particles_128, args.particles_300, args.train_steps, args.particles_fine = 256, 128, 100, 32
     dev = backend.resolve_device(args.device)
     xp = dev.xp
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _device_name(xp), "versions": backend.versions(),
@@ -270,10 +337,7 @@ def main(argv=None):
         for box in [int(b) for b in args.boxes.split(",")]:
             run_box(box, args, xp, report)
     print_table(report)
-    out = args.json or (os.path.join(os.environ["OUT"], "assign_angles.json") if os.environ.get("OUT") else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=1, default=float)
+    _dump(report, args)
     return 0
 
 

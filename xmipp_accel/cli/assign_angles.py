@@ -64,7 +64,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="spacing of the sphere regions the networks recognise, degrees (default: %(default)s)")
     d.add_argument("--regions-searched", type=int, default=2,
                    help="best regions of each model matched per particle (default: %(default)s)")
-    d.add_argument("--train-steps", type=int, default=1500,
+    d.add_argument("--train-steps", type=int, default=1000,
                    help="training steps per model (one new batch of images each) (default: %(default)s)")
     d.add_argument("--train-batch", type=int, default=256, help="images per training step (default: %(default)s)")
     d.add_argument("--cnn-box", type=int, default=64,

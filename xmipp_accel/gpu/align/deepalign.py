@@ -362,9 +362,11 @@ class RegionClassifier:
 
     @classmethod
     def train(cls, images: TrainingImages, *, steps: int, batch: int = 256, lr: float = 2e-3, width: int = 32,
-              seed: int = 0, device=None, n_validation: int = 1024,
+              seed: int = 0, device=None, n_validation: int = 1024, pool: int = 8,
               log: Optional[Callable[[str], None]] = None) -> RegionClassifier:
         """Train on freshly generated images (one new batch per step; AdamW, one-cycle schedule).
+
+        Images are generated ``pool`` batches at a time (each still used once).
 
         Returns the classifier with ``history`` = steps, seconds, final loss and validation accuracy.
         """
@@ -379,10 +381,15 @@ class RegionClassifier:
         t0 = time.perf_counter()
         net.train()
         loss_val = float("nan")
+        pool_x = pool_y = None
         for step in range(steps):
-            x, y = images.batch(batch)
-            xt = _to_torch(polar_images(normalise_images(x)), device)[:, None]
-            yt = torch.as_tensor(y, device=device)
+            j = step % pool
+            if j == 0:  # generate `pool` batches at once: fewer, larger kernels
+                x, y = images.batch(batch * min(pool, steps - step))
+                pool_x = _to_torch(polar_images(normalise_images(x)), device)[:, None]
+                pool_y = torch.as_tensor(y, device=device)
+            xt = pool_x[j * batch:(j + 1) * batch]
+            yt = pool_y[j * batch:(j + 1) * batch]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = loss_fn(net(xt), yt)
             opt.zero_grad(set_to_none=True)
@@ -453,17 +460,20 @@ class DeepAlignConfig:
     train_steps, train_batch, learning_rate : training budget per model.
     n_models : independently trained models (2 for the consensus).
     n_regions_searched : best regions of each model matched per particle.
+    n_candidates : directions kept per model after its restricted global search (the two models
+        already give two candidates; particles whose candidates coincide are refined once).
     consensus_tolerance_deg : assignments of the two models further apart are flagged.
     seed : seed of the first model (the others use seed + 1, ...).
     """
     region_step_deg: float = 30.0
     cnn_box: int = 64
     width: int = 32
-    train_steps: int = 1500
+    train_steps: int = 1000
     train_batch: int = 256
     learning_rate: float = 2e-3
     n_models: int = 2
     n_regions_searched: int = 2
+    n_candidates: int = 1
     consensus_tolerance_deg: float = 5.0
     seed: int = 0
 
@@ -594,9 +604,10 @@ class DeepAligner:
         if int(meta.get("version", 0)) > FORMAT_VERSION:
             raise InputError(f"the models in {folder} were written by a newer xmipp_accel (format "
                              f"{meta.get('version')}); upgrade, or {fix}")
-        keep_runtime = (self.config.n_regions_searched, self.config.consensus_tolerance_deg)
+        keep_runtime = (self.config.n_regions_searched, self.config.n_candidates, self.config.consensus_tolerance_deg)
         self.config = cfg
-        self.config.n_regions_searched, self.config.consensus_tolerance_deg = keep_runtime
+        (self.config.n_regions_searched, self.config.n_candidates,
+         self.config.consensus_tolerance_deg) = keep_runtime
         self.cnn_box = cnn_box
         self.regions = region_centres(cfg.region_step_deg, self.matcher.sym)
         if self.regions.n_regions != n_regions:
@@ -645,26 +656,22 @@ class DeepAligner:
         k = max(1, int(self.config.n_regions_searched))
         probs = self.region_probabilities(images)
         tops = [np.argsort(-p, axis=1)[:, :k] for p in probs]
-        results = []
-        for mi, top in enumerate(tops):
-            if mi > 0:
-                same = np.all(np.sort(top, 1) == np.sort(tops[0], 1), axis=1)
-            else:
-                same = np.zeros(n, dtype=bool)
+        n_cand = max(1, int(self.config.n_candidates))
+        cands = [m.global_search(images, ctf, allowed=self._blocks(top), n_candidates=n_cand) for top in tops]
+        results = [m.refine_from_candidates(images, ctf, *cands[0])]
+        first = [backend.to_host(c) for c in cands[0]]
+        for cand in cands[1:]:
+            host = [backend.to_host(c) for c in cand]
+            same = (np.all(np.abs(host[0] - first[0]) < 1e-6, axis=(1, 2, 3))
+                    & np.all(np.abs(host[1] - first[1]) < 1e-6, axis=(1, 2)))
+            res = AlignmentResult(results[0].matrices.copy(), results[0].origins_px.copy(), results[0].score.copy())
             todo = np.nonzero(~same)[0]
-            res = AlignmentResult(results[0].matrices.copy(), results[0].origins_px.copy(),
-                                  results[0].score.copy()) if mi > 0 else None
             if todo.size:
-                sub = images[xp.asarray(todo)] if todo.size != n else images
+                t_x = xp.asarray(todo)
                 sub_ctf = None if ctf is None else {kk: (np.asarray(v)[todo] if np.ndim(v) else v)
                                                     for kk, v in ctf.items()}
-                mats, origins, scores = m.global_search(sub, sub_ctf, allowed=self._blocks(top[todo]),
-                                                        n_candidates=2)
-                r = m.refine_from_candidates(sub, sub_ctf, mats, origins, scores)
-                if res is None:
-                    res = r
-                else:
-                    res.matrices[todo], res.origins_px[todo], res.score[todo] = r.matrices, r.origins_px, r.score
+                r = m.refine_from_candidates(images[t_x], sub_ctf, cand[0][t_x], cand[1][t_x], cand[2][t_x])
+                res.matrices[todo], res.origins_px[todo], res.score[todo] = r.matrices, r.origins_px, r.score
             results.append(res)
         best = np.argmax(np.stack([r.score for r in results]), axis=0)
         rows = np.arange(n)
