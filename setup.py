@@ -26,7 +26,7 @@ setup(
         "scipy>=1.10",
         "mrcfile>=1.4",
         "tifffile>=2023.1",
-        "imagecodecs>=2023.1",
+        "imagecodecs>=2023.1,<2025",  # 2025+ wheels need numpy 2; Scipion pins numpy 1.26
         "tqdm>=4.60",
         "platformdirs>=3",
         "matplotlib>=3.6",

@@ -314,7 +314,6 @@ def main(argv=None):
     p.add_argument("--boxes", default="128,300")
     p.add_argument("--particles-128", dest="particles_128", type=int, default=4000)
     p.add_argument("--particles-300", dest="particles_300", type=int, default=2000)
-    p.add_argument("--particles-32", dest="particles_32", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--step", type=float, default=3.0)
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--fine-step", type=float, default=1.5, help="finer global step compared at 300 px (0: skip)")

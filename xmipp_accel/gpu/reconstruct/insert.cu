@@ -229,6 +229,161 @@ __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ wei
     }
 }
 
+// Cooperative variant: the same columns, voxels and pixels as insert_gather, but LPV lanes of a
+// warp share one voxel. For each entry the lanes compute their column's slab range, a warp scan
+// turns the ranges into one list of (column, c) voxels, and the warp walks that list 32 / LPV voxels
+// at a time; the LPV lanes of a voxel cover the n_p x n_p candidate square of its blob (n_p =
+// floor(2 r) + 1) with a fixed, branch-free trip count, read neighbouring pixels of the same rows
+// (coalesced), keep those with d^2 <= r^2 and reduce their sums with shuffles; the voxel's first lane
+// does the read-modify-write. A voxel still belongs to one column owned by one warp: no atomics.
+template <int TILE, int BLOB_MODE, int ORDER, int LPV>
+__global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict__ weight,
+                                   const float4* __restrict__ proj,
+                                   const float* __restrict__ mats, const int* __restrict__ img,
+                                   const int n_entries, const int axis, const long long replica_stride,
+                                   const int K, const int kmax2, const int M, const int Mh, const int Kp,
+                                   const float r, const float r2, const float alpha, const float inv_norm,
+                                   const float* __restrict__ table, const float2* __restrict__ table2,
+                                   const int table_n, const float table_scale)
+{
+    extern __shared__ float s_table[];
+    __shared__ float s_mat[TILE][9];
+    __shared__ int s_img[TILE];
+
+    const int nthreads = blockDim.x * blockDim.y;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    const int lane = tid & 31;
+    if (BLOB_MODE == 2) {
+        for (int i = tid; i < table_n; i += nthreads) s_table[i] = table[i];
+    }
+    const int u = ((axis == 0) ? -K : 0) + (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const int v = -K + (int)(blockIdx.y * blockDim.y + threadIdx.y);
+    int c_lo = 0, c_hi = -1;
+    if (u <= K && v <= K) {
+        const int rem = kmax2 - u * u - v * v;
+        if (rem >= 0) {
+            int cs = (int)floorf(sqrtf((float)rem));
+            while ((cs + 1) * (cs + 1) <= rem) ++cs;
+            while (cs * cs > rem) --cs;
+            cs = min(cs, K);
+            c_hi = cs;
+            c_lo = (axis == 0) ? 0 : -cs;
+        }
+    }
+    const int W = 2 * Kp + 1;
+    const size_t plane = (size_t)W * W;
+    const float inv_r2 = 1.0f / r2;
+    const int last = table_n - 1;
+    const int n_p = (int)floorf(2.0f * r) + 1;       // candidate pixels per axis of a blob
+    const int n_p2 = n_p * n_p;
+    const int sub = lane % LPV;                      // this lane's place among its voxel's lanes
+    const int group = lane / LPV;                    // which voxel of a step this lane works on
+    const int GROUPS = 32 / LPV;
+    const int e_begin = (int)(((long long)n_entries * blockIdx.z) / gridDim.z);
+    const int e_end = (int)(((long long)n_entries * (blockIdx.z + 1)) / gridDim.z);
+    data += (size_t)blockIdx.z * (size_t)replica_stride;
+    weight += (size_t)blockIdx.z * (size_t)replica_stride;
+
+    for (int base = e_begin; base < e_end; base += TILE) {
+        const int nt = min(TILE, e_end - base);
+        __syncthreads();
+        for (int i = tid; i < nt * 9; i += nthreads) s_mat[i / 9][i % 9] = mats[(size_t)base * 9 + i];
+        for (int i = tid; i < nt; i += nthreads) s_img[i] = img[base + i];
+        __syncthreads();
+        for (int e = 0; e < nt; ++e) {
+            const float* A = s_mat[e];
+            float nc, nu, nv;
+            if (axis == 2) { nc = A[8]; nu = A[6]; nv = A[7]; }
+            else if (axis == 1) { nc = A[7]; nu = A[6]; nv = A[8]; }
+            else { nc = A[6]; nu = A[7]; nv = A[8]; }
+            const float t = nu * (float)u + nv * (float)v;
+            const float inv = 1.0f / nc;
+            const float a = (-r - t) * inv, b = (r - t) * inv;
+            const int c0 = max((int)ceilf(fminf(a, b)), c_lo);
+            const int c1 = min((int)floorf(fmaxf(a, b)), c_hi);
+            const int cnt = max(c1 - c0 + 1, 0);
+            int incl = cnt;                                  // inclusive warp scan of the counts
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
+            }
+            const int total = __shfl_sync(0xffffffffu, incl, 31);
+            if (total == 0) continue;
+            const int cbase = c0 - (incl - cnt);             // voxel j of this column has c = cbase + j
+            const float4* P = proj + (size_t)s_img[e] * plane + (size_t)Kp * W + Kp;   // pixel (0, 0)
+            for (int s0 = 0; s0 < total; s0 += GROUPS) {
+                unsigned owners[32 / LPV];
+#pragma unroll
+                for (int g = 0; g < 32 / LPV; ++g) owners[g] = __ballot_sync(0xffffffffu, incl <= s0 + g);
+                const int j = s0 + group;
+                unsigned mine = owners[0];
+#pragma unroll
+                for (int g = 1; g < 32 / LPV; ++g) if (group == g) mine = owners[g];
+                const int owner = min(__popc(mine), 31);
+                const int oc = __shfl_sync(0xffffffffu, cbase, owner) + j;
+                const int ou = __shfl_sync(0xffffffffu, u, owner);
+                const int ov = __shfl_sync(0xffffffffu, v, owner);
+                int kx, ky, kz;
+                if (axis == 2) { kx = ou; ky = ov; kz = oc; }
+                else if (axis == 1) { kx = ou; ky = oc; kz = ov; }
+                else { kx = oc; ky = ou; kz = ov; }
+                const float fx = (float)kx, fy = (float)ky, fz = (float)kz;
+                const float qx = A[0] * fx + A[1] * fy + A[2] * fz;
+                const float qy = A[3] * fx + A[4] * fy + A[5] * fz;
+                const float qz = A[6] * fx + A[7] * fy + A[8] * fz;
+                const float qz2 = qz * qz;
+                const bool live = (j < total) && (qz2 <= r2);
+                const int x0 = (int)ceilf(qx - r), y0 = (int)ceilf(qy - r);
+                float sre = 0.0f, sim = 0.0f, sw = 0.0f;
+                if (live) {
+                    for (int ci = sub; ci < n_p2; ci += LPV) {
+                        const int py = y0 + ci / n_p, px = x0 + ci % n_p;
+                        const float dy = (float)py - qy;
+                        const float dyz = fmaf(dy, dy, qz2);
+                        const float dx = (float)px - qx;
+                        const float d2 = fmaf(dx, dx, dyz);
+                        if (d2 <= r2) {
+                            float w;
+                            if (BLOB_MODE == 0) {
+                                w = blob_on_the_fly<ORDER>(d2, inv_r2, alpha, inv_norm);
+                            } else {
+                                const float tt = d2 * table_scale;
+                                const int ti = min((int)tt, last);
+                                const float tf = tt - (float)ti;
+                                if (BLOB_MODE == 1) {
+                                    const float2 tb = __ldg(table2 + ti);
+                                    w = fmaf(tf, tb.y, tb.x);
+                                } else {
+                                    const float t0 = s_table[ti];
+                                    w = fmaf(tf, s_table[min(ti + 1, last)] - t0, t0);
+                                }
+                            }
+                            const float4 p = __ldg(P + (long long)py * W + px);
+                            sre = fmaf(w, p.x, sre);
+                            sim = fmaf(w, p.y, sim);
+                            sw = fmaf(w, p.z, sw);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int o = LPV / 2; o > 0; o >>= 1) {
+                    sre += __shfl_xor_sync(0xffffffffu, sre, o);
+                    sim += __shfl_xor_sync(0xffffffffu, sim, o);
+                    sw += __shfl_xor_sync(0xffffffffu, sw, o);
+                }
+                if (live && sub == 0 && (sw != 0.0f || sre != 0.0f || sim != 0.0f)) {
+                    const size_t vox = ((size_t)wrap_index(kz, M) * M + wrap_index(ky, M)) * Mh + kx;
+                    float2 d = data[vox];
+                    d.x += sre;
+                    d.y += sim;
+                    data[vox] = d;
+                    weight[vox] += sw;
+                }
+            }
+        }
+    }
+}
+
 // out(k) = sum_g in(g k) for data (complex) and weight (real) of a Hermitian half volume,
 // trilinear interpolation; a point with negative x is read at -g k and conjugated.
 // Voxels outside the sphere |k|^2 <= kmax2 or with any |component| > K are set to 0;

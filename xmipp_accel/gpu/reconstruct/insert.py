@@ -60,8 +60,9 @@ INSERT_TUNING_SPACE = {
     "block_y": [1, 2, 4, 8],
     "tile": [8, 16, 32, 64],
     "table_memory": ["shared", "global"],
+    "lanes_per_voxel": [1, 4, 8, 16],
 }
-DEFAULT_INSERT_TUNING = {"block_x": 32, "block_y": 4, "tile": 32, "table_memory": "global"}
+DEFAULT_INSERT_TUNING = {"block_x": 32, "block_y": 4, "tile": 32, "table_memory": "global", "lanes_per_voxel": 1}
 
 _CU_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "insert.cu")
 
@@ -356,8 +357,10 @@ def _read_source() -> str:
         return fh.read()
 
 
-def _insert_name(tile: int, blob_mode: int, order: int) -> str:
-    return f"insert_gather<{int(tile)}, {int(blob_mode)}, {int(order)}>"
+def _insert_name(tile: int, blob_mode: int, order: int, lanes_per_voxel: int = 1) -> str:
+    if int(lanes_per_voxel) <= 1:
+        return f"insert_gather<{int(tile)}, {int(blob_mode)}, {int(order)}>"
+    return f"insert_gather_coop<{int(tile)}, {int(blob_mode)}, {int(order)}, {int(lanes_per_voxel)}>"
 
 
 @functools.lru_cache(maxsize=None)
@@ -524,7 +527,12 @@ def insert_packed_gpu(data, weight, packed, matrices, image_index, grid: Fourier
     m_dev = cp.asarray(mats)
     i_dev = cp.asarray(idx)
     mode = 0 if blob_mode == "onthefly" else (2 if tun["table_memory"] == "shared" else 1)
-    kern = _kernel(_insert_name(tun["tile"], mode, blob.order if mode == 0 else 0))
+    lpv = int(tun["lanes_per_voxel"])
+    if lpv not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"lanes_per_voxel must be 1 or a power of two up to 32, got {lpv}")
+    if lpv > 1 and (int(tun["block_x"]) * int(tun["block_y"])) % 32:
+        raise ValueError("the cooperative insertion kernel needs whole warps: block_x * block_y % 32 == 0")
+    kern = _kernel(_insert_name(tun["tile"], mode, blob.order if mode == 0 else 0, lpv))
     table, table2 = _device_tables(cp.cuda.Device().id, blob, int(table_size))
     shared = int(table_size) * 4 if mode == 2 else 0
     if shared > 48 * 1024:
