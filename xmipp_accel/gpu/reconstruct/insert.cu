@@ -380,6 +380,7 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
                     weight[vox] += sw;
                 }
             }
+            __syncwarp();   // the next entry may give this voxel to another lane of the warp: order the writes
         }
     }
 }

@@ -56,8 +56,8 @@ BLOB_MODES = ("table", "onthefly")
 #: (x is the fast memory axis); ``tile``: entries staged in shared memory per pass;
 #: ``table_memory``: where the blob table is read from in ``"table"`` mode.
 INSERT_TUNING_SPACE = {
-    "block_x": [16, 32, 64, 128],
-    "block_y": [1, 2, 4, 8],
+    "block_x": [8, 16, 32, 64, 128],
+    "block_y": [1, 2, 4, 8, 16],
     "tile": [8, 16, 32, 64],
     "table_memory": ["shared", "global"],
     "lanes_per_voxel": [1, 4, 8, 16],

@@ -246,7 +246,8 @@ def _register_insert() -> Optional[TunableKernel]:
         return None
     return register(TunableKernel(
         name="insert", space=space, default=default, build=_insert_build, make_inputs=_insert_inputs,
-        run=_insert_run, constraints=(lambda p: p["block_x"] * p["block_y"] <= 1024,),
+        run=_insert_run, constraints=(lambda p: p["block_x"] * p["block_y"] <= 1024,
+                     lambda p: p.get("lanes_per_voxel", 1) == 1 or p["block_x"] * p["block_y"] % 32 == 0),
         size_class=lambda size: _bucket_class({"padded_box": size["padded_box"], "images": size["images"]}),
         sizes=({"padded_box": 128, "images": 2000}, {"padded_box": 256, "images": 500},
                {"padded_box": 512, "images": 100}),
