@@ -442,6 +442,21 @@ def replica_count(grid: FourierGrid, *, target_threads: int = 1 << 19, budget_by
     return int(max(1, min(want, cap, 64)))
 
 
+def _tuned_insert(grid: FourierGrid) -> Optional[dict]:
+    """The autotuner's best insertion parameters for this grid on the current GPU (its cache), or None.
+
+    None (the kernel's defaults, :data:`.insert.DEFAULT_INSERT_TUNING`) when nothing was tuned or the
+    tuning machinery is unavailable.
+    """
+    try:
+        from ..tuning.autotune import tuned_params  # noqa: PLC0415
+        from ..tuning import builtin_kernels  # noqa: F401, PLC0415  (registers the "insert" adapter)
+        return dict(tuned_params("insert", {"padded_box": grid.padded_box, "images": 256}))
+    except Exception as exc:  # noqa: BLE001  a tuning cache problem must never stop a reconstruction
+        logger.debug("insertion tuning not used: %s", exc)
+        return None
+
+
 def reduce_accumulators(accumulators: List[FourierAccumulator], mpi=None) -> Optional[List[FourierAccumulator]]:
     """Sum per-subset accumulators across MPI ranks (``gpu.runtime.mpi``); the sums on root, None elsewhere."""
     if mpi is None or not getattr(mpi, "enabled", False):
@@ -486,6 +501,7 @@ class FourierReconstructor:
         self.n_subsets = n_subsets
         reps = 1 if xp is np else replica_count(self.grid)
         self.accumulators = [FourierAccumulator.zeros(self.grid, xp, reps) for _ in range(n_subsets)]
+        self.tuning = self.settings.tuning if self.settings.tuning or xp is np else _tuned_insert(self.grid)
 
     # ------------------------------------------------------------------ insertion
     def entries(self, matrices: np.ndarray):
@@ -519,10 +535,10 @@ class FourierReconstructor:
             target_d, target_w = acc.insert_targets
             if packed:
                 insert_packed_gpu(target_d, target_w, ft, mats[sel], idx[sel], self.grid, self.settings.blob,
-                                  blob_mode=self.settings.blob_mode, tuning=self.settings.tuning)
+                                  blob_mode=self.settings.blob_mode, tuning=self.tuning)
             else:
                 insert_gather(target_d, target_w, ft, weight, mats[sel], idx[sel], self.grid, self.settings.blob,
-                              blob_mode=self.settings.blob_mode, tuning=self.settings.tuning)
+                              blob_mode=self.settings.blob_mode, tuning=self.tuning)
             acc.count += sel.size // max(k, 1)
 
     def insert(self, images, matrices, *, shifts_px=None, ctf=None, subset=None) -> None:

@@ -205,7 +205,8 @@ def random_rotations(n: int, seed: int = 0) -> np.ndarray:
 
 def _insert_inputs(size: Dict[str, int], xp) -> Dict[str, Any]:
     """Projections of a ``padded_box`` grid (``images`` of them) at random orientations, Xmipp's defaults:
-    padding 2 and maximum resolution 0.5 (``kmax = M / 4``), blob radius 1.9, alpha 15, table mode."""
+    padding 2 and maximum resolution 0.5 (``kmax = M / 4``), blob radius 1.9, alpha 15, table mode; on a GPU
+    the accumulators are the replica stacks ``(R, M, M, M//2+1)`` the reconstruction uses."""
     from ..reconstruct.blob import KaiserBesselBlob  # noqa: PLC0415
     from ..reconstruct.insert import FourierGrid  # noqa: PLC0415
     m, b = int(size["padded_box"]), int(size["images"])
@@ -215,7 +216,11 @@ def _insert_inputs(size: Dict[str, int], xp) -> Dict[str, Any]:
     proj = (rng.standard_normal((b, m, half), dtype=np.float32)
             + 1j * rng.standard_normal((b, m, half), dtype=np.float32)).astype(np.complex64)
     pw = rng.random((b, m, half), dtype=np.float32)
-    return {"data": xp.zeros(grid.shape, np.complex64), "weight": xp.zeros(grid.shape, np.float32),
+    shape = grid.shape
+    if xp is not np:   # what the reconstruction inserts into: a stack of replicas (fourier.replica_count)
+        from ..reconstruct.fourier import replica_count  # noqa: PLC0415
+        shape = (replica_count(grid),) + shape
+    return {"data": xp.zeros(shape, np.complex64), "weight": xp.zeros(shape, np.float32),
             "proj": xp.asarray(proj), "proj_weight": xp.asarray(pw), "matrices": random_rotations(b),
             "image_index": np.arange(b), "grid": grid, "blob": KaiserBesselBlob()}
 
