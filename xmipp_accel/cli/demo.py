@@ -7,7 +7,7 @@ writes an FSC plot. With ``--scipion`` the same chain runs as a scripted Scipion
 
 Example usage::
 
-    xmipp-accel demo                      # about a minute on a laptop CPU, seconds on a GPU
+    xmipp-accel demo                      # about two minutes on a laptop CPU, seconds on a GPU
     xmipp-accel demo --small --json       # tiny version (tests, CI)
     xmipp-accel demo --outdir /tmp/demo --box 96 --particles 20000
 """
@@ -24,14 +24,16 @@ from .common import add_common_args, emit_result, resolve_devices
 
 logger = logging.getLogger("xmipp_accel")
 
-SIZES = {"small": dict(box=32, particles=1500), "default": dict(box=64, particles=10000)}
+SIZES = {"small": dict(box=32, particles=1500), "default": dict(box=64, particles=4000),
+         "default-gpu": dict(box=64, particles=20000)}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outdir", default="xmipp_accel_demo", help="output folder (default: %(default)s)")
     parser.add_argument("--small", action="store_true", help="tiny data set (seconds; for tests and CI)")
     parser.add_argument("--box", type=int, default=None, help="box size in pixels (default 64, small 32)")
-    parser.add_argument("--particles", type=int, default=None, help="number of particles (default 10000)")
+    parser.add_argument("--particles", type=int, default=None,
+                        help="number of particles (default 4000 on the CPU, 20000 on a GPU; small 1500)")
     parser.add_argument("--pixel-size", type=float, default=2.0, help="pixel size in Å (default: %(default)s)")
     parser.add_argument("--snr", type=float, default=0.5, help="signal-to-noise ratio of the particles")
     parser.add_argument("--sym", default="c1", help="symmetry of the phantom and reconstruction (default c1)")
@@ -86,18 +88,19 @@ def _run_cli(argv: list) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    size = SIZES["small" if args.small else "default"]
-    box = args.box or size["box"]
-    n = args.particles or size["particles"]
     outdir = os.path.abspath(args.outdir)
     os.makedirs(outdir, exist_ok=True)
     if args.scipion:
+        size = SIZES["small" if args.small else "default"]
+        box, n = args.box or size["box"], args.particles or size["particles"]
         from .demo_scipion import run_scipion_demo
         summary = run_scipion_demo(args, outdir, box=box, n=n)
         emit_result(args, summary, [f"Scipion project: {summary['project']}",
                                     f"final resolution: {summary.get('resolution_A')} Å"])
         return 0 if all(p["status"] == "finished" for p in summary["protocols"]) else 1
     device = resolve_devices(args)[0]
+    size = SIZES["small" if args.small else ("default-gpu" if device.is_gpu else "default")]
+    box, n = args.box or size["box"], args.particles or size["particles"]
     t0 = time.perf_counter()
     logger.info("demo: %d particles of %d px on %s", n, box, device.describe())
     with device:

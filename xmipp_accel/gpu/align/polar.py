@@ -28,6 +28,7 @@ from typing import Tuple
 import numpy as np
 
 from .. import backend
+from ..tuning.fft_advisor import good_fft_size
 
 __all__ = ["fft_last", "centred_rfft2", "fourier_crop", "good_size", "polar_points", "polar_samples_hermitian",
            "halfplane_points",
@@ -64,18 +65,25 @@ def centred_rfft2(images):
     return mod.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), axes=(-2, -1), **kw)
 
 
-def good_size(n: int) -> int:
-    """Smallest even integer >= n whose prime factors are 2, 3 and 5 (fast FFT length)."""
+def good_size(n: float, *, real: bool = False) -> int:
+    """An even transform length >= ``n`` that cuFFT runs fast, from the FFT size advisor.
+
+    :func:`xmipp_accel.gpu.tuning.fft_advisor.good_fft_size` (cost model only: deterministic, the same
+    on every machine, so results do not depend on the GPU), even, with up to 20 % padding.
+
+    Parameters
+    ----------
+    n : float
+        Smallest acceptable length (rounded up).
+    real : bool
+        The length is the halved axis of a real-to-complex transform.
+
+    Returns
+    -------
+    int
+    """
     m = max(2, int(math.ceil(n)))
-    while True:
-        if m % 2 == 0:
-            k = m
-            for p in (2, 3, 5):
-                while k % p == 0:
-                    k //= p
-            if k == 1:
-                return m
-        m += 1
+    return int(good_fft_size(m, real=real, multiple_of=2))
 
 
 def fourier_crop(data, box: int, *, ndim: int = 2):

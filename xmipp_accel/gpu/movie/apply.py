@@ -13,8 +13,9 @@ Sign: moving the content of frame n by ``+s`` gives ``aligned(p) = frame(p - s(p
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,7 +23,9 @@ from .. import backend
 from ._fft import rfft2, rfft_freqs
 
 __all__ = ["shift_spectra", "keys_weights", "correct_local_motion", "correct_local_motion_reference",
-           "power_spectrum"]
+           "power_spectrum", "local_motion_block", "LOCAL_MOTION_DEFAULT_BLOCK"]
+
+logger = logging.getLogger(__name__)
 
 _KERNEL_FILE = os.path.join(os.path.dirname(__file__), "apply.cu")
 
@@ -153,10 +156,51 @@ def _kernel(device_id: int):
     return module.get_function("correct_local_motion")
 
 
-def correct_local_motion(frames, frame_coefficients, spacing_yx: Sequence[float], *, out=None):
+#: Launch geometry of the local-motion kernel when nothing is tuned (also the adapter's default).
+LOCAL_MOTION_DEFAULT_BLOCK = (32, 8)
+#: Name of the kernel in the autotuner's registry (:mod:`xmipp_accel.gpu.tuning.builtin_kernels`).
+LOCAL_MOTION_KERNEL = "movie-local-motion"
+
+
+def local_motion_block(n_frames: int, height: int, width: int) -> Tuple[int, int]:
+    """Thread-block shape ``(block_x, block_y)`` of the local-motion kernel for a movie of this size.
+
+    The autotuner's best configuration for this GPU and size class
+    (:func:`xmipp_accel.gpu.tuning.autotune.tuned_params` of ``"movie-local-motion"``, cached by
+    ``xmipp-accel tune`` or a :class:`~xmipp_accel.gpu.tuning.autotune.DynamicTuner`), else
+    :data:`LOCAL_MOTION_DEFAULT_BLOCK`. Every block shape computes the same result (one thread per
+    output pixel); only the speed changes.
+
+    Parameters
+    ----------
+    n_frames, height, width : int
+        Movie size (frames, pixels).
+
+    Returns
+    -------
+    (int, int)
+    """
+    try:
+        from ..tuning.autotune import tuned_params  # noqa: PLC0415
+        params = tuned_params(LOCAL_MOTION_KERNEL, {"frames": int(n_frames), "height": int(height),
+                                                    "width": int(width)})
+        return int(params["block_x"]), int(params["block_y"])
+    except (ImportError, ValueError, KeyError, OSError) as exc:  # no tuner or no adapter: keep the default
+        logger.debug("local-motion kernel: default launch geometry (%s)", exc)
+        return LOCAL_MOTION_DEFAULT_BLOCK
+
+
+def correct_local_motion(frames, frame_coefficients, spacing_yx: Sequence[float], *, out=None,
+                         block: Optional[Tuple[int, int]] = None):
     """Undo a smooth local shift field by Keys cubic interpolation (GPU kernel; NumPy twin on the CPU).
 
     Same parameters and result as :func:`correct_local_motion_reference`, which runs for NumPy input.
+
+    Parameters
+    ----------
+    block : (block_x, block_y), optional
+        CUDA thread-block shape (GPU only; the result does not depend on it). Default
+        :func:`local_motion_block`: the autotuned configuration for this GPU and movie size.
     """
     xp = backend.get_xp(frames)
     if xp is np:
@@ -169,10 +213,12 @@ def correct_local_motion(frames, frame_coefficients, spacing_yx: Sequence[float]
         out = xp.empty_like(frames)
     hy, hx = (float(v) for v in spacing_yx)
     kern = _kernel(xp.cuda.Device().id)
-    block = (32, 8, 1)
-    grid = ((nx + 31) // 32, (ny + 7) // 8, n)
-    kern(grid, block, (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
-                       np.float32(1.0 / hx), np.float32(1.0 / hy)))
+    bx, by = (int(v) for v in (block if block is not None else local_motion_block(n, ny, nx)))
+    if bx < 1 or by < 1 or bx * by > 1024:
+        raise ValueError(f"block must be two positive ints with a product <= 1024, got {block}")
+    grid = ((nx + bx - 1) // bx, (ny + by - 1) // by, n)
+    kern(grid, (bx, by, 1), (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
+                             np.float32(1.0 / hx), np.float32(1.0 / hy)))
     return out
 
 
