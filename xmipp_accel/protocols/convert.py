@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from ..em.geometry import euler_to_matrix, matrix_to_euler
+from ..io import images as io_images
 
 MRC_EXTENSIONS = (".mrc", ".mrcs", ".st", ".map")
 
@@ -101,11 +102,12 @@ def image_ref(index: int, filename: str) -> str:
 
 
 def parse_image_ref(ref: str) -> Tuple[int, str]:
-    """``"12@stack.mrcs"`` -> ``(12, "stack.mrcs")``; ``"img.mrc"`` -> ``(0, "img.mrc")``."""
-    if "@" in ref:
-        idx, path = ref.split("@", 1)
-        return int(idx), path
-    return 0, ref
+    """Scipion's (1-based index, path): ``"12@stack.mrcs"`` -> ``(12, "stack.mrcs")``; ``"img.mrc"`` -> ``(0, ...)``.
+
+    A thin adapter over :func:`xmipp_accel.io.images.parse_image_ref` (0-based, None for a whole file).
+    """
+    index0, path = io_images.parse_image_ref(ref)
+    return (0 if index0 is None else index0 + 1), path
 
 
 def ensure_mrc_stack(filename: str, out_dir: str, converted: Dict[str, str],
