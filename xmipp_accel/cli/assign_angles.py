@@ -15,15 +15,14 @@ Example usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import threading
 from typing import List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import InputError
-from ..gpu import backend
 from .common import add_common_args, emit_result, progress, resolve_devices, stopwatch
 
 logger = logging.getLogger("xmipp_accel.assign_angles")
@@ -31,6 +30,8 @@ logger = logging.getLogger("xmipp_accel.assign_angles")
 SCORE_COLUMN = "rlnParticleFigureOfMerit"
 CONSENSUS_COLUMN = "rlnXmippAccelConsensusDeg"
 DISAGREE_COLUMN = "rlnXmippAccelConsensusDisagree"
+#: Particles (the first ones) every worker sets its frequency weights from (ProjectionMatcher.set_whitening).
+WHITENING_SAMPLE = 128
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="directions kept per particle after the global search (default: %(default)s)")
     g.add_argument("--no-ctf", action="store_true", help="ignore the CTF parameters of the particles")
     g.add_argument("--batch", type=int, default=None, help="particles per batch (default: from the free memory)")
+    g.add_argument("--cpu-workers", type=int, default=0,
+                   help="CPU workers aligning batches besides the GPUs of --gpus (at least one when no GPU is "
+                        "used) (default: %(default)s)")
     d = parser.add_argument_group("deepalign")
     d.add_argument("--model-dir", type=os.path.abspath, default=None,
                    help="folder of trained models: loaded when it holds them, else trained models are saved there "
@@ -189,7 +193,6 @@ def _read_batch(pset, idx, args):
 
 def main(args: argparse.Namespace) -> int:
     from ..em.symmetry import symmetry_matrices
-    from ..gpu.align.projmatch import AlignmentResult
     from ..io.star import write_particles
     symmetry_matrices(args.sym)  # unknown names fail here, before any work
     if not 0 < args.angular_step <= 90:
@@ -220,32 +223,13 @@ def main(args: argparse.Namespace) -> int:
             training = _prepare_models(vol, args, pset, px, ctf, ctf_mode, devices[0], model_dir)
             summary["model_dir"] = model_dir
             summary["training"] = training
-        chunks = np.array_split(np.arange(n), len(devices))
-        results: List[Optional[AlignmentResult]] = [None] * len(devices)
-        errors: List[BaseException] = []
         bar = progress(total=n, desc=f"assign-angles ({args.method})", args=args, unit="particle")
-        lock = threading.Lock()
-
-        def work(i):
-            try:
-                results[i] = _align_on_device(devices[i], chunks[i], vol, args, pset, px, ctf, ctf_mode, model_dir,
-                                              bar, lock)
-            except BaseException as exc:  # re-raised in the main thread below
-                errors.append(exc)
-
         with stopwatch() as align_time:
-            if len(devices) == 1:
-                work(0)
-            else:
-                threads = [threading.Thread(target=work, args=(i,)) for i in range(len(devices))]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-        bar.close()
-        if errors:
-            raise errors[0]
-        res = AlignmentResult.concatenate([r for r in results if r is not None])
+            try:
+                res, run = align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir,
+                                           on_batch=lambda k: bar.update(k))
+            finally:
+                bar.close()
         extra = {SCORE_COLUMN: res.score}
         if "consensus_deg" in res.extra:
             extra[CONSENSUS_COLUMN] = res.extra["consensus_deg"]
@@ -253,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
         write_particles(args.output, pset, angles_deg=res.angles_deg, origins_A=res.origins_px * px, extra=extra)
     summary.update({"seconds": total["seconds"], "alignment_seconds": align_time["seconds"],
                     "particles_per_second": n / max(align_time["seconds"], 1e-9),
-                    "median_score": float(np.median(res.score))})
+                    "median_score": float(np.median(res.score)), "pipeline": run.summary()})
     if "disagree" in res.extra:
         summary["disagree_fraction"] = float(np.mean(res.extra["disagree"]))
     lines = [f"{n} particles aligned with {args.method} in {total['seconds']:.1f} s "
@@ -296,25 +280,108 @@ def _prepare_models(vol, args, pset, px, ctf, ctf_mode, device, model_dir) -> di
         return {"loaded": False, **info}
 
 
-def _align_on_device(device, indices, vol, args, pset, px, ctf, ctf_mode, model_dir, bar, lock):
-    from ..gpu.align.deepalign import DeepAligner
+class _BatchInfo:
+    """Host-side facts of a batch that travel with its images through the pipeline (never uploaded)."""
+
+    def __init__(self, indices: np.ndarray, ctf):
+        self.indices = indices
+        self.ctf = ctf
+
+
+def particle_batches(n: int, batch_size: int) -> List[np.ndarray]:
+    """Consecutive index batches ``[0, bs), [bs, 2 bs) ...`` covering ``n`` particles."""
+    bs = max(1, int(batch_size))
+    return [np.arange(s, min(n, s + bs)) for s in range(0, n, bs)]
+
+
+def _batch_size(args, box: int, devices) -> int:
+    """``--batch``, else the search's default for the first device (free GPU memory; 128 on the CPU)."""
+    if args.batch is not None:
+        if args.batch < 1:
+            raise InputError(f"--batch must be at least 1, got {args.batch}")
+        return int(args.batch)
+    from ..em.sampling import sphere_sampling
+    from ..gpu.align.projmatch import default_batch_size
+    n_dir = len(sphere_sampling(args.angular_step, args.sym)[0])
+    with devices[0]:
+        return default_batch_size(box, n_dir, devices[0].xp)
+
+
+def align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir, *, on_batch=None):
+    """Align every particle through the task runtime; returns the AlignmentResult (input order) and the run.
+
+    The particles are split into consecutive batches (``--batch``) that a
+    :class:`~xmipp_accel.gpu.runtime.pipeline.Pipeline` processes: its reader threads read each batch
+    from the image stacks (into pinned buffers when GPUs are used), one compute worker per device in
+    ``devices`` (plus ``--cpu-workers`` NumPy workers) aligns it on its device, and the writer collects
+    the results in input order. Every worker sets its frequency weights from the same particles (the
+    first :data:`WHITENING_SAMPLE`), so the result of a particle depends neither on the batch size nor
+    on the worker that aligned it.
+
+    Parameters
+    ----------
+    pset : ParticleSet; vol : float32 (N, N, N) reference at the particles' box and pixel size ``px`` (Å).
+    ctf : dict of per-particle CTF arrays or None; ctf_mode : see :data:`~xmipp_accel.gpu.align.projmatch.CTF_MODES`.
+    devices : list of :class:`~xmipp_accel.gpu.backend.Device` (``resolve_devices(args)``).
+    model_dir : DeepAlign models (``--method deepalign``), else None.
+    on_batch : callable ``(n_particles) -> None`` called after each batch (progress bars).
+
+    Returns
+    -------
+    (AlignmentResult, PipelineRun)
+    """
     from ..gpu.align.projmatch import AlignmentResult
-    if indices.size == 0:
-        return None
-    with device:
-        xp = device.xp
-        matcher = _make_matcher(xp.asarray(vol), args, px, ctf_mode)
-        engine = matcher
-        if args.method == "deepalign":
+    from ..gpu.runtime.pipeline import Pipeline
+    if args.cpu_workers < 0:
+        raise InputError(f"--cpu-workers must be 0 or more, got {args.cpu_workers}")
+    n = pset.n
+    batches = particle_batches(n, _batch_size(args, int(vol.shape[-1]), devices))
+    sample_idx = np.arange(min(n, WHITENING_SAMPLE))
+    sample = _read_batch(pset, sample_idx, args)
+    sample_ctf = _ctf_subset(ctf, sample_idx)
+    deep = args.method == "deepalign"
+
+    def setup(worker):
+        xp = worker.xp
+        with _torch_safe_stream(worker, deep):
+            matcher = _make_matcher(xp.asarray(vol), args, px, ctf_mode)
+            if matcher.whiten:
+                matcher.set_whitening(xp.asarray(sample), sample_ctf)
+            if not deep:
+                return matcher
+            from ..gpu.align.deepalign import DeepAligner
             engine = DeepAligner(matcher, _deep_config(args))
             engine.load(model_dir)
-        bs = int(args.batch or matcher.default_batch_size())
-        parts = []
-        for s in range(0, indices.size, bs):
-            idx = indices[s:s + bs]
-            images = xp.asarray(_read_batch(pset, idx, args))
-            parts.append(engine.align_batch(images, _ctf_subset(ctf, idx)))
-            with lock:
-                bar.update(idx.size)
-        backend.synchronize(xp)
-        return AlignmentResult.concatenate(parts)
+            return engine
+
+    def read(idx):
+        return _read_batch(pset, idx, args), _BatchInfo(idx, _ctf_subset(ctf, idx))
+
+    def compute(data, worker):
+        images, info = data
+        with _torch_safe_stream(worker, deep):
+            return worker.state.align_batch(images, info.ctf)
+
+    def on_result(item_result):
+        if on_batch is not None and item_result.ok:
+            on_batch(int(item_result.item.size))
+
+    gpus = [d for d in devices if d.is_gpu]
+    pipe = Pipeline(compute, read=read, setup=setup, devices=gpus or devices, cpu_workers=args.cpu_workers,
+                    read_workers=2, queue_depth=1, ordered=True, on_result=on_result, fail_fast=True)
+    run = pipe.run(batches)
+    return AlignmentResult.concatenate(run.values), run
+
+
+@contextlib.contextmanager
+def _torch_safe_stream(worker, deep: bool):
+    """DeepAlign (PyTorch) work on a GPU runs on the null stream, which PyTorch's default stream synchronises
+    with; the worker's own stream (its uploads) is drained first. A no-op for projection matching or a CPU."""
+    if not (deep and worker.is_gpu):
+        yield
+        return
+    worker.stream.synchronize()
+    null = worker.xp.cuda.Stream.null
+    with null:
+        yield
+    null.synchronize()

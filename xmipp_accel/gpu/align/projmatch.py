@@ -46,7 +46,7 @@ from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, h
 from .refine import RefineLevel, levels_for, refine_candidates
 
 __all__ = ["SearchPlan", "AlignmentResult", "plan_search", "ProjectionMatcher", "ctf_values",
-           "global_search_flops", "CTF_MODES"]
+           "global_search_flops", "default_batch_size", "CTF_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -577,11 +577,23 @@ class ProjectionMatcher:
         return AlignmentResult.concatenate(parts)
 
     def default_batch_size(self) -> int:
-        """Particles per batch: GPU 512 (bounded by memory), CPU 128."""
-        if self.xp is np:
-            return 128
-        per = self.plan.box ** 2 * 4 * 8 + self.n_directions * 12
-        return int(max(16, min(512, memory_budget_bytes(self.xp) // (4 * per))))
+        """Particles per batch: GPU 512 (bounded by memory), CPU 128 (see :func:`default_batch_size`)."""
+        return default_batch_size(self.plan.box, self.n_directions, self.xp)
+
+
+def default_batch_size(box: int, n_directions: int, xp=np) -> int:
+    """Particles per batch of a search: on a GPU up to 512, bounded by its free memory; 128 on the CPU.
+
+    Parameters
+    ----------
+    box : particle box (pixels).
+    n_directions : gallery directions searched.
+    xp : numpy or cupy (the current CuPy device's free memory is used).
+    """
+    if xp is np:
+        return 128
+    per = int(box) ** 2 * 4 * 8 + int(n_directions) * 12
+    return int(max(16, min(512, memory_budget_bytes(xp) // (4 * per))))
 
 
 def _irfft_last(y, n: int):
