@@ -15,6 +15,12 @@ Example usage::
         --dose-per-frame 1.2 --voltage 300 --json
     xmipp-accel align-movies m.mrcs -o out --patches 5x5 --frames 2:40 --bin 2 --gpus 0,1
     xmipp-accel align-movies m.mrc -o out --no-local --max-res 20 --odd-even --device cpu
+    mpirun -np 4 xmipp-accel align-movies movies/*.tiff -o aligned --gpus 0,1,2,3 --json
+
+Under mpirun the movies are split across the ranks (contiguous blocks in the given order), each rank
+aligns its movies on its own GPU (``--gpus`` cycled over the ranks of a host) and writes their outputs,
+and rank 0 gathers the per-movie summaries (input order) and prints the report and ``--json``. A bad
+movie is skipped with a warning on the rank that met it; any other failure on a rank aborts the job.
 """
 from __future__ import annotations
 
@@ -244,6 +250,7 @@ def _star_blocks(path: str, info_shape, n_frames: int, first: int, res: dict, ar
 
 def main(args: argparse.Namespace) -> int:
     from ..gpu.movie import align_movie
+    from ..gpu.runtime.mpi import mpi_context
     from ..gpu.runtime.pipeline import Pipeline
     from ..io.movie import movie_info, read_movie_raw
     from ..io.mrc import write_mrc
@@ -268,7 +275,10 @@ def main(args: argparse.Namespace) -> int:
     options = _options(args, float(pixel_size), first)
     refs = _references(args, first_info.frame_shape)
     os.makedirs(outdir, exist_ok=True)
-    devices = resolve_devices(args)
+    ctx = mpi_context()
+    all_paths = paths
+    paths = all_paths[ctx.split(len(all_paths))]        # this rank's movies (all of them without MPI)
+    devices = _rank_devices(args, ctx)
     on_gpu = any(d.is_gpu for d in devices)
     logger.info("aligning %d movie(s) on %s", len(paths), ", ".join(d.describe() for d in devices))
     n_workers = len(devices) * (args.workers_per_gpu if on_gpu else 1)
@@ -351,7 +361,10 @@ def main(args: argparse.Namespace) -> int:
                 "pixel_size_A": ps, "warnings": res["warnings"],
                 "timings_ms": {k: round(v, 2) for k, v in res["timings_ms"].items()}}
 
-    bar = progress(total=len(paths), desc="movies", args=args, unit="movie")
+    if ctx.enabled:
+        logger.info("rank %d of %d: %d movie(s)", ctx.rank, ctx.size, len(paths))
+    bar = progress(total=len(paths), desc="movies", args=args if ctx.is_root else argparse.Namespace(quiet=True),
+                   unit="movie")
 
     def on_result(item_result):
         bar.update(1)
@@ -359,8 +372,44 @@ def main(args: argparse.Namespace) -> int:
     pipe = Pipeline(compute, read=read_named, write=write, setup=setup, devices=devices, read_workers=1,
                     workers_per_gpu=args.workers_per_gpu if on_gpu else 1, queue_depth=1, ordered=True,
                     pinned=False, on_result=on_result)
-    run = pipe.run(paths)
-    bar.close()
+    with ctx.abort_on_error():
+        try:
+            run = pipe.run(paths)
+        finally:
+            bar.close()
+        movies, lines = _movie_reports(run)
+        parts = ctx.gather((movies, lines, run.summary(), run.wall_s))
+    n_ok = ctx.bcast(sum(1 for p in parts for m in p[0] if m["status"] == "ok") if ctx.is_root else None)
+    if not ctx.is_root:
+        return 0 if n_ok > 0 else 1
+    movies = [m for p in parts for m in p[0]]
+    lines = [line for p in parts for line in p[1]]
+    pipeline_wall = max(p[3] for p in parts)
+    wall = time.perf_counter() - t_start
+    summary = {"command": "align-movies", "device": [d.describe() for d in devices], "output_dir": outdir,
+               "n_movies": len(all_paths), "n_ok": n_ok, "n_skipped": len(all_paths) - n_ok,
+               "seconds": round(wall, 3), "pipeline_seconds": round(pipeline_wall, 3),
+               "seconds_per_movie": round(pipeline_wall / max(n_ok, 1), 3), "pipeline": parts[0][2],
+               "mpi_ranks": ctx.size, "movies": movies}
+    if ctx.enabled:
+        summary["rank_pipelines"] = [p[2] for p in parts]
+    lines.append(f"{n_ok} of {len(all_paths)} movie(s) aligned in {wall:.1f} s; outputs in {outdir}"
+                 + (f" ({ctx.size} MPI ranks)" if ctx.enabled else ""))
+    emit_result(args, summary, lines)
+    return 0 if n_ok > 0 else 1
+
+
+def _rank_devices(args: argparse.Namespace, ctx) -> List[backend.Device]:
+    """Devices of this process: all of ``--gpus`` alone, or one GPU per MPI rank (``ctx.pick_gpu``)."""
+    devices = resolve_devices(args)
+    if ctx.enabled and devices[0].is_gpu:
+        ids = backend.parse_gpu_list(getattr(args, "gpus", None)) or [d.gpu_id for d in devices]
+        return [backend.resolve_device("gpu", ctx.pick_gpu(ids))]
+    return devices
+
+
+def _movie_reports(run) -> Tuple[List[dict], List[str]]:
+    """Per-movie summaries and report lines of a pipeline run (skipped movies logged as warnings)."""
     movies = []
     lines = []
     for r in run:
@@ -375,16 +424,7 @@ def main(args: argparse.Namespace) -> int:
             logger.warning("skipped %s", msg)
             movies.append({"movie": r.item, "status": "skipped", "stage": r.stage, "error": str(r.error)})
             lines.append(msg)
-    wall = time.perf_counter() - t_start
-    n_ok = sum(1 for m in movies if m["status"] == "ok")
-    summary = {"command": "align-movies", "device": [d.describe() for d in devices], "output_dir": outdir,
-               "n_movies": len(paths), "n_ok": n_ok, "n_skipped": len(paths) - n_ok, "seconds": round(wall, 3),
-               "pipeline_seconds": round(run.wall_s, 3),
-               "seconds_per_movie": round(run.wall_s / max(n_ok, 1), 3), "pipeline": run.summary(),
-               "movies": movies}
-    lines.append(f"{n_ok} of {len(paths)} movie(s) aligned in {wall:.1f} s; outputs in {outdir}")
-    emit_result(args, summary, lines)
-    return 0 if n_ok > 0 else 1
+    return movies, lines
 
 
 def _result_dict(res) -> dict:

@@ -11,6 +11,13 @@ Example usage::
     xmipp-accel assign-angles particles.star --reference map.mrc -o aligned.star --sym c1 --angular-step 3
     xmipp-accel assign-angles particles.star --reference map.mrc -o aligned.star --method deepalign \\
         --model-dir models/ --max-res 8 --gpus 0,1 --json
+    mpirun -np 4 xmipp-accel assign-angles particles.star --reference map.mrc -o aligned.star --gpus 0,1,2,3
+
+Under mpirun each rank aligns a contiguous share of the particles on its own GPU (``--gpus`` cycled over the
+ranks of a host) and rank 0 gathers the poses in input order and writes OUTPUT (the other ranks write nothing;
+``--json`` is printed by rank 0). Every rank sets its frequency weights from the same first particles, so the
+result equals the single-process run. DeepAlign models are trained (when missing) by rank 0 before the others
+load them. A failure on any rank aborts the whole job.
 """
 from __future__ import annotations
 
@@ -193,6 +200,7 @@ def _read_batch(pset, idx, args):
 
 def main(args: argparse.Namespace) -> int:
     from ..em.symmetry import symmetry_matrices
+    from ..gpu.runtime.mpi import mpi_context
     from ..io.star import write_particles
     symmetry_matrices(args.sym)  # unknown names fail here, before any work
     if not 0 < args.angular_step <= 90:
@@ -210,26 +218,38 @@ def main(args: argparse.Namespace) -> int:
         logger.info("%s", note)
     ctf = None if args.no_ctf else pset.ctf()
     ctf_mode = _ctf_mode(pset)
-    devices = resolve_devices(args)
+    ctx = mpi_context()
+    devices = rank_devices(args, ctx)
     n = pset.n
+    mine = ctx.split_indices(n)
+    if ctx.enabled:
+        logger.info("rank %d of %d: particles %d to %d on %s", ctx.rank, ctx.size, int(mine[0]) if mine.size else 0,
+                    int(mine[-1]) if mine.size else -1, ", ".join(d.describe() for d in devices))
     summary = {"command": "assign-angles", "method": args.method, "particles": n, "output": args.output,
                "sym": args.sym, "angular_step_deg": args.angular_step, "devices": [d.describe() for d in devices],
-               "ctf": "none" if ctf is None else ctf_mode, "notes": notes}
-    with stopwatch() as total:
+               "ctf": "none" if ctf is None else ctf_mode, "notes": notes, "mpi_ranks": ctx.size}
+    with stopwatch() as total, ctx.abort_on_error():
         model_dir = None
         training = None
         if args.method == "deepalign":
             model_dir = args.model_dir or _default_model_dir(args.output)
-            training = _prepare_models(vol, args, pset, px, ctf, ctf_mode, devices[0], model_dir)
+            if ctx.is_root:  # one rank trains (or loads) the models; the others load what it saved
+                training = _prepare_models(vol, args, pset, px, ctf, ctf_mode, devices[0], model_dir)
+            training = ctx.bcast(training)
             summary["model_dir"] = model_dir
             summary["training"] = training
-        bar = progress(total=n, desc=f"assign-angles ({args.method})", args=args, unit="particle")
+        bar_args = args if ctx.is_root else argparse.Namespace(quiet=True)
+        bar = progress(total=int(mine.size), desc=f"assign-angles ({args.method})", args=bar_args, unit="particle")
         with stopwatch() as align_time:
             try:
                 res, run = align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir,
-                                           on_batch=lambda k: bar.update(k))
+                                           indices=mine, on_batch=lambda k: bar.update(k))
             finally:
                 bar.close()
+        parts = ctx.gather((res, run.summary()))
+        if not ctx.is_root:
+            return 0
+        res = _concatenate([p[0] for p in parts], n)
         extra = {SCORE_COLUMN: res.score}
         if "consensus_deg" in res.extra:
             extra[CONSENSUS_COLUMN] = res.extra["consensus_deg"]
@@ -237,7 +257,9 @@ def main(args: argparse.Namespace) -> int:
         write_particles(args.output, pset, angles_deg=res.angles_deg, origins_A=res.origins_px * px, extra=extra)
     summary.update({"seconds": total["seconds"], "alignment_seconds": align_time["seconds"],
                     "particles_per_second": n / max(align_time["seconds"], 1e-9),
-                    "median_score": float(np.median(res.score)), "pipeline": run.summary()})
+                    "median_score": float(np.median(res.score)), "pipeline": parts[0][1]})
+    if ctx.enabled:
+        summary["rank_pipelines"] = [p[1] for p in parts]
     if "disagree" in res.extra:
         summary["disagree_fraction"] = float(np.mean(res.extra["disagree"]))
     lines = [f"{n} particles aligned with {args.method} in {total['seconds']:.1f} s "
@@ -251,6 +273,29 @@ def main(args: argparse.Namespace) -> int:
                          f"(> {args.consensus_tolerance:g} deg, column {DISAGREE_COLUMN})")
     emit_result(args, summary, lines)
     return 0
+
+
+def rank_devices(args: argparse.Namespace, ctx) -> list:
+    """Devices of this process: all of ``--gpus`` alone, or one GPU per MPI rank (``ctx.pick_gpu``).
+
+    Under MPI on the CPU every rank uses the CPU (with ``--cpu-workers`` as given).
+    """
+    from ..gpu import backend
+    devices = resolve_devices(args)
+    if ctx.enabled and devices[0].is_gpu:
+        ids = backend.parse_gpu_list(getattr(args, "gpus", None)) or [d.gpu_id for d in devices]
+        return [backend.resolve_device("gpu", ctx.pick_gpu(ids))]
+    return devices
+
+
+def _concatenate(parts, n: int):
+    """The ranks' AlignmentResults (rank order = input order) as one of ``n`` particles (empty shares dropped)."""
+    from ..gpu.align.projmatch import AlignmentResult
+    full = [p for p in parts if len(p.score)]
+    res = AlignmentResult.concatenate(full)
+    if len(res.score) != n:
+        raise RuntimeError(f"the MPI ranks returned {len(res.score)} poses for {n} particles")
+    return res
 
 
 def _prepare_models(vol, args, pset, px, ctf, ctf_mode, device, model_dir) -> dict:
@@ -307,7 +352,7 @@ def _batch_size(args, box: int, devices) -> int:
         return default_batch_size(box, n_dir, devices[0].xp)
 
 
-def align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir, *, on_batch=None):
+def align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir, *, indices=None, on_batch=None):
     """Align every particle through the task runtime; returns the AlignmentResult (input order) and the run.
 
     The particles are split into consecutive batches (``--batch``) that a
@@ -324,6 +369,8 @@ def align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir, *, o
     ctf : dict of per-particle CTF arrays or None; ctf_mode : see :data:`~xmipp_accel.gpu.align.projmatch.CTF_MODES`.
     devices : list of :class:`~xmipp_accel.gpu.backend.Device` (``resolve_devices(args)``).
     model_dir : DeepAlign models (``--method deepalign``), else None.
+    indices : int64 (m,) ascending particle indices to align (this MPI rank's share), default all.
+        The frequency weights still come from the first particles of the whole set.
     on_batch : callable ``(n_particles) -> None`` called after each batch (progress bars).
 
     Returns
@@ -335,7 +382,8 @@ def align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir, *, o
     if args.cpu_workers < 0:
         raise InputError(f"--cpu-workers must be 0 or more, got {args.cpu_workers}")
     n = pset.n
-    batches = particle_batches(n, _batch_size(args, int(vol.shape[-1]), devices))
+    indices = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    batches = [indices[b] for b in particle_batches(indices.size, _batch_size(args, int(vol.shape[-1]), devices))]
     sample_idx = np.arange(min(n, WHITENING_SAMPLE))
     sample = _read_batch(pset, sample_idx, args)
     sample_ctf = _ctf_subset(ctf, sample_idx)
@@ -370,6 +418,9 @@ def align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir, *, o
     pipe = Pipeline(compute, read=read, setup=setup, devices=gpus or devices, cpu_workers=args.cpu_workers,
                     read_workers=2, queue_depth=1, ordered=True, on_result=on_result, fail_fast=True)
     run = pipe.run(batches)
+    if not run.values:  # an MPI rank with no particles (more ranks than particles)
+        empty = AlignmentResult(np.zeros((0, 3, 3)), np.zeros((0, 2)), np.zeros(0))
+        return empty, run
     return AlignmentResult.concatenate(run.values), run
 
 
