@@ -452,7 +452,13 @@ def test_out_of_memory_retries_with_smaller_batches(c1_data, monkeypatch, caplog
 
 
 def test_worker_threads_feed_every_batch_and_report_errors():
+    """Batches go through the task runtime to the device's worker, in order; worker and validation errors
+    are re-raised (the runtime's own tests cover several workers)."""
+    from xmipp_accel.gpu import backend
+
     class Worker:
+        device = backend.Device("cpu")
+
         def __init__(self, fail_at=None):
             self.seen, self.fail_at = [], fail_at
 
@@ -461,11 +467,17 @@ def test_worker_threads_feed_every_batch_and_report_errors():
                 raise RuntimeError("boom")
             self.seen.append(batch)
 
-    workers = [Worker(), Worker()]
-    fr._run_threads(workers, range(20), lambda b: None, None)
-    assert sorted(workers[0].seen + workers[1].seen) == list(range(20))
+    worker = Worker()
+    fr._run_threads([worker], range(20), lambda b: None, None)
+    assert worker.seen == list(range(20))
     with pytest.raises(RuntimeError, match="boom"):
         fr._run_threads([Worker(fail_at=3)], range(50), lambda b: None, None)
+
+    def validate(b):
+        if b == 7:
+            raise InputError("particle batch 7 is bad")
+    with pytest.raises(InputError, match="batch 7"):
+        fr._run_threads([Worker()], range(50), validate, None)
 
 
 def test_nan_particles_are_rejected(c1_data):

@@ -32,8 +32,6 @@ import contextlib
 import logging
 import math
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -859,14 +857,7 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
 
     t1 = time.perf_counter()
     try:
-        if len(workers) == 1 and not devices[0].is_gpu:
-            for batch in batches:
-                validate(batch)
-                workers[0].process(batch)
-                if on_batch:
-                    on_batch(len(batch))
-        else:
-            _run_threads(workers, batches, validate, on_batch)
+        _run_threads(workers, batches, validate, on_batch)
         for w in workers:
             w.synchronize()
     finally:
@@ -905,46 +896,30 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
 
 def _run_threads(workers: List[_DeviceWorker], batches: Iterable[ParticleBatch],
                  validate: Callable[[ParticleBatch], None], on_batch) -> None:
-    """Feed batches to one thread per device through a bounded queue; re-raise the first worker error."""
-    q: queue.Queue[Optional[ParticleBatch]] = queue.Queue(maxsize=2 * len(workers))
-    errors: List[BaseException] = []
+    """Run the batches through the task runtime: one compute worker per device, each owning its
+    :class:`_DeviceWorker` (accumulators, pinned buffers, streams); batches are validated in the
+    runtime's reader threads and memory stays bounded by its queues. The first error is re-raised."""
+    from ..runtime.pipeline import Pipeline
 
-    def run(worker: _DeviceWorker) -> None:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if errors:
-                continue
-            try:
-                worker.process(item)
-            except BaseException as exc:  # reported by the feeding thread
-                errors.append(exc)
+    by_device = {(w.device.kind, w.device.gpu_id): w for w in workers}
 
-    threads = [threading.Thread(target=run, args=(w,), daemon=True, name=f"reconstruct-{i}")
-               for i, w in enumerate(workers)]
-    for t in threads:
-        t.start()
-    try:
-        for batch in batches:
-            validate(batch)
-            while not errors:
-                try:
-                    q.put(batch, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if errors:
-                break
-            if on_batch:
-                on_batch(len(batch))
-    finally:
-        for _ in threads:
-            q.put(None)
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
+    def read(batch: ParticleBatch) -> ParticleBatch:
+        validate(batch)
+        return batch
+
+    def compute(batch: ParticleBatch, worker) -> None:
+        worker.state.process(batch)
+
+    def write(batch: ParticleBatch, _result) -> None:
+        if on_batch:
+            on_batch(len(batch))
+
+    pipe = Pipeline(compute, read=read, write=write,
+                    setup=lambda worker: by_device[(worker.device.kind, worker.device.gpu_id)],
+                    devices=[w.device for w in workers], read_workers=1, queue_depth=1,
+                    pinned=False, to_host=False, fail_fast=True,
+                    on_error=lambda result: None)  # the first error is re-raised below, with its message
+    pipe.run(batches)
 
 
 def reconstruct(images, matrices, *, shifts_px=None, ctf=None, subset=None, pixel_size_A: float = 1.0,

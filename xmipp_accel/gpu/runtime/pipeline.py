@@ -583,7 +583,8 @@ class _RunState:
             self.pool.release(bufs)
         if res.error is not None:
             if res.stage != "cancelled":
-                logger.warning("item %d (%s) failed in %s: %s", index, item, res.stage, res.error)
+                if self.p.on_error is None and not self.p.fail_fast:  # else the caller reports it
+                    logger.warning("item %d (%.80s) failed in %s: %s", index, item, res.stage, res.error)
                 if self.p.fail_fast:
                     self.stop.set()
             if self.p.on_error is not None:
