@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-pwem = pytest.importorskip("pwem")
+pytest.importorskip("pwem.protocols", reason="Scipion (pwem with tkinter) not importable here")
 
 import pwem.objects as emobj  # noqa: E402
 import pyworkflow.object as pwobj  # noqa: E402

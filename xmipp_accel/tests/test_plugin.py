@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-pytest.importorskip("pwem")
+pytest.importorskip("pwem.protocols", reason="Scipion (pwem with tkinter) not importable here")
 
 import pyworkflow.protocol.params as params  # noqa: E402
 from pyworkflow.plugin import Domain  # noqa: E402

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pwem")
+pytest.importorskip("pwem.protocols", reason="Scipion (pwem with tkinter) not importable here")
 
 from pwem.protocols import ProtImportMovies  # noqa: E402
 from pwem.objects import SetOfMovies  # noqa: E402

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("pwem")
+pytest.importorskip("pwem.protocols", reason="Scipion (pwem with tkinter) not importable here")
 
 from pwem.protocols import ProtImportParticles  # noqa: E402
 from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pwem")
+pytest.importorskip("pwem.protocols", reason="Scipion (pwem with tkinter) not importable here")
 
 import pwem.objects as emobj  # noqa: E402
 import pyworkflow.object as pwobj  # noqa: E402
