@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+from .interpolation import keys_weights, sample_keys
 
 __all__ = ["global_drift", "doming_displacement", "make_movie", "frc"]
 
@@ -77,38 +78,6 @@ def doming_displacement(x, y, n, *, coefficients: np.ndarray, shape: Sequence[in
     r2 = (dx * dx + dy * dy) / (half * half)
     f = k1 * r2 + k2 * r2 * r2
     return xp.stack(xp.broadcast_arrays(dx * f, dy * f), axis=-1)
-
-
-def _keys_weights(t, xp):
-    """Keys (a = -0.5) cubic convolution weights for offsets t in [0, 1): taps at -1, 0, 1, 2."""
-    t2 = t * t
-    t3 = t2 * t
-    w0 = -0.5 * t3 + t2 - 0.5 * t
-    w1 = 1.5 * t3 - 2.5 * t2 + 1.0
-    w2 = -1.5 * t3 + 2.0 * t2 + 0.5 * t
-    w3 = 0.5 * t3 - 0.5 * t2
-    return w0, w1, w2, w3
-
-
-def _sample_cubic(image, ys, xs, xp):
-    """Keys cubic sampling of ``image`` at float coordinates (ys, xs) (indices into image), edges clamped."""
-    ny, nx = image.shape
-    fy = xp.floor(ys)
-    fx = xp.floor(xs)
-    wy = _keys_weights((ys - fy).astype(np.float32), xp)
-    wx = _keys_weights((xs - fx).astype(np.float32), xp)
-    iy = fy.astype(np.int64)
-    ix = fx.astype(np.int64)
-    flat = image.ravel()
-    cols = [xp.clip(ix + (b - 1), 0, nx - 1) for b in range(4)]
-    out = xp.zeros(ys.shape, dtype=np.float32)
-    for a in range(4):
-        base = xp.clip(iy + (a - 1), 0, ny - 1) * nx
-        row = wx[0] * xp.take(flat, base + cols[0])
-        for b in range(1, 4):
-            row += wx[b] * xp.take(flat, base + cols[b])
-        out += wy[a] * row
-    return out
 
 
 def _line_coverage(u, xp):
@@ -176,7 +145,7 @@ def make_movie(shape: Sequence[int] = (512, 512), n_frames: int = 16, *, dose_pe
 
     def reference_at(px, py):
         lines = 1.0 - (1.0 - _line_coverage(px, xp)) * (1.0 - _line_coverage(py, xp))
-        return _sample_cubic(ice, py + margin, px + margin, xp) + np.float32(LINE_SIGNAL) * lines.astype(np.float32)
+        return sample_keys(ice, py + margin, px + margin, xp) + np.float32(LINE_SIGNAL) * lines.astype(np.float32)
 
     def local_shift(x, y, n):
         if not doming_px:
@@ -188,8 +157,8 @@ def make_movie(shape: Sequence[int] = (512, 512), n_frames: int = 16, *, dose_pe
         ys = xp.arange(ny, dtype=np.float64) + d[1]
         xs = xp.arange(nx, dtype=np.float64) + d[0]
         fy, fx = np.floor(d[1]), np.floor(d[0])
-        wy = _keys_weights(np.float32(d[1] - fy), np)
-        wx = _keys_weights(np.float32(d[0] - fx), np)
+        wy = keys_weights(np.float32(d[1] - fy), np)
+        wx = keys_weights(np.float32(d[0] - fx), np)
         y0, x0 = int(fy) + margin, int(fx) + margin
         rows = sum(np.float32(wy[a]) * ice[y0 + a - 1:y0 + a - 1 + ny, :] for a in range(4))
         smooth = sum(np.float32(wx[b]) * rows[:, x0 + b - 1:x0 + b - 1 + nx] for b in range(4))

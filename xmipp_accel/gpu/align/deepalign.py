@@ -43,7 +43,7 @@ from ...em.geometry import angular_distance_deg
 from ...errors import InputError
 from .. import backend
 from .polar import centred_rfft2, fourier_crop
-from .projmatch import AlignmentResult, ProjectionMatcher
+from .projmatch import AlignmentResult, ProjectionMatcher, align_in_batches
 
 __all__ = ["require_torch", "RegionSet", "region_centres", "NoiseModel", "estimate_noise_model", "TrainingImages",
            "polar_images", "RegionClassifier", "DeepAlignConfig", "DeepAligner", "MODEL_FILE", "MODEL_META"]
@@ -692,13 +692,5 @@ class DeepAligner:
     def align(self, images, ctf=None, *, batch_size: Optional[int] = None,
               progress: Optional[Callable[[int], None]] = None) -> AlignmentResult:
         """Align a stack in batches (see :meth:`ProjectionMatcher.align`)."""
-        n = images.shape[0]
-        bs = int(batch_size or self.matcher.default_batch_size())
-        parts = []
-        for s in range(0, n, bs):
-            e = min(n, s + bs)
-            sub = None if ctf is None else {k: np.asarray(v)[s:e] if np.ndim(v) else v for k, v in ctf.items()}
-            parts.append(self.align_batch(images[s:e], sub))
-            if progress is not None:
-                progress(e - s)
-        return AlignmentResult.concatenate(parts)
+        return align_in_batches(self.align_batch, images, ctf,
+                                int(batch_size or self.matcher.default_batch_size()), progress)

@@ -565,16 +565,8 @@ class ProjectionMatcher:
         ``ctf`` holds arrays of length n (see :func:`ctf_values`); ``progress(k)`` is called with the
         number of particles done after each batch.
         """
-        n = images.shape[0]
-        bs = int(batch_size or self.default_batch_size())
-        parts = []
-        for s in range(0, n, bs):
-            e = min(n, s + bs)
-            sub = None if ctf is None else {k: np.asarray(v)[s:e] if np.ndim(v) else v for k, v in ctf.items()}
-            parts.append(self.align_batch(images[s:e], sub))
-            if progress is not None:
-                progress(e - s)
-        return AlignmentResult.concatenate(parts)
+        return align_in_batches(self.align_batch, images, ctf, int(batch_size or self.default_batch_size()),
+                                progress)
 
     def default_batch_size(self) -> int:
         """Particles per batch: GPU 512 (bounded by memory), CPU 128 (see :func:`default_batch_size`)."""
@@ -620,3 +612,21 @@ def _orthonormalise(m: np.ndarray) -> np.ndarray:
     det = np.linalg.det(r)
     u[det < 0, :, -1] *= -1
     return u @ vt
+
+
+def align_in_batches(align_batch: Callable, images, ctf, batch_size: int,
+                     progress: Optional[Callable[[int], None]] = None) -> AlignmentResult:
+    """Run ``align_batch(images[s:e], ctf[s:e])`` over consecutive batches and concatenate the results.
+
+    ``ctf`` holds per-particle arrays of length n (scalars are passed through); ``progress(k)`` is called
+    with the number of particles done after each batch.
+    """
+    n = images.shape[0]
+    parts = []
+    for s in range(0, n, batch_size):
+        e = min(n, s + batch_size)
+        sub = None if ctf is None else {k: np.asarray(v)[s:e] if np.ndim(v) else v for k, v in ctf.items()}
+        parts.append(align_batch(images[s:e], sub))
+        if progress is not None:
+            progress(e - s)
+    return AlignmentResult.concatenate(parts)

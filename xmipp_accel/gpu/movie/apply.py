@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import backend
 from ._fft import rfft2, rfft_freqs
+from ...em.interpolation import keys_weights, sample_keys  # noqa: F401  (keys_weights re-exported)
 
 __all__ = ["shift_spectra", "keys_weights", "correct_local_motion", "correct_local_motion_reference",
            "power_spectrum", "local_motion_block", "LOCAL_MOTION_DEFAULT_BLOCK"]
@@ -60,47 +61,6 @@ def shift_spectra(spectra, shifts_xy, shape: Sequence[int], *, out=None):
     else:
         xp.multiply(spectra, ramp_y, out=out)
     out *= ramp_x
-    return out
-
-
-def keys_weights(t, xp=np):
-    """Keys (a = -0.5) cubic convolution weights for taps at offsets -1, 0, 1, 2 from ``floor(u)``.
-
-    Parameters
-    ----------
-    t : float array
-        Fractional part ``u - floor(u)`` in [0, 1).
-
-    Returns
-    -------
-    tuple of four arrays like ``t``
-    """
-    t2 = t * t
-    t3 = t2 * t
-    return (-0.5 * t3 + t2 - 0.5 * t,
-            1.5 * t3 - 2.5 * t2 + 1.0,
-            -1.5 * t3 + 2.0 * t2 + 0.5 * t,
-            0.5 * t3 - 0.5 * t2)
-
-
-def _sample_keys(frame, ys, xs, xp):
-    """Keys cubic samples of ``frame`` (y, x) at float positions; indices clamped to the frame."""
-    ny, nx = frame.shape
-    fy = xp.floor(ys)
-    fx = xp.floor(xs)
-    wy = keys_weights((ys - fy).astype(np.float32), xp)
-    wx = keys_weights((xs - fx).astype(np.float32), xp)
-    iy = fy.astype(np.int64)
-    ix = fx.astype(np.int64)
-    flat = frame.ravel()
-    cols = [xp.clip(ix + (b - 1), 0, nx - 1) for b in range(4)]
-    out = xp.zeros(ys.shape, dtype=np.float32)
-    for a in range(4):
-        base = xp.clip(iy + (a - 1), 0, ny - 1) * nx
-        row = wx[0] * xp.take(flat, base + cols[0])
-        for b in range(1, 4):
-            row += wx[b] * xp.take(flat, base + cols[b])
-        out += wy[a] * row
     return out
 
 
@@ -144,7 +104,7 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
             sy = by[r0:r1] @ cy_t
             ys = xp.arange(r0, r1, dtype=np.float32)[:, None] - sy
             xs = xs_all - sx
-            out[f, r0:r1] = _sample_keys(frames[f], ys, xs, xp)
+            out[f, r0:r1] = sample_keys(frames[f], ys, xs, xp)
     return out
 
 
