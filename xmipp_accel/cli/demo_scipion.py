@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from ..errors import XmippAccelError
+
 
 def _scipion_environment(outdir: str) -> None:
     """Set the variables pyworkflow reads at import time, unless the user set them already."""
@@ -50,8 +52,13 @@ def _write_movies(folder: str, n: int, shape=(256, 256), frames: int = 10, pixel
 def run_scipion_demo(args, outdir: str, *, box: int, n: int) -> dict:
     """Run the demo workflow in a new Scipion project; return the JSON summary."""
     _scipion_environment(outdir)
-    from pwem.protocols import ProtImportMovies, ProtImportParticles, ProtImportVolumes
-    from pyworkflow.project import Manager
+    try:
+        from pwem.protocols import ProtImportMovies, ProtImportParticles, ProtImportVolumes
+        from pyworkflow.project import Manager
+    except ImportError as exc:
+        raise XmippAccelError(
+            f"the Scipion demo needs Scipion importable ({exc}): install scipion-em into a Python that has "
+            "tkinter (Debian/Ubuntu: apt-get install python3-tk), or run the demo without --scipion") from None
 
     from ..em import synthetic
     from ..io.mrc import write_mrc
