@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..gpu import backend
-from .common import add_common_args, emit_result, progress, resolve_devices
+from .common import add_common_args, emit_result, progress, rank_devices
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -278,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
     ctx = mpi_context()
     all_paths = paths
     paths = all_paths[ctx.split(len(all_paths))]        # this rank's movies (all of them without MPI)
-    devices = _rank_devices(args, ctx)
+    devices = rank_devices(args, ctx)
     on_gpu = any(d.is_gpu for d in devices)
     logger.info("aligning %d movie(s) on %s", len(paths), ", ".join(d.describe() for d in devices))
     n_workers = len(devices) * (args.workers_per_gpu if on_gpu else 1)
@@ -397,15 +397,6 @@ def main(args: argparse.Namespace) -> int:
                  + (f" ({ctx.size} MPI ranks)" if ctx.enabled else ""))
     emit_result(args, summary, lines)
     return 0 if n_ok > 0 else 1
-
-
-def _rank_devices(args: argparse.Namespace, ctx) -> List[backend.Device]:
-    """Devices of this process: all of ``--gpus`` alone, or one GPU per MPI rank (``ctx.pick_gpu``)."""
-    devices = resolve_devices(args)
-    if ctx.enabled and devices[0].is_gpu:
-        ids = backend.parse_gpu_list(getattr(args, "gpus", None)) or [d.gpu_id for d in devices]
-        return [backend.resolve_device("gpu", ctx.pick_gpu(ids))]
-    return devices
 
 
 def _movie_reports(run) -> Tuple[List[dict], List[str]]:

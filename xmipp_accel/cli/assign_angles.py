@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError
-from .common import add_common_args, emit_result, progress, resolve_devices, stopwatch
+from .common import add_common_args, emit_result, progress, rank_devices, stopwatch
 
 logger = logging.getLogger("xmipp_accel.assign_angles")
 
@@ -273,19 +273,6 @@ def main(args: argparse.Namespace) -> int:
                          f"(> {args.consensus_tolerance:g} deg, column {DISAGREE_COLUMN})")
     emit_result(args, summary, lines)
     return 0
-
-
-def rank_devices(args: argparse.Namespace, ctx) -> list:
-    """Devices of this process: all of ``--gpus`` alone, or one GPU per MPI rank (``ctx.pick_gpu``).
-
-    Under MPI on the CPU every rank uses the CPU (with ``--cpu-workers`` as given).
-    """
-    from ..gpu import backend
-    devices = resolve_devices(args)
-    if ctx.enabled and devices[0].is_gpu:
-        ids = backend.parse_gpu_list(getattr(args, "gpus", None)) or [d.gpu_id for d in devices]
-        return [backend.resolve_device("gpu", ctx.pick_gpu(ids))]
-    return devices
 
 
 def _concatenate(parts, n: int):

@@ -46,6 +46,19 @@ def resolve_devices(args: argparse.Namespace) -> list[backend.Device]:
     return [first] + [backend.resolve_device("gpu", i) for i in ids[1:]]
 
 
+def rank_devices(args: argparse.Namespace, ctx) -> list[backend.Device]:
+    """Devices of this process: all of ``--gpus`` alone, or one GPU per MPI rank (``ctx.pick_gpu``).
+
+    ``ctx`` is an :func:`xmipp_accel.gpu.runtime.mpi.mpi_context`; under MPI on the CPU every rank
+    uses the CPU.
+    """
+    devices = resolve_devices(args)
+    if ctx.enabled and devices[0].is_gpu:
+        ids = backend.parse_gpu_list(getattr(args, "gpus", None)) or [d.gpu_id for d in devices]
+        return [backend.resolve_device("gpu", ctx.pick_gpu(ids))]
+    return devices
+
+
 def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str = "",
              args: Optional[argparse.Namespace] = None, unit: str = "it"):
     """A tqdm progress bar on stderr, silenced by ``--quiet`` or ``--json``-only pipelines."""

@@ -18,14 +18,13 @@ import argparse
 import logging
 import os
 import time
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from ..em.geometry import euler_to_matrix
 from ..errors import FileFormatError, InputError
-from ..gpu import backend
-from .common import add_common_args, emit_result, progress, resolve_devices
+from .common import add_common_args, emit_result, progress, rank_devices
 
 logger = logging.getLogger("xmipp_accel.reconstruct")
 
@@ -228,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
             raise InputError(f"{args.particles}: rlnRandomSubset must be 1 or 2 for every particle")
         if not (np.any(subsets == 1) and np.any(subsets == 2)):
             raise InputError(f"{args.particles}: half maps need particles in both subsets 1 and 2")
-    devices = _devices(args, ctx)
+    devices = rank_devices(args, ctx)
     batch = args.batch or default_batch_size(box, settings, gpu=devices[0].is_gpu)
     mine = ctx.split_indices(pset.n)
     logger.info("reconstructing %d particles (%d px, %.4g Å/px, sym %s, ctf %s) on %s%s", pset.n, box, pixel_size,
@@ -264,10 +263,3 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _devices(args: argparse.Namespace, ctx) -> List[backend.Device]:
-    """Devices of this process: all of ``--gpus`` alone, or one per MPI rank (``ctx.pick_gpu``)."""
-    devices = resolve_devices(args)
-    if ctx.enabled and devices[0].is_gpu:
-        ids = backend.parse_gpu_list(getattr(args, "gpus", None)) or [d.gpu_id for d in devices]
-        return [backend.resolve_device("gpu", ctx.pick_gpu(ids))]
-    return devices

@@ -45,6 +45,14 @@ def cupy_module() -> Optional[Any]:
     return _import_cupy()
 
 
+def cupyx_fft_module() -> Optional[Any]:
+    """``cupyx.scipy.fft`` (cuFFT plans: ``get_fft_plan``) when a GPU is usable, else None."""
+    if _import_cupy() is None:
+        return None
+    import cupyx.scipy.fft  # noqa: PLC0415
+    return cupyx.scipy.fft
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and at least one CUDA device is visible."""
     return _import_cupy() is not None

@@ -433,8 +433,7 @@ def measure_transform(shape: Sequence[int], *, batch: int = 1, real: bool = True
         a = a.astype(cdt)
     plan_bytes = None
     try:
-        from cupyx.scipy.fft import get_fft_plan  # noqa: PLC0415
-        plan = get_fft_plan(a, axes=axes, value_type="R2C" if real else "C2C")
+        plan = backend.cupyx_fft_module().get_fft_plan(a, axes=axes, value_type="R2C" if real else "C2C")
         plan_bytes = int(plan.work_area.mem.size) if getattr(plan, "work_area", None) is not None else 0
     except Exception as exc:  # older CuPy, or a shape get_fft_plan does not cover
         logger.debug("no plan information for %s: %s", shape, exc)
