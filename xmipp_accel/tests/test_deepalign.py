@@ -179,3 +179,66 @@ def test_deepalign_trains_and_predicts_on_gpu():
     res = aligner.align(imgs, _ctf(truth))
     err = angular_distance_deg(res.matrices, truth["matrices"])
     assert np.median(err) < 6.0
+
+
+def test_region_shortlist_adapts_to_certainty():
+    p = np.array([[0.95, 0.03, 0.01, 0.01, 0.0, 0.0, 0.0, 0.0],      # sure: the minimum of 2
+                  [0.4, 0.3, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0],        # 0.4+0.3+0.15+0.1 >= 0.9: 4
+                  [0.125] * 8])                                       # flat: the cap of 6
+    mask = da.region_shortlist(p, min_regions=2, max_regions=6, mass=0.9)
+    assert mask.shape == p.shape and mask.dtype == bool
+    np.testing.assert_array_equal(mask.sum(1), [2, 4, 6])
+    np.testing.assert_array_equal(np.nonzero(mask[1])[0], [0, 1, 2, 3])
+    assert mask[0, 0] and mask[0, 1]
+    np.testing.assert_array_equal(da.region_shortlist(p, min_regions=3, mass=0.0).sum(1), [3, 3, 3])
+
+
+def _fooled_aligner(trained, true_rank, probs_head, **cfg):
+    """An aligner on the trained models whose classifiers rank the true region ``true_rank``-th (0-based)."""
+    _, imgs, truth, matcher, aligner = trained
+    regions = aligner.regions
+    sel = slice(0, 30)
+    true_dir = truth["matrices"][sel][:, 2, :]
+    true_region = regions.assign(true_dir)
+    n, n_reg = true_region.size, regions.n_regions
+    cos = np.abs(true_dir @ regions.centres.T)                      # far from the direction and its mirror
+    far = np.argsort(cos, axis=1)
+    probs = np.full((n, n_reg), 0.0)
+    rest = (1.0 - sum(probs_head)) / (n_reg - len(probs_head))
+    for i in range(n):
+        wrong = [r for r in far[i] if r != true_region[i]]
+        order = wrong[:true_rank] + [true_region[i]] + wrong[true_rank:]
+        probs[i] = rest
+        probs[i, order[:len(probs_head)]] = probs_head
+    config = da.DeepAlignConfig(**{**vars(aligner.config), "n_regions_searched": 2, **cfg})
+    fooled = da.DeepAligner(matcher, config)
+    fooled.models, fooled.noise, fooled.cnn_box = aligner.models, aligner.noise, aligner.cnn_box
+    fooled.region_probabilities = lambda images: [probs[:images.shape[0]]] * 2
+    return fooled, imgs[sel], {k: v[sel] for k, v in _ctf(truth).items()}, truth["matrices"][sel]
+
+
+OLD_BEHAVIOUR = {"region_probability_mass": 0.0, "coarse_check_step_deg": 0.0, "union_on_disagreement": False}
+
+
+def test_true_region_third_choice_recovered_by_adaptive_shortlist(trained):
+    """Unsure classifiers (0.35, 0.3, 0.25 for the 3rd = true region): the shortlist grows to 3 regions."""
+    head = [0.35, 0.3, 0.25]
+    fooled, imgs, ctf, true = _fooled_aligner(trained, 2, head, coarse_check_step_deg=0.0)
+    res = fooled.align(imgs, ctf)
+    assert np.all(res.extra["regions_searched"] >= 3)
+    err = angular_distance_deg(res.matrices, true)
+    old, imgs, ctf, true = _fooled_aligner(trained, 2, head, **OLD_BEHAVIOUR)
+    err_old = angular_distance_deg(old.align(imgs, ctf).matrices, true)
+    assert np.median(err) < 6.0 and np.median(err_old) > 30.0, (np.median(err), np.median(err_old))
+
+
+def test_true_region_missed_by_shortlist_recovered_by_coarse_check(trained):
+    """True region 4th (probability 0.01) beyond the 0.9 mass: only the coarse check of uncertain particles finds it."""
+    head = [0.45, 0.3, 0.2, 0.01]
+    fooled, imgs, ctf, true = _fooled_aligner(trained, 3, head, coarse_check_step_deg=15.0)
+    res = fooled.align(imgs, ctf)
+    assert np.all(res.extra["uncertain"] == 1)
+    err = angular_distance_deg(res.matrices, true)
+    off, imgs, ctf, true = _fooled_aligner(trained, 3, head, coarse_check_step_deg=0.0)
+    err_off = angular_distance_deg(off.align(imgs, ctf).matrices, true)
+    assert np.median(err) < 6.0 and np.median(err_off) > 30.0, (np.median(err), np.median(err_off))

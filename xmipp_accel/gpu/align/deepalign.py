@@ -24,6 +24,14 @@ Two models trained from different seeds give two assignments (each matched withi
 regions and refined); the one with the higher score is kept and the angular distance between the two
 (modulo symmetry) is reported, with a flag when it exceeds a tolerance (Xmipp's consensus).
 
+The regions searched adapt to the classifiers' certainty (:meth:`DeepAligner.region_masks`): each
+model keeps its regions until their probabilities sum to ``region_probability_mass`` (2 to 6 by
+default); where the models' best regions differ, both search the union of their shortlists; and
+particles flagged uncertain (disagreement, or best probability < ``uncertain_probability``) get a
+coarse global search (``coarse_check_step_deg``, 10° by default) whose two best regions are added.
+A sure particle still searches 2 regions; an unsure one is no longer lost when its region is the
+classifier's 3rd choice or worse.
+
 PyTorch is imported lazily, only here; :func:`require_torch` explains how to install it.
 """
 from __future__ import annotations
@@ -34,7 +42,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -46,7 +54,8 @@ from .polar import centred_rfft2, fourier_crop
 from .projmatch import AlignmentResult, ProjectionMatcher, align_in_batches
 
 __all__ = ["require_torch", "RegionSet", "region_centres", "NoiseModel", "estimate_noise_model", "TrainingImages",
-           "polar_images", "RegionClassifier", "DeepAlignConfig", "DeepAligner", "MODEL_FILE", "MODEL_META"]
+           "polar_images", "RegionClassifier", "DeepAlignConfig", "region_shortlist", "DeepAligner", "MODEL_FILE",
+           "MODEL_META"]
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +468,18 @@ class DeepAlignConfig:
     width : channels of the first conv layer.
     train_steps, train_batch, learning_rate : training budget per model.
     n_models : independently trained models (2 for the consensus).
-    n_regions_searched : best regions of each model matched per particle.
+    n_regions_searched : best regions of each model matched per particle (the minimum when the
+        shortlist is adaptive).
+    region_probability_mass : adaptive shortlist: each model's regions are taken, most probable first,
+        until their probabilities sum to this (at least ``n_regions_searched``, at most
+        ``max_regions_searched``); 0 keeps exactly ``n_regions_searched``.
+    max_regions_searched : cap of the adaptive shortlist.
+    union_on_disagreement : particles whose models disagree on the best region search the union of
+        the models' shortlists with both models.
+    uncertain_probability : particles whose mean best-region probability is below this, or whose
+        models disagree, are "uncertain": they get the coarse global check below.
+    coarse_check_step_deg : spacing (degrees) of a coarse global search run for uncertain particles
+        only; the regions of its two best directions join the shortlist. 0 disables it.
     n_candidates : directions kept per model after its restricted global search (the two models
         already give two candidates; particles whose candidates coincide are refined once).
     consensus_tolerance_deg : assignments of the two models further apart are flagged.
@@ -476,6 +496,46 @@ class DeepAlignConfig:
     n_candidates: int = 1
     consensus_tolerance_deg: float = 5.0
     seed: int = 0
+    region_probability_mass: float = 0.9
+    max_regions_searched: int = 6
+    union_on_disagreement: bool = True
+    uncertain_probability: float = 0.5
+    coarse_check_step_deg: float = 10.0
+
+
+RUNTIME_FIELDS = ("n_regions_searched", "n_candidates", "consensus_tolerance_deg", "region_probability_mass",
+                  "max_regions_searched", "union_on_disagreement", "uncertain_probability", "coarse_check_step_deg")
+
+
+def region_shortlist(probabilities: np.ndarray, *, min_regions: int = 2, max_regions: int = 6,
+                     mass: float = 0.9) -> np.ndarray:
+    """Regions to search per particle: most probable first until their probabilities reach ``mass``.
+
+    Parameters
+    ----------
+    probabilities : (n, R) region probabilities of one model (rows sum to 1).
+    min_regions, max_regions : bounds on the regions kept per particle (``max`` >= ``min``).
+    mass : cumulative probability to reach; 0 keeps exactly ``min_regions``.
+
+    Returns
+    -------
+    (n, R) bool mask of the regions kept.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    n, n_reg = p.shape
+    lo = max(1, min(int(min_regions), n_reg))
+    hi = max(lo, min(int(max_regions), n_reg))
+    order = np.argsort(-p, axis=1, kind="stable")
+    if mass > 0:
+        cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+        count = 1 + np.sum(cum < float(mass) - 1e-9, axis=1)     # regions needed to reach the mass
+        count = np.clip(count, lo, hi)
+    else:
+        count = np.full(n, lo)
+    keep_sorted = np.arange(n_reg)[None, :] < count[:, None]
+    mask = np.zeros((n, n_reg), dtype=bool)
+    np.put_along_axis(mask, order, keep_sorted, axis=1)
+    return mask
 
 
 def reference_fingerprint(reference) -> str:
@@ -513,6 +573,7 @@ class DeepAligner:
         self.models: List[RegionClassifier] = []
         self.noise: Optional[NoiseModel] = None
         self.info: dict = {}
+        self._coarse_cache: Optional[Tuple[float, np.ndarray]] = None
 
     # -- data preparation ----------------------------------------------------------------------------------
     def cnn_images(self, images):
@@ -594,7 +655,8 @@ class DeepAligner:
                 raise ValueError("not a DeepAlign model description")
             files = list(meta["models"])
             n_regions, sym = int(meta["n_regions"]), str(meta["sym"])
-            cfg = DeepAlignConfig(**meta["config"])
+            known = {f.name for f in fields(DeepAlignConfig)}
+            cfg = DeepAlignConfig(**{k: v for k, v in dict(meta["config"]).items() if k in known})
             noise = NoiseModel(**meta["noise"]) if meta.get("noise") else None
             cnn_box = int(meta["cnn_box"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -604,10 +666,10 @@ class DeepAligner:
         if int(meta.get("version", 0)) > FORMAT_VERSION:
             raise InputError(f"the models in {folder} were written by a newer xmipp_accel (format "
                              f"{meta.get('version')}); upgrade, or {fix}")
-        keep_runtime = (self.config.n_regions_searched, self.config.n_candidates, self.config.consensus_tolerance_deg)
+        keep_runtime = {k: getattr(self.config, k) for k in RUNTIME_FIELDS}
         self.config = cfg
-        (self.config.n_regions_searched, self.config.n_candidates,
-         self.config.consensus_tolerance_deg) = keep_runtime
+        for key, value in keep_runtime.items():
+            setattr(self.config, key, value)
         self.cnn_box = cnn_box
         self.regions = region_centres(cfg.region_step_deg, self.matcher.sym)
         if self.regions.n_regions != n_regions:
@@ -637,15 +699,70 @@ class DeepAligner:
         x = self.cnn_images(images)
         return [m.predict(x) for m in self.models]
 
-    def _blocks(self, top_regions: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """(particle indices, gallery directions) per region for per-particle region lists (n, k)."""
+    def _blocks(self, region_mask: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """(particle indices, gallery directions) per region for a per-particle region mask (n, R) bool."""
         blocks = []
-        for r in np.unique(top_regions):
-            parts = np.nonzero((top_regions == r).any(1))[0]
+        for r in np.nonzero(region_mask.any(0))[0]:
+            parts = np.nonzero(region_mask[:, r])[0]
             dirs = np.nonzero(self.gallery_region == r)[0]
             if parts.size and dirs.size:
                 blocks.append((parts, dirs))
         return blocks
+
+    def _coarse_directions(self) -> np.ndarray:
+        """Gallery directions nearest to a ``coarse_check_step_deg`` sampling (indices, unique, sorted)."""
+        step = float(self.config.coarse_check_step_deg)
+        if self._coarse_cache is not None and self._coarse_cache[0] == step:
+            return self._coarse_cache[1]
+        centres = region_centres(step, self.matcher.sym).centres
+        dirs = np.asarray(self.matcher.dir_matrices[:, 2, :], dtype=np.float64)
+        idx = np.unique(np.argmax(centres @ dirs.T, axis=1))
+        self._coarse_cache = (step, idx)
+        return idx
+
+    def region_masks(self, probs: List[np.ndarray], images=None, ctf=None) -> Tuple[List[np.ndarray], np.ndarray]:
+        """Regions each model searches per particle, and which particles are uncertain.
+
+        Parameters
+        ----------
+        probs : per model, (n, R) region probabilities.
+        images, ctf : the batch (n, N, N) and its CTFs, for the coarse global check (skipped when None).
+
+        Returns
+        -------
+        masks : per model, (n, R) bool: the adaptive shortlist (:func:`region_shortlist`), widened to
+            the union of all models' shortlists where their best regions differ, plus the regions of
+            the coarse check's two best directions for uncertain particles.
+        uncertain : (n,) bool: models disagree on the best region, or mean best probability below
+            ``uncertain_probability``.
+        """
+        cfg = self.config
+        masks = [region_shortlist(p, min_regions=max(1, int(cfg.n_regions_searched)),
+                                  max_regions=max(int(cfg.max_regions_searched), int(cfg.n_regions_searched)),
+                                  mass=float(cfg.region_probability_mass)) for p in probs]
+        top1 = np.stack([p.argmax(1) for p in probs])
+        disagree = np.any(top1 != top1[:1], axis=0)
+        uncertain = disagree | (np.mean(np.stack(probs), axis=0).max(1) < float(cfg.uncertain_probability))
+        extra = np.zeros_like(masks[0])
+        if cfg.union_on_disagreement and len(masks) > 1:
+            extra[disagree] = np.any(np.stack(masks), axis=0)[disagree]
+        if images is not None and cfg.coarse_check_step_deg > 0 and uncertain.any():
+            extra |= self._coarse_regions(images, ctf, np.nonzero(uncertain)[0])
+        return [mk | extra for mk in masks], uncertain
+
+    def _coarse_regions(self, images, ctf, particles: np.ndarray) -> np.ndarray:
+        """(n, R) bool: regions of the two best directions of a coarse global search of ``particles``."""
+        m = self.matcher
+        n = images.shape[0]
+        mats, _, scores = m.global_search(images, ctf, allowed=[(particles, self._coarse_directions())],
+                                          n_candidates=2)
+        dirs = backend.to_host(mats[:, :, 2, :]).astype(np.float64)                  # (n, 2, 3)
+        ok = np.isfinite(backend.to_host(scores))
+        reg = self.regions.assign(dirs.reshape(-1, 3)).reshape(n, -1)
+        mask = np.zeros((n, self.regions.n_regions), dtype=bool)
+        rows = np.repeat(np.arange(n)[:, None], reg.shape[1], axis=1)
+        mask[rows[ok], reg[ok]] = True
+        return mask
 
     def align_batch(self, images, ctf=None) -> AlignmentResult:
         """Assign poses to a batch (n, N, N): regions by each model, restricted matching, refinement, consensus."""
@@ -653,11 +770,17 @@ class DeepAligner:
         xp = m.xp
         images = xp.asarray(images, dtype=xp.float32)
         n = images.shape[0]
-        k = max(1, int(self.config.n_regions_searched))
         probs = self.region_probabilities(images)
-        tops = [np.argsort(-p, axis=1)[:, :k] for p in probs]
+        masks, uncertain = self.region_masks(probs, images, ctf)
         n_cand = max(1, int(self.config.n_candidates))
-        cands = [m.global_search(images, ctf, allowed=self._blocks(top), n_candidates=n_cand) for top in tops]
+        cands = [m.global_search(images, ctf, allowed=self._blocks(masks[0]), n_candidates=n_cand)]
+        for mask in masks[1:]:
+            differs = np.any(mask != masks[0], axis=1)        # same regions: same search, reuse model 1's
+            sub = mask & differs[:, None]
+            cand = m.global_search(images, ctf, allowed=self._blocks(sub), n_candidates=n_cand)
+            d_x = xp.asarray(differs)
+            cands.append(tuple(xp.where(d_x.reshape((-1,) + (1,) * (c.ndim - 1)), c, c0)
+                               for c, c0 in zip(cand, cands[0])))
         results = [m.refine_from_candidates(images, ctf, *cands[0])]
         first = [backend.to_host(c) for c in cands[0]]
         for cand in cands[1:]:
@@ -687,6 +810,8 @@ class DeepAligner:
         mean_p = np.mean(np.stack(probs), axis=0)
         out.extra["region"] = np.argmax(mean_p, 1).astype(np.int64)
         out.extra["region_probability"] = mean_p.max(1).astype(np.float64)
+        out.extra["uncertain"] = uncertain.astype(np.int64)
+        out.extra["regions_searched"] = np.sum(np.any(np.stack(masks), axis=0), axis=1).astype(np.int64)
         return out
 
     def align(self, images, ctf=None, *, batch_size: Optional[int] = None,
