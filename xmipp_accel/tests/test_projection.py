@@ -11,6 +11,7 @@ from xmipp_accel.em.ctf import ctf_2d
 from xmipp_accel.em.geometry import euler_to_matrix
 from xmipp_accel.em.projection import FourierProjector, project_volume, shift_images
 from xmipp_accel.errors import InputError
+from xmipp_accel.io.star import read_star
 
 ANGLES = [(206.0, 34.5, 304.3), (198.4, 167.3, 290.4), (17.9, 46.3, 89.7), (130.9, 68.5, 319.3)]
 
@@ -107,27 +108,9 @@ def test_gpu_matches_cpu(xp):
     np.testing.assert_allclose(dev, cpu, atol=1e-4 * np.abs(cpu).max())
 
 
-def _read_star_particles(path):
-    """Minimal STAR reader for the particles loop of the test files: {column: list of strings}."""
-    lines = open(path).read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == "data_particles")
-    cols, rows = [], []
-    for line in lines[start + 1:]:
-        t = line.strip()
-        if t.startswith("data_"):
-            break
-        if not t or t == "loop_" or t.startswith("#"):
-            continue
-        if t.startswith("_"):
-            cols.append(t[1:].split()[0])
-        else:
-            rows.append(t.split())
-    return {c: [r[k] for r in rows] for k, c in enumerate(cols)}
-
-
 def _relion_set(folder, name):
     mrcfile = pytest.importorskip("mrcfile")
-    star = _read_star_particles(os.path.join(folder, name + ".star"))
+    star = read_star(os.path.join(folder, name + ".star"))["particles"]
     angles = np.array([star[c] for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], dtype=float)
     return star, euler_to_matrix(*angles), mrcfile.read(os.path.join(folder, name + ".mrcs"))
 

@@ -9,6 +9,7 @@ from xmipp_accel.em.sampling import (angles_to_directions, canonical_directions,
                                      random_rotations, sphere_sampling)
 from xmipp_accel.em.symmetry import symmetry_matrices, symmetry_order
 from xmipp_accel.errors import InputError
+from xmipp_accel.io.xmd import read_xmd
 
 
 def _random_directions(n, seed=0):
@@ -50,21 +51,9 @@ def test_sampling_is_restricted_by_symmetry():
 
 
 def _read_xmd_block(path, block):
-    lines = open(path).read().splitlines()
-    start = lines.index("data_" + block)
-    cols, rows = [], []
-    for line in lines[start + 1:]:
-        t = line.strip()
-        if t.startswith("data_"):
-            break
-        if not t or t == "loop_" or t.startswith("#"):
-            continue
-        if t.startswith("_"):
-            cols.append(t[1:].split()[0])
-        else:
-            rows.append([float(v) for v in t.split()])
-    a = np.array(rows)
-    return np.column_stack([a[:, cols.index(c)] for c in ("X", "Y", "Z")])
+    """Unit direction vectors (x, y, z) of a block of an Xmipp sampling file."""
+    table = read_xmd(path)[block]
+    return np.column_stack([np.asarray(table[c], dtype=float) for c in ("X", "Y", "Z")])
 
 
 def test_against_xmipp_c1_reference(shared_data):
