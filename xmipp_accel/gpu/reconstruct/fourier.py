@@ -280,6 +280,16 @@ def _apply_phases_and_ctf_gpu(ft, phy, phx, ctf, mode: str):
     return None
 
 
+def effective_ctf_mode(ctf, ctf_mode: str, ctf_premultiplied: bool) -> str:
+    """The CTF treatment actually applied: ``"none"`` without CTF values, ``"wiener-premultiplied"`` for
+    Wiener on images already multiplied by their CTF, else ``ctf_mode``."""
+    if ctf is None or ctf_mode == "none":
+        return "none"
+    if ctf_mode == "wiener" and ctf_premultiplied:
+        return "wiener-premultiplied"
+    return ctf_mode
+
+
 def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None, pixel_size_A: float = 1.0,
                           ctf_mode: str = "wiener", ctf_premultiplied: bool = False):
     """Padded, centred, shifted and CTF-treated rfft2 of particle images.
@@ -309,10 +319,8 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
     n, N = int(images.shape[0]), int(images.shape[-1])
     M = grid.padded_box
     Mh = grid.half
-    use_ctf = ctf is not None and ctf_mode != "none"
-    mode = ctf_mode if use_ctf else "none"
-    if mode == "wiener" and ctf_premultiplied:
-        mode = "wiener-premultiplied"
+    mode = effective_ctf_mode(ctf, ctf_mode, ctf_premultiplied)
+    use_ctf = mode != "none"
     ft = xp.fft.rfft2(xp.asarray(images, dtype=xp.float32), s=(M, M))
     if ft.dtype != xp.complex64:
         ft = ft.astype(xp.complex64)
@@ -351,10 +359,8 @@ def packed_projections(images, grid: FourierGrid, *, shifts_px=None, ctf=None, p
     cp = backend.cupy_module()
     n, N = int(images.shape[0]), int(images.shape[-1])
     M = grid.padded_box
-    use_ctf = ctf is not None and ctf_mode != "none"
-    mode = ctf_mode if use_ctf else "none"
-    if mode == "wiener" and ctf_premultiplied:
-        mode = "wiener-premultiplied"
+    mode = effective_ctf_mode(ctf, ctf_mode, ctf_premultiplied)
+    use_ctf = mode != "none"
     ft = cp.fft.rfft2(cp.asarray(images, dtype=cp.float32), s=(M, M))
     sh = np.zeros((n, 2)) if shifts_px is None else np.asarray(backend.to_host(shifts_px), dtype=np.float64)
     centre_shift = cp.asarray(sh - N // 2)   # content moves by +shift, its centre N//2 goes to the origin
