@@ -74,7 +74,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--region-step", type=float, default=30.0,
                    help="spacing of the sphere regions the networks recognise, degrees (default: %(default)s)")
     d.add_argument("--regions-searched", type=int, default=2,
-                   help="best regions of each model matched per particle (default: %(default)s)")
+                   help="best regions of each model matched per particle; the minimum when the shortlist is "
+                        "adaptive (default: %(default)s)")
+    d.add_argument("--region-mass", type=float, default=0.9,
+                   help="adaptive shortlist: each model's regions are taken, most probable first, until their "
+                        "probabilities sum to this; 0 searches exactly --regions-searched (default: %(default)s)")
+    d.add_argument("--max-regions", type=int, default=6,
+                   help="most regions of one model searched per particle (default: %(default)s)")
+    d.add_argument("--coarse-check-step", type=float, default=10.0,
+                   help="particles whose models are unsure or disagree also get a coarse global search at this "
+                        "step, degrees, whose two best regions join the shortlist; 0 disables it "
+                        "(default: %(default)s)")
     d.add_argument("--train-steps", type=int, default=1000,
                    help="training steps per model (one new batch of images each) (default: %(default)s)")
     d.add_argument("--train-batch", type=int, default=256, help="images per training step (default: %(default)s)")
@@ -176,7 +186,8 @@ def _deep_config(args):
     return DeepAlignConfig(region_step_deg=args.region_step, cnn_box=args.cnn_box, width=args.cnn_width,
                            train_steps=args.train_steps, train_batch=args.train_batch,
                            n_regions_searched=args.regions_searched, consensus_tolerance_deg=args.consensus_tolerance,
-                           seed=args.seed)
+                           region_probability_mass=args.region_mass, max_regions_searched=args.max_regions,
+                           coarse_check_step_deg=args.coarse_check_step, seed=args.seed)
 
 
 def _make_matcher(vol, args, pixel_size_A, ctf_mode):
@@ -198,6 +209,20 @@ def _read_batch(pset, idx, args):
     return images
 
 
+def _check_deep_args(args: argparse.Namespace) -> None:
+    """Refuse DeepAlign shortlist settings that cannot work, naming the option and its range."""
+    if not 0 <= args.region_mass <= 1:
+        raise InputError(f"--region-mass is a probability: give a value in [0, 1], got {args.region_mass}")
+    if args.regions_searched < 1:
+        raise InputError(f"--regions-searched must be at least 1, got {args.regions_searched}")
+    if args.max_regions < args.regions_searched:
+        raise InputError(f"--max-regions ({args.max_regions}) must be at least --regions-searched "
+                         f"({args.regions_searched})")
+    if not 0 <= args.coarse_check_step <= 90:
+        raise InputError(f"--coarse-check-step must be in [0, 90] degrees (0 disables the check), "
+                         f"got {args.coarse_check_step}")
+
+
 def main(args: argparse.Namespace) -> int:
     from ..em.symmetry import symmetry_matrices
     from ..gpu.runtime.mpi import mpi_context
@@ -206,6 +231,7 @@ def main(args: argparse.Namespace) -> int:
     if not 0 < args.angular_step <= 90:
         raise InputError(f"--angular-step must be in (0, 90] degrees, got {args.angular_step}")
     if args.method == "deepalign":
+        _check_deep_args(args)
         from ..gpu.align.deepalign import require_torch
         require_torch()
     pset, px, box = _particles(args)

@@ -1,6 +1,7 @@
 """``xmipp-accel assign-angles``: files in, files out, errors as one line (exit status 2)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -150,3 +151,27 @@ def test_unknown_symmetry_and_bad_step(dataset, capsys, tmp_path):
     assert code == 2 and "x7" in err
     code, _, err = _run(capsys, base + ["--angular-step", "0"])
     assert code == 2 and "--angular-step" in err
+
+
+def test_deepalign_shortlist_options_reach_the_config():
+    from xmipp_accel.cli import assign_angles
+    parser = argparse.ArgumentParser()
+    assign_angles.add_args(parser)
+    args = parser.parse_args(["p.star", "--reference", "r.mrc", "-o", "o.star", "--method", "deepalign",
+                              "--region-mass", "0.75", "--max-regions", "4", "--coarse-check-step", "15",
+                              "--regions-searched", "3"])
+    cfg = assign_angles._deep_config(args)
+    assert (cfg.region_probability_mass, cfg.max_regions_searched, cfg.coarse_check_step_deg,
+            cfg.n_regions_searched) == (0.75, 4, 15.0, 3)
+
+
+@pytest.mark.parametrize("option,value,message", [("--region-mass", "1.5", "--region-mass"),
+                                                  ("--max-regions", "1", "--max-regions"),
+                                                  ("--coarse-check-step", "-2", "--coarse-check-step")])
+def test_deepalign_bad_shortlist_options_are_refused(dataset, capsys, tmp_path, option, value, message):
+    d, _, _ = dataset
+    code, _, err = _run(capsys, ["assign-angles", str(d / "particles.star"), "--reference", str(d / "ref.mrc"),
+                                 "-o", str(tmp_path / "o.star"), "--method", "deepalign", option, value,
+                                 "--device", "cpu", "-q"])
+    assert code == 2 and message in err
+    assert not (tmp_path / "o.star").exists()
