@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["CTFParams", "electron_wavelength_A", "frequency_grid", "ctf_at", "ctf_2d", "ctf_zeros_A"]
+__all__ = ["CTFParams", "electron_wavelength_A", "frequency_grid", "ctf_at", "ctf_2d", "ctf_coefficients",
+           "ctf_zeros_A"]
 
 
 def electron_wavelength_A(voltage_kV):
@@ -83,6 +84,19 @@ def ctf_at(fx, fy, defocus_u_A, defocus_v_A, defocus_angle_deg, *, voltage_kV=30
     dtype = fx.dtype if hasattr(fx, "dtype") else np.float64
     ndim = max(np.ndim(fx), np.ndim(fy))
     col = lambda v: _as_column(v, xp, dtype, ndim)  # noqa: E731
+    k1, k2, k35 = _aberration_constants(voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg)
+    du, dv = col(defocus_u_A), col(defocus_v_A)
+    mean, half_diff = (du + dv) * 0.5, (du - dv) * 0.5
+    u2 = fx * fx + fy * fy
+    azimuth = xp.arctan2(fy, fx)
+    defocus = mean + half_diff * xp.cos(2.0 * (azimuth - col(np.deg2rad(np.asarray(defocus_angle_deg, float)))))
+    chi = -col(k1) * defocus * u2 + col(k2) * (u2 * u2) - col(k35)
+    return (-xp.sin(chi)).astype(dtype, copy=False)
+
+
+def _aberration_constants(voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg):
+    """RELION's ``K1 = pi lambda`` (Å), ``K2 = pi/2 Cs lambda^3`` (Å³) and ``K3 + K5`` (amplitude contrast
+    and phase-plate phases, radians) so that ``chi = -K1 defocus |f|^2 + K2 |f|^4 - (K3 + K5)``."""
     q = np.asarray(amplitude_contrast, dtype=np.float64)
     if np.any(q < 0) or np.any(q >= 1):
         raise InputError(f"amplitude contrast must be in [0, 1), got {amplitude_contrast}")
@@ -91,13 +105,29 @@ def ctf_at(fx, fy, defocus_u_A, defocus_v_A, defocus_angle_deg, *, voltage_kV=30
     k2 = np.pi / 2.0 * np.asarray(cs_mm, dtype=np.float64) * 1e7 * lam ** 3
     k3 = np.arctan(q / np.sqrt(1.0 - q * q))
     k5 = np.deg2rad(np.asarray(phase_shift_deg, dtype=np.float64))
-    du, dv = col(defocus_u_A), col(defocus_v_A)
-    mean, half_diff = (du + dv) * 0.5, (du - dv) * 0.5
-    u2 = fx * fx + fy * fy
-    azimuth = xp.arctan2(fy, fx)
-    defocus = mean + half_diff * xp.cos(2.0 * (azimuth - col(np.deg2rad(np.asarray(defocus_angle_deg, float)))))
-    chi = -col(k1) * defocus * u2 + col(k2) * (u2 * u2) - col(k5 + k3)
-    return (-xp.sin(chi)).astype(dtype, copy=False)
+    return k1, k2, k3 + k5
+
+
+def ctf_coefficients(defocus_u_A, defocus_v_A, defocus_angle_deg, *, voltage_kV=300.0, cs_mm=2.7,
+                     amplitude_contrast=0.1, phase_shift_deg=0.0) -> np.ndarray:
+    """Per-particle constants of :func:`ctf_at` for kernels that evaluate the CTF themselves.
+
+    Parameters are scalars or arrays ``(n,)`` as for :func:`ctf_at`.
+
+    Returns
+    -------
+    ``(n, 6)`` float64: mean defocus (Å), half the astigmatism ``(U - V) / 2`` (Å), astigmatism angle
+    (radians), ``K1`` (Å), ``K2`` (Å³), ``K3 + K5`` (radians). With ``f = (fx, fy)`` in 1/Å, ``u2 = |f|^2``
+    and ``cos 2(az - angle) = ((fx^2 - fy^2) cos 2angle + 2 fx fy sin 2angle) / u2``:
+    ``CTF = -sin(-K1 (mean + half cos 2(az - angle)) u2 + K2 u2^2 - (K3 + K5))``.
+    """
+    k1, k2, k35 = _aberration_constants(voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg)
+    du = np.asarray(defocus_u_A, dtype=np.float64)
+    dv = np.asarray(defocus_v_A, dtype=np.float64)
+    ang = np.deg2rad(np.asarray(defocus_angle_deg, dtype=np.float64))
+    cols = np.broadcast_arrays(np.atleast_1d((du + dv) * 0.5), np.atleast_1d((du - dv) * 0.5), np.atleast_1d(ang),
+                               np.atleast_1d(k1), np.atleast_1d(k2), np.atleast_1d(k35))
+    return np.ascontiguousarray(np.stack(cols, axis=1), dtype=np.float64)
 
 
 def ctf_2d(box: int, pixel_size_A: float, defocus_u_A, defocus_v_A, defocus_angle_deg, *, voltage_kV=300.0,

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from xmipp_accel.em.ctf import CTFParams, ctf_2d, ctf_at, ctf_zeros_A, electron_wavelength_A, frequency_grid
+from xmipp_accel.em.ctf import (CTFParams, ctf_2d, ctf_at, ctf_coefficients, ctf_zeros_A, electron_wavelength_A,
+                                 frequency_grid)
 from xmipp_accel.errors import InputError
 
 
@@ -117,3 +118,26 @@ def test_dataclass_and_errors():
 
 def backend_to_numpy(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def test_coefficients_reproduce_the_ctf_without_atan2():
+    """The six per-particle constants, put into the formula of their docstring (as the packing kernel
+    evaluates it), give ctf_2d, astigmatism, phase plate and amplitude contrast included."""
+    rng = np.random.default_rng(5)
+    n, box, px = 3, 40, 1.2
+    du, dv = rng.uniform(8000, 30000, n), rng.uniform(8000, 30000, n)
+    ang = rng.uniform(0, 180, n)
+    kw = {"voltage_kV": np.array([300.0, 200.0, 100.0]), "cs_mm": np.array([2.7, 0.01, 1.4]),
+          "amplitude_contrast": np.array([0.1, 0.07, 0.0]), "phase_shift_deg": np.array([0.0, 90.0, 45.0])}
+    ref = ctf_2d(box, px, du, dv, ang, dtype=np.float64, **kw)
+    c = ctf_coefficients(du, dv, ang, **kw)
+    assert c.shape == (n, 6)
+    fy, fx = frequency_grid(box, px, dtype=np.float64)
+    u2 = fx * fx + fy * fy
+    got = np.empty_like(ref)
+    for i in range(n):
+        astig = c[i, 1] * ((fx * fx - fy * fy) * np.cos(2 * c[i, 2]) + 2 * fx * fy * np.sin(2 * c[i, 2]))
+        chi = -c[i, 3] * (c[i, 0] * u2 + astig) + c[i, 4] * u2 * u2 - c[i, 5]
+        got[i] = -np.sin(chi)
+    np.testing.assert_allclose(got, ref, atol=1e-9)
+    np.testing.assert_allclose(ctf_coefficients(20000.0, 18000.0, 30.0)[0, :3], [19000.0, 1000.0, np.pi / 6])

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 
+from xmipp_accel.em.ctf import ctf_2d
 from xmipp_accel.gpu import backend
 from xmipp_accel.gpu.reconstruct import fourier as fr
 from xmipp_accel.gpu.reconstruct import insert as ins
@@ -174,6 +175,49 @@ def test_packed_projections_match_numpy(cp, mode, premult, max_res):
                                 ctf_premultiplied=premult)
     assert got.shape == ref.shape
     assert rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("box,pixel_size,defocus", [(30, 1.5, (5000, 9000)), (64, 1.0, (25000, 32000))])
+def test_ctf_coefficients_in_the_packer_equal_the_ctf_image(cp, box, pixel_size, defocus):
+    """The packer's own CTF (from six constants, double precision) equals packing with the em.ctf image,
+    also at high defocus and Nyquist where chi reaches hundreds of radians."""
+    rng = np.random.default_rng(21)
+    n = 4
+    ctf = {"defocus_u_A": rng.uniform(*defocus, n), "defocus_v_A": rng.uniform(*defocus, n),
+           "defocus_angle_deg": rng.uniform(0, 180, n), "voltage_kV": np.full(n, 200.0), "cs_mm": np.full(n, 1.4),
+           "amplitude_contrast": np.full(n, 0.07), "phase_shift_deg": np.array([0.0, 30.0, 60.0, 90.0])}
+    grid = fr.fourier_grid(box, fr.ReconstructionSettings())
+    imgs = cp.asarray(rng.normal(size=(n, box, box)).astype(np.float32))
+    ft = cp.fft.rfft2(imgs, s=(grid.padded_box,) * 2).astype(cp.complex64)
+    du, dv, angle, kw = fr._ctf_columns(ctf, n)
+    image = ctf_2d(grid.padded_box, pixel_size, du, dv, angle, dtype=np.float64, **kw)   # float64 reference
+    for mode in ("wiener", "phase-flip"):
+        ref = ins.pack_projections_gpu(ft, cp.asarray(image.astype(np.float32)), None, grid, mode=mode)
+        got = ins.pack_projections_gpu(ft, None, None, grid, mode=mode, ctf_coefficients=fr._ctf_coefficients(ctf, n),
+                                       pixel_size_A=pixel_size)
+        assert rel(got, ref) < 1e-5, mode
+
+
+@pytest.mark.parametrize("radius", [1.25, 1.9, 2.4])
+def test_unrolled_cooperative_kernel_equals_runtime_loop_and_numpy(cp, radius):
+    blob = KaiserBesselBlob(radius=radius)
+    assert ins.candidate_side(blob) in ins.UNROLLED_SIDES
+    grid = GRIDS[3]
+    proj, pw = random_batch(grid.padded_box, 4, 31)
+    mats = random_rotations(23, 32)
+    idx = np.random.default_rng(33).integers(0, 4, 23)
+    d0 = np.zeros(grid.shape, np.complex64)
+    w0 = np.zeros(grid.shape, np.float32)
+    ins.insert_gather_numpy(d0, w0, proj, pw, mats, idx, grid, blob)
+    out = []
+    for unroll in (0, 1):
+        d = cp.zeros(grid.shape, cp.complex64)
+        w = cp.zeros(grid.shape, cp.float32)
+        ins.insert_gather_gpu(d, w, cp.asarray(proj), cp.asarray(pw), mats, idx, grid, blob,
+                              tuning={"lanes_per_voxel": 4, "unroll": unroll})
+        assert rel(d, d0) < 1e-5 and rel(w, w0) < 1e-5, unroll
+        out.append((d, w))
+    assert rel(out[0][0], out[1][0]) < 2e-6
 
 
 @pytest.fixture(scope="module")

@@ -225,17 +225,28 @@ def batches_from_arrays(images, matrices, *, shifts_px=None, ctf=None, subset=No
 
 # ---------------------------------------------------------------------------------------------- per batch
 
+def _ctf_columns(ctf: Dict[str, np.ndarray], n: int):
+    """Per-particle CTF parameters as host float64 arrays ``(n,)``: ``(du, dv, angle, {scalar: values})``."""
+    def per_particle(key, default):
+        return np.broadcast_to(np.asarray(backend.to_host(ctf.get(key, default)), dtype=np.float64), (n,))
+    du = per_particle("defocus_u_A", 0.0)
+    return du, per_particle("defocus_v_A", du), per_particle("defocus_angle_deg", 0.0), \
+        {k: per_particle(k, d) for k, d in _CTF_SCALARS}
+
+
 def _ctf_images(ctf: Dict[str, np.ndarray], n: int, M: int, pixel_size_A: float, xp):
     """CTF of each particle on the padded rfft grid, ``(n, M, M//2+1)`` float32 (:func:`em.ctf.ctf_2d`)."""
     from ...em.ctf import ctf_2d  # noqa: PLC0415
-
-    def per_particle(key, default):
-        return np.broadcast_to(np.asarray(ctf.get(key, default), dtype=np.float64), (n,))
-    du = per_particle("defocus_u_A", 0.0)
-    kw = {k: per_particle(k, d) for k, d in _CTF_SCALARS}
-    out = ctf_2d(M, pixel_size_A, du, per_particle("defocus_v_A", du), per_particle("defocus_angle_deg", 0.0),
-                 xp=xp, **kw)
+    du, dv, angle, kw = _ctf_columns(ctf, n)
+    out = ctf_2d(M, pixel_size_A, du, dv, angle, xp=xp, **kw)
     return xp.ascontiguousarray(xp.asarray(out, dtype=xp.float32).reshape(n, M, M // 2 + 1))
+
+
+def _ctf_coefficients(ctf: Dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Per-particle CTF constants ``(n, 6)`` float64 for the packing kernel (:func:`em.ctf.ctf_coefficients`)."""
+    from ...em.ctf import ctf_coefficients  # noqa: PLC0415
+    du, dv, angle, kw = _ctf_columns(ctf, n)
+    return ctf_coefficients(du, dv, angle, **kw)
 
 
 _phase_kernel_cache: dict = {}
@@ -364,8 +375,9 @@ def packed_projections(images, grid: FourierGrid, *, shifts_px=None, ctf=None, p
     ft = cp.fft.rfft2(cp.asarray(images, dtype=cp.float32), s=(M, M))
     sh = np.zeros((n, 2)) if shifts_px is None else np.asarray(backend.to_host(shifts_px), dtype=np.float64)
     centre_shift = cp.asarray(sh - N // 2)   # content moves by +shift, its centre N//2 goes to the origin
-    ctf_img = _ctf_images(ctf, n, M, pixel_size_A, cp) if use_ctf else None
-    return pack_projections_gpu(ft, ctf_img, centre_shift, grid, blob, mode)
+    coef = _ctf_coefficients(ctf, n) if use_ctf else None
+    return pack_projections_gpu(ft, None, centre_shift, grid, blob, mode, ctf_coefficients=coef,
+                                pixel_size_A=pixel_size_A)
 
 
 # ---------------------------------------------------------------------------------------------- accumulators

@@ -56,10 +56,27 @@ __device__ __forceinline__ int wrap_index(int k, int M)
 // The insertion loop then needs neither bounds checks nor Hermitian branches.
 //   mode 0: weight 1; 1: Wiener (F*ctf, ctf^2); 2: Wiener on CTF-premultiplied data (F, ctf^2);
 //   3: phase flip (F*sign(ctf), 1); 4: explicit per-pixel weights (F, aux).
+// The CTF of modes 1-3 is aux (rfft layout, like ft) or, when ctfp is given, evaluated here from each
+// image's six constants (em/ctf.py ctf_coefficients: mean defocus, half astigmatism, angle, K1, K2,
+// K3 + K5) at f = p / (M pixel_size) = p * inv_box_A, in double precision (chi reaches hundreds of
+// radians): no full-grid CTF image is computed or read.
+__device__ __forceinline__ float ctf_from_coefficients(const double* __restrict__ c, int px, int py, double inv_box_A)
+{
+    const double fx = (double)px * inv_box_A, fy = (double)py * inv_box_A;
+    const double u2 = fx * fx + fy * fy;
+    double s2a, c2a;
+    sincos(2.0 * c[2], &s2a, &c2a);
+    // half * cos 2(az - angle) * u2, without atan2 (exact 0 at the origin, where u2 = 0)
+    const double astig = c[1] * ((fx * fx - fy * fy) * c2a + 2.0 * fx * fy * s2a);
+    const double chi = -c[3] * (c[0] * u2 + astig) + c[4] * u2 * u2 - c[5];
+    return (float)(-sin(chi));
+}
+
 extern "C" __global__ void pack_projections(const float2* __restrict__ ft, const float* __restrict__ aux,
                                             const double* __restrict__ shift, float4* __restrict__ out,
                                             const int B, const int M, const int Mh, const int K, const int kmax2,
-                                            const int Kp, const int mode)
+                                            const int Kp, const int mode, const double* __restrict__ ctfp,
+                                            const double inv_box_A)
 {
     const int W = 2 * Kp + 1;
     const size_t total = (size_t)B * W * W;
@@ -87,14 +104,14 @@ extern "C" __global__ void pack_projections(const float2* __restrict__ ft, const
         f = make_float2(f.x * c - f.y * s, f.x * s + f.y * c);
     }
     float w = 1.0f;
+    float c = 1.0f;
+    if (mode >= 1 && mode <= 3) c = (ctfp != nullptr) ? ctf_from_coefficients(ctfp + 6 * b, px, py, inv_box_A) : aux[j];
     if (mode == 1) {
-        const float c = aux[j];
         f.x *= c; f.y *= c; w = c * c;
     } else if (mode == 2) {
-        const float c = aux[j];
         w = c * c;
     } else if (mode == 3) {
-        const float c = aux[j] < 0.0f ? -1.0f : 1.0f;
+        c = c < 0.0f ? -1.0f : 1.0f;
         f.x *= c; f.y *= c;
     } else if (mode == 4) {
         w = aux[j];
@@ -236,7 +253,29 @@ __global__ void insert_gather(float2* __restrict__ data, float* __restrict__ wei
 // floor(2 r) + 1) with a fixed, branch-free trip count, read neighbouring pixels of the same rows
 // (coalesced), keep those with d^2 <= r^2 and reduce their sums with shuffles; the voxel's first lane
 // does the read-modify-write. A voxel still belongs to one column owned by one warp: no atomics.
-template <int TILE, int BLOB_MODE, int ORDER, int LPV>
+template <int BLOB_MODE, int ORDER>
+__device__ __forceinline__ float blob_weight(float d2, float inv_r2, float alpha, float inv_norm,
+                                             const float2* __restrict__ table2, const float* s_table,
+                                             int last, float table_scale)
+{
+    if (BLOB_MODE == 0) return blob_on_the_fly<ORDER>(d2, inv_r2, alpha, inv_norm);
+    const float tt = d2 * table_scale;
+    const int ti = min((int)tt, last);
+    const float tf = tt - (float)ti;
+    if (BLOB_MODE == 1) {
+        const float2 tb = __ldg(table2 + ti);
+        return fmaf(tf, tb.y, tb.x);
+    }
+    const float t0 = s_table[ti];
+    return fmaf(tf, s_table[min(ti + 1, last)] - t0, t0);
+}
+
+// NP > 0: the candidate square has the compile-time side NP (= floor(2 r) + 1, 4 for the default
+// radius 1.9) and each lane's ceil(NP^2 / LPV) candidates are unrolled: all their pixel and table
+// loads are issued before the sums (more loads in flight per thread: the kernel is latency bound),
+// branch-free (pixels beyond the radius get weight 0; every candidate lies inside the packed margin).
+// NP = 0: the candidate loop runs with a run-time trip count (any radius).
+template <int TILE, int BLOB_MODE, int ORDER, int LPV, int NP>
 __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict__ weight,
                                    const float4* __restrict__ proj,
                                    const float* __restrict__ mats, const int* __restrict__ img,
@@ -335,7 +374,32 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
                 const bool live = (j < total) && (qz2 <= r2);
                 const int x0 = (int)ceilf(qx - r), y0 = (int)ceilf(qy - r);
                 float sre = 0.0f, sim = 0.0f, sw = 0.0f;
-                if (live) {
+                if (live && NP > 0) {
+                    constexpr int PER = (NP * NP + LPV - 1) / LPV;
+                    float wv[PER];
+                    float4 pv[PER];
+#pragma unroll
+                    for (int t = 0; t < PER; ++t) {
+                        const int ci0 = sub + t * LPV;
+                        const bool in_square = (NP * NP % LPV == 0) || (ci0 < NP * NP);
+                        const int ci = in_square ? ci0 : 0;
+                        const int py = y0 + ci / NP, px = x0 + ci % NP;
+                        const float dy = (float)py - qy;
+                        const float dx = (float)px - qx;
+                        const float d2 = fmaf(dx, dx, fmaf(dy, dy, qz2));
+                        const bool inside = in_square && (d2 <= r2);
+                        wv[t] = blob_weight<BLOB_MODE, ORDER>(fminf(d2, r2), inv_r2, alpha, inv_norm, table2,
+                                                              s_table, last, table_scale);
+                        wv[t] = inside ? wv[t] : 0.0f;
+                        pv[t] = __ldg(P + (long long)py * W + px);
+                    }
+#pragma unroll
+                    for (int t = 0; t < PER; ++t) {
+                        sre = fmaf(wv[t], pv[t].x, sre);
+                        sim = fmaf(wv[t], pv[t].y, sim);
+                        sw = fmaf(wv[t], pv[t].z, sw);
+                    }
+                } else if (live) {
                     for (int ci = sub; ci < n_p2; ci += LPV) {
                         const int py = y0 + ci / n_p, px = x0 + ci % n_p;
                         const float dy = (float)py - qy;

@@ -64,8 +64,13 @@ INSERT_TUNING_SPACE = {
     "tile": [8, 16, 32, 64],
     "table_memory": ["shared", "global"],
     "lanes_per_voxel": [1, 4, 8, 16],
+    "unroll": [0, 1],
 }
-DEFAULT_INSERT_TUNING = {"block_x": 32, "block_y": 4, "tile": 32, "table_memory": "global", "lanes_per_voxel": 4}
+DEFAULT_INSERT_TUNING = {"block_x": 32, "block_y": 4, "tile": 32, "table_memory": "global", "lanes_per_voxel": 4,
+                         "unroll": 1}
+
+#: Candidate-square sides (``floor(2 radius) + 1``) with an unrolled instance of the cooperative kernel.
+UNROLLED_SIDES = (3, 4, 5)
 
 _CU_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "insert.cu")
 
@@ -360,10 +365,18 @@ def _read_source() -> str:
         return fh.read()
 
 
-def _insert_name(tile: int, blob_mode: int, order: int, lanes_per_voxel: int = 1) -> str:
+def _insert_name(tile: int, blob_mode: int, order: int, lanes_per_voxel: int = 1, side: int = 0) -> str:
+    """Template instance of the insertion kernel; ``side`` > 0 picks the cooperative kernel unrolled for a
+    candidate square of that side (0: run-time loop)."""
     if int(lanes_per_voxel) <= 1:
         return f"insert_gather<{int(tile)}, {int(blob_mode)}, {int(order)}>"
-    return f"insert_gather_coop<{int(tile)}, {int(blob_mode)}, {int(order)}, {int(lanes_per_voxel)}>"
+    return (f"insert_gather_coop<{int(tile)}, {int(blob_mode)}, {int(order)}, {int(lanes_per_voxel)}, "
+            f"{int(side)}>")
+
+
+def candidate_side(blob: KaiserBesselBlob) -> int:
+    """Side of the square of pixels that can lie within a blob centred anywhere: ``floor(2 radius) + 1``."""
+    return int(math.floor(2.0 * float(blob.radius))) + 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -443,7 +456,7 @@ def pack_projections_numpy(proj: np.ndarray, proj_weight: Optional[np.ndarray], 
 
 
 def pack_projections_gpu(ft, aux, shifts_centre_px, grid: FourierGrid, blob: KaiserBesselBlob = KaiserBesselBlob(),
-                         mode: str = "none"):
+                         mode: str = "none", *, ctf_coefficients=None, pixel_size_A: float = 1.0):
     """Pack rfft transforms for the insertion kernel, applying the shift phase and the CTF treatment.
 
     Parameters
@@ -455,6 +468,10 @@ def pack_projections_gpu(ft, aux, shifts_centre_px, grid: FourierGrid, blob: Kai
         centre, in pixels; the pixel ``p`` is multiplied by ``exp(-2 pi i p . s / M)``.
     grid, blob : the reconstruction grid and blob (they fix ``W``).
     mode : one of :data:`PACK_MODES`.
+    ctf_coefficients : array ``(B, 6)`` float64 or None: per-image CTF constants
+        (:func:`xmipp_accel.em.ctf.ctf_coefficients`); when given, the CTF of the wiener and phase-flip
+        modes is evaluated by the kernel at each packed pixel and ``aux`` is not needed.
+    pixel_size_A : pixel size of the (unpadded) images, Å: frequencies are ``p / (M pixel_size_A)``.
 
     Returns
     -------
@@ -466,10 +483,16 @@ def pack_projections_gpu(ft, aux, shifts_centre_px, grid: FourierGrid, blob: Kai
     B, M, Mh = ft.shape
     if ft.dtype != cp.complex64 or not ft.flags.c_contiguous:
         ft = cp.ascontiguousarray(ft, dtype=cp.complex64)
-    needs_aux = PACK_MODES[mode] != 0
+    code = PACK_MODES[mode]
+    coef = None
+    if ctf_coefficients is not None and code in (1, 2, 3):
+        coef = cp.ascontiguousarray(cp.asarray(ctf_coefficients, dtype=cp.float64))
+        if coef.shape != (B, 6):
+            raise ValueError(f"ctf_coefficients must be ({B}, 6), got {coef.shape}")
+    needs_aux = code != 0 and coef is None
     if needs_aux:
         if aux is None:
-            raise ValueError(f"pack mode {mode!r} needs the CTF or weights")
+            raise ValueError(f"pack mode {mode!r} needs the CTF (image or coefficients) or weights")
         aux = cp.ascontiguousarray(aux, dtype=cp.float32)
     Kp = grid.K + packed_pad(blob)
     W = 2 * Kp + 1
@@ -480,7 +503,8 @@ def pack_projections_gpu(ft, aux, shifts_centre_px, grid: FourierGrid, blob: Kai
     _kernel("pack_projections")(((total + block - 1) // block,), (block,),
                                 (ft, aux if needs_aux else np.uint64(0), sh if sh is not None else np.uint64(0), out,
                                  np.int32(B), np.int32(M), np.int32(Mh), np.int32(grid.K), np.int32(grid.kmax2),
-                                 np.int32(Kp), np.int32(PACK_MODES[mode])))
+                                 np.int32(Kp), np.int32(code), coef if coef is not None else np.uint64(0),
+                                 np.float64(1.0 / (M * float(pixel_size_A)))))
     return out
 
 
@@ -535,7 +559,9 @@ def insert_packed_gpu(data, weight, packed, matrices, image_index, grid: Fourier
         raise ValueError(f"lanes_per_voxel must be 1 or a power of two up to 32, got {lpv}")
     if lpv > 1 and (int(tun["block_x"]) * int(tun["block_y"])) % 32:
         raise ValueError("the cooperative insertion kernel needs whole warps: block_x * block_y % 32 == 0")
-    kern = _kernel(_insert_name(tun["tile"], mode, blob.order if mode == 0 else 0, lpv))
+    side = candidate_side(blob)
+    unrolled = side if (int(tun["unroll"]) and lpv > 1 and side in UNROLLED_SIDES) else 0
+    kern = _kernel(_insert_name(tun["tile"], mode, blob.order if mode == 0 else 0, lpv, unrolled))
     table, table2 = _device_tables(cp.cuda.Device().id, blob, int(table_size))
     shared = int(table_size) * 4 if mode == 2 else 0
     if shared > 48 * 1024:
