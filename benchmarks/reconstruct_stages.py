@@ -7,7 +7,7 @@ run stage by stage on GPU-resident images, each stage over all batches between t
 
 - ``rfft2`` of the padded images (CuPy/cuFFT, as ``fourier.packed_projections``);
 - the CTF as a full (n, M, M/2+1) image (``fourier._ctf_images``, the previous packing input) and the
-  packing with it, against the packing that evaluates the CTF from six constants per particle;
+  packing with it, against the packing that evaluates the CTF from five coefficients per particle;
 - the gather insertion for each variant of the kernel (run-time loop vs unrolled candidate square,
   block shapes, tiles, table in L1 or shared memory), all on the same packed batch;
 - the finish (normalise, inverse FFT, gridding correction) for C1 and with icosahedral symmetry.
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     stage("pack with the CTF image",
           lambda: [ins.pack_projections_gpu(ft0, img0, centre, grid, settings.blob, "wiener") for _ in parts])
     coef0 = fr._ctf_coefficients(ctf_of(0, chunk), chunk)
-    stage("pack with CTF constants (current)",
+    stage("pack with CTF coefficients (current)",
           lambda: [ins.pack_projections_gpu(ft0, None, centre, grid, settings.blob, "wiener",
                                             ctf_coefficients=coef0, pixel_size_A=APIX) for _ in parts])
     packed = ins.pack_projections_gpu(ft0, None, centre, grid, settings.blob, "wiener", ctf_coefficients=coef0,

@@ -110,23 +110,25 @@ def _aberration_constants(voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg
 
 def ctf_coefficients(defocus_u_A, defocus_v_A, defocus_angle_deg, *, voltage_kV=300.0, cs_mm=2.7,
                      amplitude_contrast=0.1, phase_shift_deg=0.0) -> np.ndarray:
-    """Per-particle constants of :func:`ctf_at` for kernels that evaluate the CTF themselves.
+    """Per-particle coefficients of the CTF phase as a polynomial in the frequency, for kernels that
+    evaluate the CTF themselves (no angle or trigonometry per pixel).
 
     Parameters are scalars or arrays ``(n,)`` as for :func:`ctf_at`.
 
     Returns
     -------
-    ``(n, 6)`` float64: mean defocus (Å), half the astigmatism ``(U - V) / 2`` (Å), astigmatism angle
-    (radians), ``K1`` (Å), ``K2`` (Å³), ``K3 + K5`` (radians). With ``f = (fx, fy)`` in 1/Å, ``u2 = |f|^2``
-    and ``cos 2(az - angle) = ((fx^2 - fy^2) cos 2angle + 2 fx fy sin 2angle) / u2``:
-    ``CTF = -sin(-K1 (mean + half cos 2(az - angle)) u2 + K2 u2^2 - (K3 + K5))``.
+    ``(n, 5)`` float64 ``(a, b, c, d, e)`` such that, with ``f = (fx, fy)`` in 1/Å and ``u2 = |f|^2``,
+    ``chi = -(a u2 + b (fx^2 - fy^2) + c 2 fx fy) + d u2^2 - e`` and ``CTF = -sin(chi)`` equals
+    :func:`ctf_at`: ``a = K1 (U + V)/2``, ``b = K1 (U - V)/2 cos 2angle``, ``c = K1 (U - V)/2 sin 2angle``
+    (Å), ``d = K2`` (Å³), ``e = K3 + K5`` (radians).
     """
     k1, k2, k35 = _aberration_constants(voltage_kV, cs_mm, amplitude_contrast, phase_shift_deg)
     du = np.asarray(defocus_u_A, dtype=np.float64)
     dv = np.asarray(defocus_v_A, dtype=np.float64)
-    ang = np.deg2rad(np.asarray(defocus_angle_deg, dtype=np.float64))
-    cols = np.broadcast_arrays(np.atleast_1d((du + dv) * 0.5), np.atleast_1d((du - dv) * 0.5), np.atleast_1d(ang),
-                               np.atleast_1d(k1), np.atleast_1d(k2), np.atleast_1d(k35))
+    ang2 = 2.0 * np.deg2rad(np.asarray(defocus_angle_deg, dtype=np.float64))
+    half = k1 * (du - dv) * 0.5
+    cols = np.broadcast_arrays(np.atleast_1d(k1 * (du + dv) * 0.5), np.atleast_1d(half * np.cos(ang2)),
+                               np.atleast_1d(half * np.sin(ang2)), np.atleast_1d(k2), np.atleast_1d(k35))
     return np.ascontiguousarray(np.stack(cols, axis=1), dtype=np.float64)
 
 

@@ -790,13 +790,15 @@ class ParticleSet:
 
 
 def read_particles(path: str | os.PathLike) -> ParticleSet:
-    """Read a RELION particle STAR file (3.0 without optics, 3.1+ with data_optics).
+    """Read a RELION particle STAR file (3.0 without optics, 3.1+ with data_optics), or Xmipp metadata.
 
     Parameters
     ----------
     path : str or os.PathLike
         STAR file with a particles table (data_particles, or for RELION 3.0
-        the block holding rlnImageName).
+        the block holding rlnImageName); a name ending in ``.xmd`` is read as
+        Xmipp metadata and converted to RELION labels
+        (:func:`xmipp_accel.io.xmipp_particles.read_xmipp_particles`).
 
     Returns
     -------
@@ -810,6 +812,9 @@ def read_particles(path: str | os.PathLike) -> ParticleSet:
         group data_optics does not define.
     """
     path = os.fspath(path)
+    if path.lower().endswith(".xmd"):  # Xmipp metadata: labels, units and signs converted there
+        from .xmipp_particles import read_xmipp_particles
+        return read_xmipp_particles(path)
     blocks = read_star(path)
     _, particles = _find_particles_block(blocks, path)
     optics = blocks.get("optics")
@@ -891,7 +896,8 @@ def write_particles(path: str | os.PathLike, pset: ParticleSet, *, angles_deg=No
     Parameters
     ----------
     path : str or os.PathLike
-        Output STAR file.
+        Output STAR file; a name ending in ``.xmd`` gets Xmipp metadata instead
+        (:func:`xmipp_accel.io.xmipp_particles.write_xmipp_particles`: Xmipp labels, shifts in pixels).
     pset : ParticleSet
         Particles to write; every original column is kept, optics groups are
         preserved (RELION 3.0 input gets optics groups built from its
@@ -943,6 +949,10 @@ def write_particles(path: str | os.PathLike, pset: ParticleSet, *, angles_deg=No
     if refs != list(pset.image_refs):
         new["rlnImageName"] = np.array(refs)
     table = table.with_columns(**new)
+    if path.lower().endswith(".xmd"):  # Xmipp metadata (see io/xmipp_particles.py)
+        from .xmipp_particles import write_xmipp_particles
+        write_xmipp_particles(path, optics, table)
+        return
     write_star(path, {"optics": optics, "particles": table})
 
 

@@ -121,7 +121,7 @@ def backend_to_numpy(a):
 
 
 def test_coefficients_reproduce_the_ctf_without_atan2():
-    """The six per-particle constants, put into the formula of their docstring (as the packing kernel
+    """The per-particle coefficients, put into the formula of their docstring (as the packing kernel
     evaluates it), give ctf_2d, astigmatism, phase plate and amplitude contrast included."""
     rng = np.random.default_rng(5)
     n, box, px = 3, 40, 1.2
@@ -131,13 +131,14 @@ def test_coefficients_reproduce_the_ctf_without_atan2():
           "amplitude_contrast": np.array([0.1, 0.07, 0.0]), "phase_shift_deg": np.array([0.0, 90.0, 45.0])}
     ref = ctf_2d(box, px, du, dv, ang, dtype=np.float64, **kw)
     c = ctf_coefficients(du, dv, ang, **kw)
-    assert c.shape == (n, 6)
+    assert c.shape == (n, 5)
     fy, fx = frequency_grid(box, px, dtype=np.float64)
     u2 = fx * fx + fy * fy
     got = np.empty_like(ref)
     for i in range(n):
-        astig = c[i, 1] * ((fx * fx - fy * fy) * np.cos(2 * c[i, 2]) + 2 * fx * fy * np.sin(2 * c[i, 2]))
-        chi = -c[i, 3] * (c[i, 0] * u2 + astig) + c[i, 4] * u2 * u2 - c[i, 5]
+        chi = -(c[i, 0] * u2 + c[i, 1] * (fx * fx - fy * fy) + c[i, 2] * 2 * fx * fy) + c[i, 3] * u2 * u2 - c[i, 4]
         got[i] = -np.sin(chi)
     np.testing.assert_allclose(got, ref, atol=1e-9)
-    np.testing.assert_allclose(ctf_coefficients(20000.0, 18000.0, 30.0)[0, :3], [19000.0, 1000.0, np.pi / 6])
+    k1 = np.pi * electron_wavelength_A(300.0)
+    np.testing.assert_allclose(ctf_coefficients(20000.0, 18000.0, 45.0)[0, :3], [19000.0 * k1, 0.0, 1000.0 * k1],
+                               atol=1e-12)

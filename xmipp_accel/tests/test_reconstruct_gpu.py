@@ -179,8 +179,8 @@ def test_packed_projections_match_numpy(cp, mode, premult, max_res):
 
 @pytest.mark.parametrize("box,pixel_size,defocus", [(30, 1.5, (5000, 9000)), (64, 1.0, (25000, 32000))])
 def test_ctf_coefficients_in_the_packer_equal_the_ctf_image(cp, box, pixel_size, defocus):
-    """The packer's own CTF (from six constants, double precision) equals packing with the em.ctf image,
-    also at high defocus and Nyquist where chi reaches hundreds of radians."""
+    """The packer's own CTF (five phase coefficients, chi reduced in double precision) equals packing
+    with the em.ctf image, also at high defocus and Nyquist where chi reaches hundreds of radians."""
     rng = np.random.default_rng(21)
     n = 4
     ctf = {"defocus_u_A": rng.uniform(*defocus, n), "defocus_v_A": rng.uniform(*defocus, n),

@@ -41,3 +41,11 @@ for _sub in ("ttk", "font", "messagebox", "filedialog", "simpledialog", "colorch
     _m.__all__ = []
     sys.modules[f"tkinter.{_sub}"] = _m
     globals()[_sub] = _m
+
+# matplotlib's Tk backend (imported by pwem's viewers) loads the C extension _tkagg, which needs a real Tk
+# ("ImportError: initialization failed"); stand in for it too: nothing is ever drawn on this machine.
+_tkagg = types.ModuleType("matplotlib.backends._tkagg")
+_tkagg.__getattr__ = lambda name: _Dummy()
+_tkagg.blit = lambda *args, **kwargs: None
+_tkagg.enable_dpi_awareness = lambda *args, **kwargs: None
+sys.modules.setdefault("matplotlib.backends._tkagg", _tkagg)

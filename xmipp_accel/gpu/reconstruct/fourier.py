@@ -243,7 +243,7 @@ def _ctf_images(ctf: Dict[str, np.ndarray], n: int, M: int, pixel_size_A: float,
 
 
 def _ctf_coefficients(ctf: Dict[str, np.ndarray], n: int) -> np.ndarray:
-    """Per-particle CTF constants ``(n, 6)`` float64 for the packing kernel (:func:`em.ctf.ctf_coefficients`)."""
+    """Per-particle CTF phase coefficients ``(n, 5)`` float64 for the packing kernel (em.ctf.ctf_coefficients)."""
     from ...em.ctf import ctf_coefficients  # noqa: PLC0415
     du, dv, angle, kw = _ctf_columns(ctf, n)
     return ctf_coefficients(du, dv, angle, **kw)

@@ -57,19 +57,18 @@ __device__ __forceinline__ int wrap_index(int k, int M)
 //   mode 0: weight 1; 1: Wiener (F*ctf, ctf^2); 2: Wiener on CTF-premultiplied data (F, ctf^2);
 //   3: phase flip (F*sign(ctf), 1); 4: explicit per-pixel weights (F, aux).
 // The CTF of modes 1-3 is aux (rfft layout, like ft) or, when ctfp is given, evaluated here from each
-// image's six constants (em/ctf.py ctf_coefficients: mean defocus, half astigmatism, angle, K1, K2,
-// K3 + K5) at f = p / (M pixel_size) = p * inv_box_A, in double precision (chi reaches hundreds of
-// radians): no full-grid CTF image is computed or read.
+// image's five coefficients of the phase (em/ctf.py ctf_coefficients: chi = -(a u2 + b (fx^2 - fy^2) +
+// c 2 fx fy) + d u2^2 - e) at f = p / (M pixel_size) = p * inv_box_A: chi (hundreds of radians at high
+// defocus) is formed and reduced modulo 2 pi in double precision, its sine taken in single precision.
+// No full-grid CTF image is computed or read.
 __device__ __forceinline__ float ctf_from_coefficients(const double* __restrict__ c, int px, int py, double inv_box_A)
 {
     const double fx = (double)px * inv_box_A, fy = (double)py * inv_box_A;
     const double u2 = fx * fx + fy * fy;
-    double s2a, c2a;
-    sincos(2.0 * c[2], &s2a, &c2a);
-    // half * cos 2(az - angle) * u2, without atan2 (exact 0 at the origin, where u2 = 0)
-    const double astig = c[1] * ((fx * fx - fy * fy) * c2a + 2.0 * fx * fy * s2a);
-    const double chi = -c[3] * (c[0] * u2 + astig) + c[4] * u2 * u2 - c[5];
-    return (float)(-sin(chi));
+    const double chi = -(c[0] * u2 + c[1] * (fx * fx - fy * fy) + c[2] * 2.0 * fx * fy) + c[3] * u2 * u2 - c[4];
+    const double turns = rint(chi * 0.15915494309189535);          // chi / (2 pi)
+    const float reduced = (float)fma(-turns, 6.283185307179586, chi);
+    return -sinf(reduced);
 }
 
 extern "C" __global__ void pack_projections(const float2* __restrict__ ft, const float* __restrict__ aux,
@@ -105,7 +104,7 @@ extern "C" __global__ void pack_projections(const float2* __restrict__ ft, const
     }
     float w = 1.0f;
     float c = 1.0f;
-    if (mode >= 1 && mode <= 3) c = (ctfp != nullptr) ? ctf_from_coefficients(ctfp + 6 * b, px, py, inv_box_A) : aux[j];
+    if (mode >= 1 && mode <= 3) c = (ctfp != nullptr) ? ctf_from_coefficients(ctfp + 5 * b, px, py, inv_box_A) : aux[j];
     if (mode == 1) {
         f.x *= c; f.y *= c; w = c * c;
     } else if (mode == 2) {
@@ -375,15 +374,16 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
                 const int x0 = (int)ceilf(qx - r), y0 = (int)ceilf(qy - r);
                 float sre = 0.0f, sim = 0.0f, sw = 0.0f;
                 if (live && NP > 0) {
-                    constexpr int PER = (NP * NP + LPV - 1) / LPV;
+                    constexpr int SIDE = NP > 0 ? NP : 1;       // NP = 0 never reaches here; keeps it compiling
+                    constexpr int PER = (SIDE * SIDE + LPV - 1) / LPV;
                     float wv[PER];
                     float4 pv[PER];
 #pragma unroll
                     for (int t = 0; t < PER; ++t) {
                         const int ci0 = sub + t * LPV;
-                        const bool in_square = (NP * NP % LPV == 0) || (ci0 < NP * NP);
+                        const bool in_square = (SIDE * SIDE % LPV == 0) || (ci0 < SIDE * SIDE);
                         const int ci = in_square ? ci0 : 0;
-                        const int py = y0 + ci / NP, px = x0 + ci % NP;
+                        const int py = y0 + ci / SIDE, px = x0 + ci % SIDE;
                         const float dy = (float)py - qy;
                         const float dx = (float)px - qx;
                         const float d2 = fmaf(dx, dx, fmaf(dy, dy, qz2));

@@ -468,7 +468,7 @@ def pack_projections_gpu(ft, aux, shifts_centre_px, grid: FourierGrid, blob: Kai
         centre, in pixels; the pixel ``p`` is multiplied by ``exp(-2 pi i p . s / M)``.
     grid, blob : the reconstruction grid and blob (they fix ``W``).
     mode : one of :data:`PACK_MODES`.
-    ctf_coefficients : array ``(B, 6)`` float64 or None: per-image CTF constants
+    ctf_coefficients : array ``(B, 5)`` float64 or None: per-image coefficients of the CTF phase
         (:func:`xmipp_accel.em.ctf.ctf_coefficients`); when given, the CTF of the wiener and phase-flip
         modes is evaluated by the kernel at each packed pixel and ``aux`` is not needed.
     pixel_size_A : pixel size of the (unpadded) images, Å: frequencies are ``p / (M pixel_size_A)``.
@@ -487,8 +487,8 @@ def pack_projections_gpu(ft, aux, shifts_centre_px, grid: FourierGrid, blob: Kai
     coef = None
     if ctf_coefficients is not None and code in (1, 2, 3):
         coef = cp.ascontiguousarray(cp.asarray(ctf_coefficients, dtype=cp.float64))
-        if coef.shape != (B, 6):
-            raise ValueError(f"ctf_coefficients must be ({B}, 6), got {coef.shape}")
+        if coef.shape != (B, 5):
+            raise ValueError(f"ctf_coefficients must be ({B}, 5), got {coef.shape}")
     needs_aux = code != 0 and coef is None
     if needs_aux:
         if aux is None:
