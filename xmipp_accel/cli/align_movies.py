@@ -5,9 +5,11 @@ For every movie, OUTDIR receives ``<stem>.mrc`` (aligned sum), ``<stem>_DW.mrc``
 data_global_shift in pixels of the input movie with MotionCor2's sign, data_local_shift with the patch
 measurements and our B-spline model in data_xmipp_accel_bspline*), ``<stem>_psd.mrc`` (power spectrum
 of the sum), and with --odd-even ``<stem>_ODD.mrc``/``<stem>_EVN.mrc`` (frames 1, 3, 5... / 2, 4,
-6...), with --save-stack ``<stem>_aligned.mrcs``. Reading the next movie overlaps the GPU work on the
-current one; one worker per GPU in --gpus. A movie that cannot be read or has too few frames, NaNs or
-no signal is skipped with a warning naming it, and the batch goes on.
+6...), with --save-stack ``<stem>_aligned.mrcs``; OUTDIR/corrected_micrographs.star lists the sums and
+their motion STAR files as RELION's motion correction does (the input of RELION's Bayesian polishing).
+Reading the next movie overlaps the GPU work on the current one; one worker per GPU in --gpus. A movie
+that cannot be read or has too few frames, NaNs or no signal is skipped with a warning naming it, and the
+batch goes on.
 
 Example usage::
 
@@ -205,23 +207,45 @@ def _references(args, frame_shape) -> Dict[str, Optional[np.ndarray]]:
     return refs
 
 
-def _star_blocks(path: str, info_shape, n_frames: int, first: int, res: dict, args, pixel_size: float) -> dict:
+#: Dose (e/Å²) up to which RELION counts motion as "early" in rlnAccumMotionEarly (--dose_motionstats_cutoff).
+RELION_EARLY_DOSE = 4.0
+_RELION_DEFECT_EXTENSIONS = (".txt", ".mrc", ".tif", ".tiff")
+
+
+def _star_blocks(path: str, info_shape, n_frames: int, first: int, res: dict, args, pixel_size: float, *,
+                 movie_frames: Optional[int] = None, gain_name: Optional[str] = None) -> dict:
+    """Blocks of the per-movie motion STAR, as RELION's ``Micrograph::write`` lays them out.
+
+    ``general`` holds what ``Micrograph::read`` requires (rlnImageSizeX/Y/Z with Z the frame count of
+    the movie file, rlnMicrographMovieName) and what polishing reads (gain, defects, binning, original
+    pixel size, dose rate, pre-exposure, voltage, start frame, rlnMotionModelVersion 0 = no polynomial
+    model). ``global_shift`` has one row per aligned frame (1-based numbers of the movie file; frames left
+    out by --frames are absent, which RELION reads as not observed), shifts in pixels of the input movie
+    with MotionCor2/RELION's sign (frame n's content moved by +shift lies on the reference).
+    ``local_shift`` has RELION's columns: frame, patch centre (rlnCoordinateX/Y, input pixels) and the
+    patch shift left after the global one.
+    """
     from ..io.star import Table
     ny, nx = info_shape
     shifts = np.asarray(res["shifts_px"])
     frames_1 = np.arange(first + 1, first + n_frames + 1)
+    general = {"rlnImageSizeX": nx, "rlnImageSizeY": ny,
+               "rlnImageSizeZ": int(movie_frames if movie_frames is not None else first + n_frames),
+               "rlnMicrographMovieName": os.path.abspath(path)}
+    if gain_name:
+        general["rlnMicrographGainName"] = gain_name
+    if args.defects and args.defects.lower().endswith(_RELION_DEFECT_EXTENSIONS):
+        general["rlnMicrographDefectFile"] = os.path.abspath(args.defects)
+    general["rlnMicrographBinning"] = float(res["binning"])
+    general["rlnMicrographOriginalPixelSize"] = float(pixel_size)
+    if args.dose_per_frame:  # absent = unknown to RELION (-1); 0 would be a wrong dose
+        general["rlnMicrographDoseRate"] = float(args.dose_per_frame)
+    general["rlnMicrographPreExposure"] = float(args.pre_exposure)
+    general["rlnVoltage"] = float(args.voltage)
+    general["rlnMicrographStartFrame"] = first + 1
+    general["rlnMotionModelVersion"] = 0
     blocks = {
-        "general": Table({
-            "rlnImageSizeX": nx, "rlnImageSizeY": ny, "rlnImageSizeZ": n_frames,
-            "rlnMicrographMovieName": os.path.abspath(path),
-            "rlnMicrographBinning": float(res["binning"]),
-            "rlnMicrographOriginalPixelSize": float(pixel_size),
-            "rlnMicrographDoseRate": float(args.dose_per_frame or 0.0),
-            "rlnMicrographPreExposure": float(args.pre_exposure),
-            "rlnVoltage": float(args.voltage),
-            "rlnMicrographStartFrame": first + 1,
-            "rlnMotionModelVersion": 0,
-        }, loop=False),
+        "general": Table(general, loop=False),
         "global_shift": Table({"rlnMicrographFrameNumber": frames_1,
                                "rlnMicrographShiftX": shifts[:, 0], "rlnMicrographShiftY": shifts[:, 1]}),
     }
@@ -246,6 +270,70 @@ def _star_blocks(path: str, info_shape, n_frames: int, first: int, res: dict, ar
             "xaIndexT": it.ravel(), "xaIndexY": iy.ravel(), "xaIndexX": ix.ravel(),
             "xaCoefficientX": coef[..., 0].ravel(), "xaCoefficientY": coef[..., 1].ravel()})
     return blocks
+
+
+def _relion_gain_name(args, gain: Optional[np.ndarray], outdir: str, *, write: bool) -> Optional[str]:
+    """The gain file named in the motion STAR: --gain itself, or (with --gain-rot/--gain-flip) the gain as
+    applied, written once to OUTDIR/gain_oriented.mrc (RELION applies rlnMicrographGainName as it is)."""
+    if not args.gain:
+        return None
+    if not args.gain_rot and not args.gain_flip:
+        return os.path.abspath(args.gain)
+    from ..io.mrc import write_mrc
+    path = os.path.join(outdir, "gain_oriented.mrc")
+    if write:
+        write_mrc(path, np.asarray(gain, dtype=np.float32), None)
+    return path
+
+
+def accumulated_motion(shifts_px, first_frame: int, *, dose_per_frame: Optional[float],
+                       pre_exposure: float) -> Dict[str, float]:
+    """RELION's rlnAccumMotionTotal/Early/Late: summed frame-to-frame global motion (movie pixels, as RELION's
+    motion correction computes them); "early" = frames up to 4 e/Å² (needs the dose per frame)."""
+    s = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
+    step = np.hypot(*np.diff(s, axis=0).T) if len(s) > 1 else np.zeros(0)
+    out = {"rlnAccumMotionTotal": float(step.sum())}
+    if dose_per_frame:
+        frame = first_frame + 2 + np.arange(step.size)        # 1-based frame at the end of each step
+        early = frame <= (RELION_EARLY_DOSE - pre_exposure) / dose_per_frame
+        out["rlnAccumMotionEarly"] = float(step[early].sum())
+        out["rlnAccumMotionLate"] = float(step[~early].sum())
+    return out
+
+
+def write_corrected_micrographs(path: str, movies: List[dict], args, pixel_size: float,
+                                first_frame: int) -> Optional[str]:
+    """RELION's ``corrected_micrographs.star`` of the aligned movies (data_optics + data_micrographs).
+
+    rlnMicrographName is the dose-weighted sum when there is one (rlnMicrographNameNoDW the plain sum),
+    rlnMicrographMetadata the movie's motion STAR: what Bayesian polishing (``--corr_mic``) reads.
+    Returns ``path``, or None when no movie was aligned.
+    """
+    from ..io.star import Table, write_star
+    ok = [m for m in movies if m.get("status") == "ok"]
+    if not ok:
+        return None
+    names, no_dw, meta, motion = [], [], [], []
+    for m in ok:
+        out = m["outputs"]
+        names.append(out.get("sum_dw") or out["sum"])
+        no_dw.append(out["sum"])
+        meta.append(out["shifts"])
+        motion.append(accumulated_motion(m["shifts_px"], first_frame, dose_per_frame=args.dose_per_frame,
+                                         pre_exposure=float(args.pre_exposure)))
+    optics = Table({"rlnOpticsGroupName": np.array(["opticsGroup1"]), "rlnOpticsGroup": np.array([1]),
+                    "rlnMicrographOriginalPixelSize": np.array([float(pixel_size)]),
+                    "rlnVoltage": np.array([float(args.voltage)]),
+                    "rlnMicrographPixelSize": np.array([float(ok[0]["pixel_size_A"])])})
+    cols = {"rlnMicrographName": np.array(names)}
+    if any(m["outputs"].get("sum_dw") for m in ok):
+        cols["rlnMicrographNameNoDW"] = np.array(no_dw)
+    cols["rlnMicrographMetadata"] = np.array(meta)
+    cols["rlnOpticsGroup"] = np.ones(len(ok), dtype=np.int64)
+    for key in motion[0]:
+        cols[key] = np.array([mo[key] for mo in motion])
+    write_star(path, {"optics": optics, "micrographs": Table(cols)})
+    return path
 
 
 def main(args: argparse.Namespace) -> int:
@@ -276,6 +364,7 @@ def main(args: argparse.Namespace) -> int:
     refs = _references(args, first_info.frame_shape)
     os.makedirs(outdir, exist_ok=True)
     ctx = mpi_context()
+    gain_name = _relion_gain_name(args, refs["gain"], outdir, write=ctx.is_root)
     all_paths = paths
     paths = all_paths[ctx.split(len(all_paths))]        # this rank's movies (all of them without MPI)
     devices = rank_devices(args, ctx)
@@ -353,7 +442,8 @@ def main(args: argparse.Namespace) -> int:
         n_frames = int(np.asarray(res["shifts_px"]).shape[0])
         outputs["shifts"] = os.path.join(outdir, f"{stem}_shifts.star")
         write_star(outputs["shifts"], _star_blocks(path, res["frame_shape"], n_frames, first, res, args,
-                                                  float(pixel_size)))
+                                                  float(pixel_size), movie_frames=movie_info(path).n_frames,
+                                                  gain_name=gain_name))
         return {"movie": path, "status": "ok", "outputs": outputs,
                 "shifts_px": np.round(np.asarray(res["shifts_px"]), 4).tolist(),
                 "reference_frame": first + 1 + int(res["reference_frame"]),
@@ -393,6 +483,10 @@ def main(args: argparse.Namespace) -> int:
                "mpi_ranks": ctx.size, "movies": movies}
     if ctx.enabled:
         summary["rank_pipelines"] = [p[2] for p in parts]
+    corrected = write_corrected_micrographs(os.path.join(outdir, "corrected_micrographs.star"), movies, args,
+                                            float(pixel_size), first)
+    if corrected:
+        summary["corrected_micrographs"] = corrected
     lines.append(f"{n_ok} of {len(all_paths)} movie(s) aligned in {wall:.1f} s; outputs in {outdir}"
                  + (f" ({ctx.size} MPI ranks)" if ctx.enabled else ""))
     emit_result(args, summary, lines)

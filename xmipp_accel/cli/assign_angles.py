@@ -70,7 +70,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("deepalign")
     d.add_argument("--model-dir", type=os.path.abspath, default=None,
                    help="folder of trained models: loaded when it holds them, else trained models are saved there "
-                        "(default: OUTPUT without .star + '_deepalign_models')")
+                        "(default: OUTPUT without .star/.xmd + '_deepalign_models')")
     d.add_argument("--region-step", type=float, default=30.0,
                    help="spacing of the sphere regions the networks recognise, degrees (default: %(default)s)")
     d.add_argument("--regions-searched", type=int, default=2,
@@ -198,7 +198,7 @@ def _make_matcher(vol, args, pixel_size_A, ctf_mode):
 
 
 def _default_model_dir(output: str) -> str:
-    stem = output[:-5] if output.lower().endswith(".star") else output
+    stem = os.path.splitext(output)[0] if output.lower().endswith((".star", ".xmd")) else output
     return stem + "_deepalign_models"
 
 

@@ -126,7 +126,7 @@ def _find_particle_block(blocks: Dict[str, Table], path: str) -> Table:
                           f"(Xmipp particle metadata); found {found}")
 
 
-def _flags(column, n: int) -> np.ndarray:
+def _flags(column) -> np.ndarray:
     """A 0/1 (or true/false) column as bool (n,)."""
     arr = np.asarray(column)
     if arr.dtype.kind in "biuf":
@@ -185,7 +185,7 @@ def xmipp_to_relion_table(table: Table, *, source: str = "<xmd>") -> Table:
         for stale in ("rlnOriginXAngst", "rlnOriginYAngst"):  # Xmipp's shift is the one Xmipp programs used
             cols.pop(stale, None)
     if "flip" in table:
-        flip = _flags(table["flip"], n)
+        flip = _flags(table["flip"])
         if flip.any():
             for label in ("rlnAngleTilt", "rlnAnglePsi", "rlnOriginX"):
                 cols.setdefault(label, np.zeros(n))
