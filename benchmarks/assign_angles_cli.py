@@ -56,7 +56,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from assign_angles_accuracy import pose_errors  # same folder: the benchmarks' error measure
-from xmipp_accel.cli.demo_scipion import _lowpass
+from xmipp_accel.em.synthetic import gaussian_lowpass
 from xmipp_accel.em.geometry import euler_to_matrix
 from xmipp_accel.em.symmetry import symmetry_matrices
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
@@ -129,7 +129,8 @@ def generate_dataset(workdir: str, args, device, started: float) -> dict:
     n, box, px, chunk = args.particles, args.box, args.pixel_size, args.chunk
     t0 = time.perf_counter()
     vol_host = phantom_volume(box, seed=args.seed)
-    ref = vol_host if not args.ref_lowpass else _lowpass(vol_host, resolution_A=args.ref_lowpass, pixel_size_A=px)
+    ref = (vol_host if not args.ref_lowpass
+           else gaussian_lowpass(vol_host, resolution_A=args.ref_lowpass, pixel_size_A=px))
     ref_path = os.path.join(workdir, "reference.mrc")
     write_mrc(ref_path, ref, px)
     t_map = time.perf_counter() - t0

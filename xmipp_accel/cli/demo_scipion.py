@@ -29,16 +29,6 @@ def _scipion_environment(outdir: str) -> None:
         os.environ.setdefault(key, value)
 
 
-def _lowpass(volume: np.ndarray, *, resolution_A: float, pixel_size_A: float) -> np.ndarray:
-    """Gaussian low-pass of a map whose amplitude falls to 0.5 at ``resolution_A`` (Å)."""
-    f = np.fft.rfftn(volume)
-    axes = [np.fft.fftfreq(n) for n in volume.shape[:-1]] + [np.fft.rfftfreq(volume.shape[-1])]
-    k2 = sum(a.reshape([-1 if i == j else 1 for j in range(3)]) ** 2 for i, a in enumerate(axes))
-    cutoff = pixel_size_A / resolution_A                      # cycles per pixel
-    f *= np.exp(-np.log(2.0) * k2 / cutoff ** 2)
-    return np.fft.irfftn(f, volume.shape).astype(np.float32)
-
-
 def _write_movies(folder: str, n: int, shape=(256, 256), frames: int = 10, pixel_size_A: float = 1.0,
                   dose: float = 2.0) -> None:
     from ..em.synthetic_movies import make_movie
@@ -82,7 +72,7 @@ def run_scipion_demo(args, outdir: str, *, box: int, n: int) -> dict:
     sqlite = os.path.join(data, "particles.sqlite")
     convert.star_to_particles(star_path, sqlite)
     # the reference: the true map low-passed to 4 pixels (a reference never has the final resolution)
-    reference = _lowpass(truth_map, resolution_A=4 * pixel, pixel_size_A=pixel)
+    reference = synthetic.gaussian_lowpass(truth_map, resolution_A=4 * pixel, pixel_size_A=pixel)
     ref_path = os.path.join(data, "reference.mrc")
     write_mrc(ref_path, reference, pixel)
     truth_path = os.path.join(data, "truth_map.mrc")

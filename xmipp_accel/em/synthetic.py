@@ -21,7 +21,7 @@ from .geometry import euler_to_matrix, matrix_to_euler
 from .projection import FourierProjector
 from .sampling import random_rotations
 
-__all__ = ["phantom_volume", "make_particles", "add_noise_at_snr"]
+__all__ = ["phantom_volume", "make_particles", "add_noise_at_snr", "gaussian_lowpass"]
 
 
 def _rotation(rng) -> np.ndarray:
@@ -115,6 +115,19 @@ def phantom_volume(box: int, *, seed: int = 0) -> np.ndarray:
     vol[r2 > (0.4 * s) ** 2] = 0.0
     vol /= vol.max()
     return vol.astype(np.float32)
+
+
+def gaussian_lowpass(volume: np.ndarray, *, resolution_A: float, pixel_size_A: float) -> np.ndarray:
+    """Gaussian low-pass of a map ``(N, N, N)`` whose amplitude falls to 0.5 at ``resolution_A`` (Å).
+
+    Used to make a reference that is not the exact truth. Returns float32 of the input's shape.
+    """
+    f = np.fft.rfftn(volume)
+    axes = [np.fft.fftfreq(n) for n in volume.shape[:-1]] + [np.fft.rfftfreq(volume.shape[-1])]
+    k2 = sum(a.reshape([-1 if i == j else 1 for j in range(3)]) ** 2 for i, a in enumerate(axes))
+    cutoff = pixel_size_A / resolution_A                      # cycles per pixel
+    f *= np.exp(-np.log(2.0) * k2 / cutoff ** 2)
+    return np.fft.irfftn(f, volume.shape).astype(np.float32)
 
 
 def add_noise_at_snr(images, snr: float, *, seed: int = 0):
