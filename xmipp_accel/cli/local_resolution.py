@@ -53,7 +53,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..gpu.resolution.local import local_resolution
-    from ..io.mrc import write_mrc
+    from ..io.mrc import mrc_info, write_mrc
 
     if not args.output.lower().endswith((".mrc", ".map")):
         raise InputError(f"-o {args.output}: the local resolution map is written as MRC; give a .mrc name")
@@ -79,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if bar["bar"] is not None:
             bar["bar"].close()
-    write_mrc(args.output, locres, pixel)
+    origin = mrc_info(args.half1).origin_A   # keep the half maps' placement: ChimeraX overlays the maps
+    write_mrc(args.output, locres, pixel, origin_A=origin)
     stats = result.summary()
     outputs = {"locres": args.output}
     if args.plot:
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         surface_map = args.map
         if surface_map is None:
             surface_map = os.path.splitext(args.output)[0] + "_halves_average.mrc"
-            write_mrc(surface_map, 0.5 * (h1 + h2), pixel)
+            write_mrc(surface_map, 0.5 * (h1 + h2), pixel, origin_A=origin)
             outputs["average"] = surface_map
         chimerax_local_resolution_script(surface_map, args.output, args.chimerax,
                                          vmin=stats.get("p5_A"), vmax=stats.get("p95_A"))

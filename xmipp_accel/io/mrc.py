@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,6 +58,8 @@ class MrcInfo:
         True for an image stack (space group 0 with nz > 1, or a ``.mrcs`` name).
     data_offset : int
         Byte offset of the data block (1024 + extended header).
+    origin_A : (x, y, z) floats
+        Header origin in Å (where ChimeraX places voxel 0); (0, 0, 0) when unset.
     """
 
     path: str
@@ -68,6 +70,7 @@ class MrcInfo:
     voxel_size_A: Optional[float]
     is_stack: bool
     data_offset: int
+    origin_A: Tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -189,7 +192,7 @@ def mrc_info(path: str | os.PathLike) -> MrcInfo:
     offset = _HEADER_BYTES + int(header.nsymbt)
     info = MrcInfo(path=path, nx=nx, ny=ny, nz=nz, dtype=dtype, voxel_size_A=_voxel_size_from_header(header),
                    is_stack=(int(header.ispg) == 0 and nz > 1) or path.lower().endswith(".mrcs"),
-                   data_offset=offset)
+                   data_offset=offset, origin_A=_origin_from_header(header))
     have = size - offset
     if have < info.data_nbytes:
         raise FileFormatError(
@@ -199,6 +202,12 @@ def mrc_info(path: str | os.PathLike) -> MrcInfo:
     if have > info.data_nbytes:
         logger.debug("%s has %d bytes after the data block (ignored)", path, have - info.data_nbytes)
     return info
+
+
+def _origin_from_header(header) -> Tuple[float, float, float]:
+    o = header.origin
+    values = tuple(float(v) for v in (o.x, o.y, o.z))
+    return values if all(np.isfinite(values)) else (0.0, 0.0, 0.0)
 
 
 def _voxel_size_from_header(header) -> Optional[float]:
@@ -303,7 +312,7 @@ def _to_host(data) -> np.ndarray:
 
 
 def write_mrc(path: str | os.PathLike, data, voxel_size_A: Optional[float], *,
-              is_stack: Optional[bool] = None) -> None:
+              is_stack: Optional[bool] = None, origin_A: Optional[Sequence[float]] = None) -> None:
     """Write an image, a volume or an image stack atomically (temporary name, then rename).
 
     Parameters
@@ -319,6 +328,9 @@ def write_mrc(path: str | os.PathLike, data, voxel_size_A: Optional[float], *,
     is_stack : bool, optional
         For 3D data: True writes an image stack (space group 0, mz = 1), False a
         volume (space group 1). Default: a stack when the name ends in ``.mrcs``.
+    origin_A : (x, y, z) floats or None
+        Header origin in Å (e.g. that of the map this one was computed from, so that viewers overlay
+        them); None leaves it 0.
 
     Raises
     ------
@@ -352,6 +364,8 @@ def write_mrc(path: str | os.PathLike, data, voxel_size_A: Optional[float], *,
                     m.set_volume()
             if voxel_size_A is not None:
                 m.voxel_size = voxel_size_A
+            if origin_A is not None:
+                m.header.origin = tuple(float(v) for v in origin_A)
 
 
 def check_finite(array, what: str, *, item_name: Optional[str] = None, chunk: int = 256) -> None:

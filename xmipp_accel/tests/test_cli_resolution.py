@@ -13,7 +13,7 @@ import pytest
 from xmipp_accel.cli.__main__ import main as cli
 from xmipp_accel.gpu.resolution.fsc import fsc, resolution_at
 from xmipp_accel.gpu.resolution.local import synthetic_two_region_halves
-from xmipp_accel.io.mrc import read_mrc, write_mrc
+from xmipp_accel.io.mrc import mrc_info, read_mrc, write_mrc
 from xmipp_accel.io.star import read_star
 
 PIXEL = 1.2
@@ -138,6 +138,23 @@ def test_local_resolution_command(maps, tmp_path, capsys):
     text = open(cxc).read()
     assert f"open {out_map}" in text and "color sample #1 map #2" in text
     assert os.path.exists(summary["outputs"]["average"])
+
+
+def test_local_resolution_map_keeps_the_half_maps_origin(maps, tmp_path, capsys):
+    """Maps placed off zero (e.g. boxed out of a larger map) keep their placement, so ChimeraX overlays
+    the local resolution on the map it colours."""
+    paths, h1, h2, _ = maps
+    origin = (12.5, -30.0, 7.25)
+    for key, data in (("h1", h1), ("h2", h2)):
+        write_mrc(str(tmp_path / f"{key}.mrc"), data, PIXEL, origin_A=origin)
+    out_map = str(tmp_path / "locres.mrc")
+    rc = cli(["local-resolution", str(tmp_path / "h1.mrc"), str(tmp_path / "h2.mrc"), "-o", out_map, "--window",
+              "14", "--chimerax", str(tmp_path / "l.cxc"), "--json", "--device", "cpu", "--quiet"])
+    summary = _json_last_line(capsys.readouterr().out)
+    assert rc == 0
+    for path in (out_map, summary["outputs"]["average"]):
+        assert mrc_info(path).origin_A == pytest.approx(origin)
+    assert mrc_info(paths["h1"]).origin_A == (0.0, 0.0, 0.0)
 
 
 def test_local_resolution_command_errors(maps, tmp_path, capsys):
