@@ -15,7 +15,6 @@ Example usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import re
 from typing import List, Tuple
@@ -26,16 +25,6 @@ from ..gpu.tuning import fft_advisor as fa
 from .common import add_common_args, emit_result, resolve_devices, stopwatch
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def on_device(device):
-    """Make ``device`` the current CUDA device inside the block (nothing to do on the CPU)."""
-    if device.is_gpu:
-        with backend.cupy_module().cuda.Device(device.gpu_id):
-            yield
-    else:
-        yield
 
 
 def parse_fraction(text: str, option: str) -> float:
@@ -112,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--top must be >= 1, got {args.top}")
     device = resolve_devices(args)[0]
     measure = device.is_gpu and not args.no_measure
-    with on_device(device), stopwatch() as sw:
+    with backend.on_device(device), stopwatch() as sw:
         ranked = fa.recommend(shape, batch=args.batch, real=not args.complex, double=args.double, crop_max=crop,
                               pad_max=pad, multiple_of=2 if args.even else 1, measure=measure,
                               shortlist=args.shortlist, rank_by=args.rank_by, top=args.top)

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import warnings
-from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 from xml.sax.saxutils import quoteattr
 
@@ -209,16 +208,6 @@ def write_fsc_xml(path: str, frequency_1_per_A: np.ndarray, fsc_values: np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------- main
-@contextmanager
-def on_device(device: backend.Device):
-    """Make ``device`` current (its GPU) for the block; nothing to do on the CPU."""
-    if device.is_gpu:
-        with backend.cupy_module().cuda.Device(device.gpu_id):
-            yield device
-    else:
-        yield device
-
-
 def resolutions_of(result, pixel_size_A: float, sym_order: int = 1) -> Tuple[Dict[str, float], Dict[str, str]]:
     """Resolution (Å) per reported criterion and the warnings raised, by criterion."""
     from ..gpu.resolution.fsc import resolution_at
@@ -241,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_devices(args)[0]
     logger.info("FSC of %s and %s (%s, %.4f Å/px) on %s", os.path.basename(args.half1), os.path.basename(args.half2),
                 _box(h1), pixel, device.describe())
-    with on_device(device), stopwatch() as timer:
+    with backend.on_device(device), stopwatch() as timer:
         xp = device.xp
         g1, g2 = xp.asarray(h1), xp.asarray(h2)
         if m is None:

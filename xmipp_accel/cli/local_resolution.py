@@ -21,7 +21,7 @@ import os
 from ..errors import InputError
 from ..gpu import backend
 from .common import add_common_args, emit_result, progress, resolve_devices, stopwatch
-from .fsc import on_device, read_half_maps
+from .fsc import read_half_maps
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         bar["bar"].update(1)
 
     try:
-        with on_device(device), stopwatch() as timer:
+        with backend.on_device(device), stopwatch() as timer:
             xp = device.xp
             mask = xp.asarray(m) if m is not None else None
             result = local_resolution(xp.asarray(h1), xp.asarray(h2), pixel_size_A=pixel, mask=mask,

@@ -23,7 +23,6 @@ from ..gpu import backend
 from ..gpu.tuning import autotune as at
 from ..gpu.tuning.cache import default_cache
 from .common import add_common_args, emit_result, resolve_devices, stopwatch
-from .fft_advisor import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
     sizes_given = [parse_kernel_size(s) for s in args.size] if args.size else None
     results: List[dict] = []
     lines = [f"tuning on {device.describe()}"]
-    with on_device(device), stopwatch() as sw:
+    with backend.on_device(device), stopwatch() as sw:
         cp = backend.cupy_module()
         for k in chosen:
             sizes = sizes_given or list(k.sizes)

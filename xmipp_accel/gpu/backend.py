@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -58,6 +60,16 @@ def gpu_available() -> bool:
     return _import_cupy() is not None
 
 
+_THREAD = threading.local()
+
+
+def _entered_scopes() -> list:
+    """This thread's stack of ``with device:`` scopes."""
+    if not hasattr(_THREAD, "scopes"):
+        _THREAD.scopes = []
+    return _THREAD.scopes
+
+
 @dataclass(frozen=True)
 class Device:
     """A resolved compute device.
@@ -80,16 +92,14 @@ class Device:
         return self.kind == "gpu"
 
     def __enter__(self):
-        if self.is_gpu:
-            ctx = _import_cupy().cuda.Device(self.gpu_id)
-            ctx.__enter__()
-            object.__setattr__(self, "_ctx", ctx)  # frozen dataclass: store the context explicitly
+        """``with device:`` makes it current in this thread (re-entrant, safe from several threads)."""
+        scope = on_device(self)
+        _entered_scopes().append(scope)
+        scope.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.is_gpu:
-            self._ctx.__exit__(*exc)
-        return False
+        return _entered_scopes().pop().__exit__(*exc)
 
     def describe(self) -> str:
         if not self.is_gpu:
@@ -97,6 +107,19 @@ class Device:
         info = gpu_info(self.gpu_id)
         return f"gpu {self.gpu_id} ({info['name']}, {info['free_bytes'] / 2**30:.1f} GiB free)"
 
+
+
+@contextmanager
+def on_device(device: Device) -> Iterator[Device]:
+    """Make ``device`` the current CUDA device in this thread for the block; nothing to do on the CPU.
+
+    Each call opens its own CuPy device context, so it nests and can be used from many threads at once.
+    """
+    if device.is_gpu:
+        with _import_cupy().cuda.Device(device.gpu_id):
+            yield device
+    else:
+        yield device
 
 def parse_gpu_list(spec: Optional[str]) -> list[int]:
     """Parse ``"0,1"``, ``"0 1"`` or ``"0-3"`` into a list of GPU ids."""

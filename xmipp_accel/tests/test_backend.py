@@ -1,5 +1,6 @@
 """The backend module: device resolution, fallback, GPU list parsing, array helpers."""
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -74,3 +75,39 @@ def test_gpu_round_trip_and_info():  # also checks that `with device:` works on 
     pinned = backend.pinned_empty((1024,), np.float32)
     pinned[:] = 3
     assert float(backend.to_host(dev.xp.asarray(pinned)).sum()) == 3 * 1024
+
+
+def test_cpu_device_scope_nests():
+    dev = backend.Device("cpu")
+    with dev as outer, backend.on_device(dev) as inner:
+        with dev:
+            assert outer is inner is dev
+    assert backend._entered_scopes() == []
+
+
+@pytest.mark.gpu
+def test_gpu_device_scope_is_reentrant_and_per_thread():
+    """One Device object entered nested and from several threads at once (the reconstruction's workers
+    and the CLIs share Device objects): every scope leaves the right context behind."""
+    cp = backend.cupy_module()
+    dev = backend.resolve_device("gpu", 0)
+    with dev:
+        with dev, backend.on_device(dev):
+            assert cp.cuda.Device().id == dev.gpu_id
+        assert cp.cuda.Device().id == dev.gpu_id
+    errors = []
+
+    def work():
+        try:
+            for _ in range(200):
+                with dev:
+                    assert float(cp.ones(8).sum()) == 8.0
+            assert backend._entered_scopes() == []
+        except Exception as exc:  # collected: an assertion in a thread would be lost
+            errors.append(exc)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -28,7 +28,6 @@ of the result along ``A`` matches the image of rotation ``A``); shifts ``(n, 2)`
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import math
 import os
@@ -663,13 +662,6 @@ class ReconstructionResult:
     timings: dict = field(default_factory=dict)
 
 
-def _on_device(device: backend.Device):
-    """Context making ``device`` current in this thread (a fresh context object, safe to use from many threads)."""
-    if device.is_gpu:
-        return backend.cupy_module().cuda.Device(device.gpu_id)
-    return contextlib.nullcontext()
-
-
 class _DeviceWorker:
     """Inserts batches on one device; on a GPU through a pinned, two-stream pipeline with OOM retry."""
 
@@ -681,7 +673,7 @@ class _DeviceWorker:
         self.stage_parts = max(1, int(stage_parts))
         self.chunk = max(1, int(chunk))
         self.stager = stager
-        with _on_device(device):
+        with backend.on_device(device):
             self.xp = device.xp
             self.rec = FourierReconstructor(box, settings=settings, pixel_size_A=pixel_size_A, xp=self.xp,
                                             n_subsets=n_subsets)
@@ -700,7 +692,7 @@ class _DeviceWorker:
     # ------------------------------------------------------------------ batches
     def process(self, batch: ParticleBatch) -> None:
         """Insert a batch, in chunks; on GPU out-of-memory halve the chunk and retry (message logged)."""
-        with _on_device(self.device):
+        with backend.on_device(self.device):
             start = 0
             n = len(batch)
             while start < n:
@@ -785,7 +777,7 @@ class _DeviceWorker:
     def synchronize(self) -> None:
         """Wait for the device's queued work; raise InputError for particles found holding NaN/inf."""
         if self.device.is_gpu:
-            with _on_device(self.device):
+            with backend.on_device(self.device):
                 self.compute_stream.synchronize()
                 self.copy_stream.synchronize()
                 for first, flags in self.finite_checks:
@@ -886,12 +878,12 @@ def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_siz
     # sum the devices' partial volumes on the first device, then across MPI ranks
     t2 = time.perf_counter()
     main = workers[0]
-    with _on_device(main.device):
+    with backend.on_device(main.device):
         for a in main.rec.accumulators:
             a.collapse()
         for w in workers[1:]:
             for a, b in zip(main.rec.accumulators, w.rec.accumulators):
-                with _on_device(w.device):
+                with backend.on_device(w.device):
                     host = b.to_host()
                 a.add(host)
         accs = reduce_accumulators(main.rec.accumulators, mpi)
