@@ -404,9 +404,9 @@ def wait_for(condition, args, what: Optional[str], *, limit: Optional[float] = N
 def table(floor: Optional[dict], runs: List[dict], args) -> List[str]:
     """The Markdown table of the runs, the floor and the warm-up latencies."""
     feed = "all at once" if args.rate <= 0 else f"{args.rate:g} movies/s"
-    lines = [f"Streaming movie alignment ({args.device_used}; {args.movies} movies of {args.frames} x {args.size}^2 "
-             f"float32 MRC, {'global + local' if args.local else 'global'} FlexAlign, dose weighting; feed {feed}; "
-             f"SCIPION_STEPS_CHECK_SEC={args.steps_check_sec}, "
+    lines = [f"Streaming movie alignment ({args.device_name}, {time.strftime('%Y-%m-%d')}; {args.movies} movies of "
+             f"{args.frames} x {args.size}^2 float32 MRC, {'global + local' if args.local else 'global'} FlexAlign, "
+             f"dose weighting; feed {feed}; SCIPION_STEPS_CHECK_SEC={args.steps_check_sec}, "
              f"SCIPION_EM_NEW_FILE_CHECK_SEC={args.file_check_sec})",
              "",
              "| workers/GPU | gpuList | threads | batch <= | movies | movies/min from arrival | movies/min from import "
@@ -517,9 +517,13 @@ def main(argv=None) -> int:
 
     report = {"config": {k: v for k, v in vars(args).items() if k != "deadline"},
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "floor": None, "runs": []}
+    args.device_name = args.device_used
     if args.device_used == "gpu":
-        cp = backend.cupy_module()
-        report["device"] = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        name = backend.cupy_module().cuda.runtime.getDeviceProperties(0)["name"]
+        report["device"] = name.decode() if isinstance(name, bytes) else str(name)
+    else:
+        report["device"] = f"CPU, {os.cpu_count()} cores"
+    args.device_name = report["device"]
     try:
         t = time.perf_counter()
         distinct = make_distinct_movies(os.path.join(args.workdir, "distinct"), args.distinct, size=args.size,

@@ -115,12 +115,14 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
         if not newMovies:
             return []
         workers = max(1, self.numberOfThreads.get() - 1)
-        size = max(1, min(self.moviesPerBatch.get(), math.ceil(len(newMovies) / workers)))
+        # as few rounds of at most moviesPerBatch movies per worker as possible, spread evenly over the workers
+        rounds = math.ceil(len(newMovies) / (workers * self.moviesPerBatch.get()))
+        size = max(1, math.ceil(len(newMovies) / (workers * rounds)))
         deps = []
         for batch in convert.iter_chunks(newMovies, size):
             movieDicts = [m.getObjDict(includeBasic=True) for m in batch]
             stepId = self._insertFunctionStep(self.processMovieBatchStep, movieDicts,
-                                              prerequisites=self.convertCIStep, needsGPU=True)
+                                              prerequisites=self.convertCIStep, needsGPU=self._usesGpu())
             for movie in batch:
                 insertedDict[movie.getObjId()] = stepId
             deps.append(stepId)

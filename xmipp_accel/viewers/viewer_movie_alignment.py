@@ -49,8 +49,8 @@ def plot_movie_shifts(xs: Sequence[float], ys: Sequence[float], path: str, *, ti
     fig = Figure(figsize=(5, 4.2))
     FigureCanvasAgg(fig)
     draw_movie_shifts(fig.add_subplot(111), xs, ys, pixel_size_A=pixel_size_A, title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.subplots_adjust(left=0.16, right=0.96, bottom=0.13, top=0.9)   # fixed margins: tight_layout costs
+    fig.savefig(path, dpi=dpi)                                           # ~0.1 s per movie in streaming
     return path
 
 
