@@ -37,8 +37,9 @@ class XmippAccelProtBase:
         form.addHidden(GPU_LIST, params.StringParam, default="0",
                        label="GPU IDs",
                        help="GPU ids to use, separated by spaces or commas, e.g. '0' or '0 1'. With several "
-                            "ids the work is shared between the GPUs. Repeat an id (e.g. '0 0') to run two "
-                            "workers on the same card in streaming protocols.")
+                            "ids the work is shared between the GPUs. Repeating an id (e.g. '0 0') runs two "
+                            "workers on the same card in streaming protocols; on an H100 that was slower than "
+                            "one worker per card (the workers compete for the GPU), so give each card once.")
 
     # --------------------------- INFO functions -------------------------------
     def _usesGpu(self) -> bool:
