@@ -188,3 +188,17 @@ def test_write_stack_of_one_2d_image(tmp_path):
     write_stack(tmp_path / "one.mrcs", np.ones((5, 5), np.float32), 2.0)
     assert read_mrc(tmp_path / "one.mrcs", mmap=True)[0].shape == (5, 5)
     assert read_images(["1@one.mrcs"], base_dir=str(tmp_path)).shape == (1, 5, 5)
+
+
+@pytest.mark.parametrize("indices", [np.arange(3, 37), np.arange(36, 2, -1), np.array([5, 9, 2, 30, 31, 32]),
+                                     np.r_[10:20, 25:30]])
+def test_batched_reads_from_one_stack_equal_the_stack(tmp_path, monkeypatch, indices):
+    """Runs of consecutive images are copied in parallel slices straight from the mapped file; every order
+    of indices gives the images asked for, in the order asked (int16 stack: converted to float32)."""
+    monkeypatch.setattr(images_module, "_PARALLEL_BYTES", 0)
+    data = np.random.default_rng(4).integers(-500, 500, (40, 12, 10)).astype(np.int16)
+    write_mrc(str(tmp_path / "s.mrcs"), data, 1.0)
+    refs = [f"{i + 1}@s.mrcs" for i in range(40)]
+    got = images_module.read_images(refs, str(tmp_path), indices=indices)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, data[indices].astype(np.float32))
