@@ -143,7 +143,8 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
         inputs = [self._linkMovie(m, batchDir) for m in movies]
         try:
             self._runAccel("align-movies", inputs + ["-o", os.path.abspath(outDir)] + self._alignArgs(movies[0]),
-                           self._getExtraPath(f"align_{movies[0].getObjId():06d}.json"))
+                           self._getExtraPath(f"align_{movies[0].getObjId():06d}.json"),
+                           concurrent=max(1, self.numberOfThreads.get() - 1))   # batch steps run side by side
         except Exception as exc:  # the batch failed as a whole: its movies are reported as failed
             self.error(f"Alignment of movies {[m.getObjId() for m in movies]} failed: {exc}")
         for movie in movies:

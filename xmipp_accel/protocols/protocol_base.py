@@ -101,15 +101,18 @@ class XmippAccelProtBase:
         return " ".join([subcommand] + quoted) + " > " + redirect
 
     def _runAccel(self, subcommand: str, args: Sequence, jsonFile: str, *,
-                  numberOfMpi: Optional[int] = None, cwd: Optional[str] = None) -> dict:
+                  numberOfMpi: Optional[int] = None, cwd: Optional[str] = None, concurrent: int = 1) -> dict:
         """Run ``xmipp-accel <subcommand> ARGS --json`` through ``runJob`` and return its JSON summary.
 
         The command's standard output goes to ``jsonFile`` (its human-readable lines are copied to
         the run log afterwards); its standard error (warnings, progress) goes to the run log.
-        ``%(GPU)s`` in ``args`` is replaced by Scipion with the GPUs of the step.
+        ``%(GPU)s`` in ``args`` is replaced by Scipion with the GPUs of the step. ``concurrent``: how
+        many such commands this protocol runs at once on the node; each then gets its share of the
+        cores for its BLAS/OpenMP threads (:mod:`xmipp_accel.gpu.runtime.threads`).
         """
+        from ..gpu.runtime.threads import with_thread_limits
         argStr = self._accelArgs(subcommand, args, jsonFile)
-        kwargs = {"env": Plugin.getEnviron()}
+        kwargs = {"env": with_thread_limits(Plugin.getEnviron(), concurrent)}
         if numberOfMpi is not None:
             kwargs["numberOfMpi"] = numberOfMpi
         if cwd is not None:

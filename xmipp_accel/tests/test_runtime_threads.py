@@ -1,0 +1,38 @@
+"""Thread-pool shares of concurrent processes (gpu/runtime/threads.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from xmipp_accel.gpu.runtime.threads import THREAD_VARIABLES, thread_limits, with_thread_limits
+
+
+def test_each_process_gets_its_share_of_the_cores():
+    assert thread_limits(4, cores=16) == {name: "4" for name in THREAD_VARIABLES}
+    assert thread_limits(3, cores=16)["OPENBLAS_NUM_THREADS"] == "5"
+    assert thread_limits(32, cores=16)["OMP_NUM_THREADS"] == "1"        # never 0
+    assert thread_limits(1, cores=2)["MKL_NUM_THREADS"] == "2"
+
+
+def test_user_limits_are_kept_and_one_process_is_left_alone():
+    env = {"PATH": "/bin", "OMP_NUM_THREADS": "7"}
+    out = with_thread_limits(env, 2, cores=16)
+    assert out["OMP_NUM_THREADS"] == "7" and out["OPENBLAS_NUM_THREADS"] == "8" and out["PATH"] == "/bin"
+    assert with_thread_limits(env, 1, cores=16) == env
+    assert "OPENBLAS_NUM_THREADS" not in env                              # the input is not modified
+
+
+def test_the_limit_reaches_numpy_in_a_child_process():
+    """Set in the environment of a new process, the share is what its BLAS pool uses (threadpoolctl
+    reports it where installed; else the variable is at least seen by the child)."""
+    code = ("import os, numpy\n"
+            "try:\n"
+            "    from threadpoolctl import threadpool_info\n"
+            "    print(max([p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas'] or [0]))\n"
+            "except ImportError:\n"
+            "    print(os.environ['OPENBLAS_NUM_THREADS'])\n")
+    clean = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env = with_thread_limits(clean, 2, cores=2)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) in (0, 1)    # 0: no BLAS pool reported (a numpy without OpenBLAS)
