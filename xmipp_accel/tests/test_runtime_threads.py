@@ -22,6 +22,12 @@ def test_user_limits_are_kept_and_one_process_is_left_alone():
     assert with_thread_limits(env, 1, cores=16) == env
     assert "OPENBLAS_NUM_THREADS" not in env                              # the input is not modified
 
+    class Environ(dict):                                                  # Scipion's runJob needs its methods
+        def getPrepend(self):
+            return ""
+    typed = with_thread_limits(Environ(PATH="/bin"), 4, cores=8)
+    assert isinstance(typed, Environ) and typed["MKL_NUM_THREADS"] == "2" and typed.getPrepend() == ""
+
 
 def test_the_limit_reaches_numpy_in_a_child_process():
     """Set in the environment of a new process, the share is what its BLAS pool uses (threadpoolctl

@@ -9,6 +9,7 @@ start (so it is set for the child processes, not in the running one).
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Dict, Mapping, Optional
 
@@ -29,9 +30,10 @@ def thread_limits(processes: int, cores: Optional[int] = None) -> Dict[str, str]
     return {name: str(share) for name in THREAD_VARIABLES}
 
 
-def with_thread_limits(env: Mapping[str, str], processes: int, cores: Optional[int] = None) -> Dict[str, str]:
-    """A copy of ``env`` with :func:`thread_limits` added, keeping any limit the user already set there."""
-    out = dict(env)
+def with_thread_limits(env: Mapping[str, str], processes: int, cores: Optional[int] = None) -> Mapping[str, str]:
+    """A copy of ``env`` (same type: Scipion passes its own ``Environ`` dict) with :func:`thread_limits`
+    added, keeping any limit the user already set there."""
+    out = copy.copy(env) if isinstance(env, dict) else dict(env)
     if processes > 1:
         for name, value in thread_limits(processes, cores).items():
             out.setdefault(name, value)
