@@ -37,9 +37,10 @@ class XmippAccelProtBase:
         form.addHidden(GPU_LIST, params.StringParam, default="0",
                        label="GPU IDs",
                        help="GPU ids to use, separated by spaces or commas, e.g. '0' or '0 1'. With several "
-                            "ids the work is shared between the GPUs. Repeating an id (e.g. '0 0') runs two "
-                            "workers on the same card in streaming protocols; on an H100 that was slower than "
-                            "one worker per card (the workers compete for the GPU), so give each card once.")
+                            "ids the work is shared between the GPUs. Repeating an id (e.g. '0 0 0 0') runs "
+                            "several workers on the same card in streaming protocols, which overlaps one "
+                            "worker's reading and writing with another's GPU work (H100, 24-frame 2k movies: "
+                            "130 movies/min with 4 workers, 100 with 1).")
 
     # --------------------------- INFO functions -------------------------------
     def _usesGpu(self) -> bool:
