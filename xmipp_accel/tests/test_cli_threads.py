@@ -1,11 +1,12 @@
-"""Thread-pool shares of concurrent processes (gpu/runtime/threads.py)."""
+"""Thread-pool shares of concurrent processes and of MPI ranks on one node (cli/threads.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-from xmipp_accel.gpu.runtime.threads import THREAD_VARIABLES, thread_limits, with_thread_limits
+from xmipp_accel.cli.threads import (THREAD_VARIABLES, local_ranks, share_cores_with_local_ranks, thread_limits,
+                                     with_thread_limits)
 
 
 def test_each_process_gets_its_share_of_the_cores():
@@ -42,3 +43,29 @@ def test_the_limit_reaches_numpy_in_a_child_process():
     env = with_thread_limits(clean, 2, cores=2)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) in (0, 1)    # 0: no BLAS pool reported (a numpy without OpenBLAS)
+
+
+def test_local_ranks_from_the_launchers_variables():
+    assert local_ranks({}) == 1
+    assert local_ranks({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == 4
+    assert local_ranks({"MPI_LOCALNRANKS": "3"}) == 3
+    assert local_ranks({"SLURM_NTASKS_PER_NODE": "2"}) == 2
+    assert local_ranks({"SLURM_NTASKS_PER_NODE": "2(x3)"}) == 1          # not a plain count: left alone
+    env = {"OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MKL_NUM_THREADS": "1"}
+    assert share_cores_with_local_ranks(env, cores=16) == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4"}
+    assert env["MKL_NUM_THREADS"] == "1"
+    assert share_cores_with_local_ranks({}, cores=16) == {}
+
+
+def test_the_command_line_shares_the_cores_before_numpy_loads():
+    """`mpirun -np 4 xmipp-accel ...` on one node: each rank's BLAS gets a quarter of the cores, set before
+    NumPy is imported (NumPy reads the variables once, when it loads)."""
+    code = ("import os, sys\n"
+            "import xmipp_accel.cli.__main__\n"
+            "from xmipp_accel.cli import threads\n"
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'), threads.applied_before_numpy)\n")
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env["OMPI_COMM_WORLD_LOCAL_SIZE"] = "2"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    value, before = out.stdout.split()
+    assert int(value) == max(1, len(os.sched_getaffinity(0)) // 2) and before == "True"
