@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -198,9 +199,23 @@ def _numpy_symmetrize_s(sym: str) -> float:
     return _SYM_CACHE[sym]
 
 
+def write_cryodrgn_inputs(workdir: str, mats: np.ndarray, shifts: np.ndarray, ctf: dict, box: int) -> tuple:
+    """cryoDRGN's pose pickle (rotations, shifts as fractions of the box) and CTF pickle; their paths."""
+    n = mats.shape[0]
+    poses = os.path.join(workdir, "poses.pkl")
+    with open(poses, "wb") as fh:
+        pickle.dump((mats.astype(np.float32), (shifts / box).astype(np.float32)), fh)
+    ctf_pkl = os.path.join(workdir, "ctf.pkl")
+    params = np.stack([np.full(n, box), np.full(n, APIX), ctf["defocus_u_A"], ctf["defocus_v_A"],
+                       ctf["defocus_angle_deg"], np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1),
+                       np.zeros(n)], 1).astype(np.float32)
+    with open(ctf_pkl, "wb") as fh:
+        pickle.dump(params, fh)
+    return poses, ctf_pkl
+
+
 def time_cryodrgn(box: int, n: int, workdir: str) -> dict:
     """cryoDRGN's backproject_voxel command (C1, no half maps) on an .mrcs written here; wall time of main()."""
-    import pickle
     import types
     try:
         import igraph  # noqa: F401
@@ -213,15 +228,7 @@ def time_cryodrgn(box: int, n: int, workdir: str) -> dict:
     images, mats, shifts, ctf = host_particles(box, n, seed=2)
     stack = os.path.join(workdir, "parts.mrcs")
     write_stack(stack, images, APIX)
-    poses = os.path.join(workdir, "poses.pkl")
-    with open(poses, "wb") as fh:
-        pickle.dump((mats.astype(np.float32), (shifts / box).astype(np.float32)), fh)
-    ctf_pkl = os.path.join(workdir, "ctf.pkl")
-    params = np.stack([np.full(n, box), np.full(n, APIX), ctf["defocus_u_A"], ctf["defocus_v_A"],
-                       ctf["defocus_angle_deg"], np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1),
-                       np.zeros(n)], 1).astype(np.float32)
-    with open(ctf_pkl, "wb") as fh:
-        pickle.dump(params, fh)
+    poses, ctf_pkl = write_cryodrgn_inputs(workdir, mats, shifts, ctf, box)
     parser = argparse.ArgumentParser()
     bv.add_args(parser)
     args = parser.parse_args([stack, "--poses", poses, "--ctf", ctf_pkl, "-o", os.path.join(workdir, "out"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
-from reconstruct import APIX, host_particles  # noqa: E402
+from reconstruct import APIX, host_particles, write_cryodrgn_inputs  # noqa: E402
 
 from xmipp_accel.em.geometry import matrix_to_euler  # noqa: E402
 from xmipp_accel.io.images import write_stack  # noqa: E402
@@ -62,15 +61,7 @@ def write_dataset(folder: str, box: int, n: int) -> dict:
     write_particles_from_arrays(star, [f"{i + 1}@particles.mrcs" for i in range(n)], APIX,
                                 angles_deg=np.stack([rot, tilt, psi], axis=1), origins_A=shifts * APIX, ctf=ctf,
                                 subset=subset, box_size=box)
-    poses = os.path.join(folder, "poses.pkl")
-    with open(poses, "wb") as fh:
-        pickle.dump((mats.astype(np.float32), (shifts / box).astype(np.float32)), fh)
-    ctf_pkl = os.path.join(folder, "ctf.pkl")
-    params = np.stack([np.full(n, box), np.full(n, APIX), ctf["defocus_u_A"], ctf["defocus_v_A"],
-                       ctf["defocus_angle_deg"], np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1),
-                       np.zeros(n)], 1).astype(np.float32)
-    with open(ctf_pkl, "wb") as fh:
-        pickle.dump(params, fh)
+    poses, ctf_pkl = write_cryodrgn_inputs(folder, mats, shifts, ctf, box)
     return {"stack": stack, "star": star, "poses": poses, "ctf": ctf_pkl, "bytes": images.nbytes}
 
 
