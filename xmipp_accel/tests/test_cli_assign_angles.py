@@ -175,3 +175,10 @@ def test_deepalign_bad_shortlist_options_are_refused(dataset, capsys, tmp_path, 
                                  "--device", "cpu", "-q"])
     assert code == 2 and message in err
     assert not (tmp_path / "o.star").exists()
+
+
+def test_default_model_folder_drops_the_metadata_extension():
+    from xmipp_accel.cli.assign_angles import _default_model_dir
+    assert _default_model_dir("/d/out.star") == "/d/out_deepalign_models"
+    assert _default_model_dir("/d/out.xmd") == "/d/out_deepalign_models"
+    assert _default_model_dir("/d/out") == "/d/out_deepalign_models"
