@@ -223,7 +223,7 @@ def resolutions_of(result, pixel_size_A: float, sym_order: int = 1) -> Tuple[Dic
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..gpu.resolution.fsc import fsc, masked_fsc_corrected
+    from ..gpu.resolution.fsc import fsc, masked_fsc_corrected, resolution_at
 
     sym_order = symmetry_order(args.sym)
     h1, h2, m, pixel = read_half_maps(args.half1, args.half2, args.mask, args.pixel_size)
@@ -282,6 +282,11 @@ def main(args: argparse.Namespace) -> int:
                "curve": {"frequency_1_per_A": curve.frequency_A(pixel).round(6).tolist(),
                          "fsc": curve.fsc.round(6).tolist(), "n_voxels": curve.n_voxels.astype(int).tolist()},
                "outputs": outputs, "notes": notes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # RELION's rule (last shell above 0.143, no interpolation): relion_postprocess's rlnFinalResolution
+        summary["resolution_A_relion_rule"] = _finite_or_none(
+            resolution_at(curve, 0.143, pixel, interpolate=False))
     if m is not None:
         summary["randomise_from_A"] = result.randomise_from_A(pixel)
         unmasked_res = resolutions_of(result.unmasked, pixel, sym_order)[0]["0.143"]

@@ -112,7 +112,8 @@ class MaskedFSC:
         FSC of the unmasked halves, of the masked halves, of the masked halves whose phases were
         randomised beyond ``randomise_from_shell``, and the corrected ("true") FSC.
     randomise_from_shell : int or None
-        First shell of the unmasked FSC below 0.8; phases are randomised in the shells beyond it.
+        First shell of the unmasked FSC below 0.8; phases are randomised where ``|k| >= shell``
+        (RELION's rule, which takes in the outer half of this shell too).
         None when the unmasked FSC never drops below 0.8 (no correction; ``corrected`` = ``masked``).
     """
 
@@ -200,8 +201,8 @@ def threshold_curve(result: FSCResult, criterion: Threshold, *, symmetry_order: 
     return np.full(result.fsc.shape, value)
 
 
-def crossing_frequency(frequency: np.ndarray, curve: np.ndarray, threshold: Union[float, np.ndarray]
-                       ) -> Tuple[float, str]:
+def crossing_frequency(frequency: np.ndarray, curve: np.ndarray, threshold: Union[float, np.ndarray],
+                       *, interpolate: bool = True) -> Tuple[float, str]:
     """Frequency where an FSC curve falls below a threshold, interpolated between shells.
 
     The search starts after the first shell (DC excluded) where the curve exceeds the threshold,
@@ -225,6 +226,9 @@ def crossing_frequency(frequency: np.ndarray, curve: np.ndarray, threshold: Unio
         NaN when it never exceeds it.
     status : str
         ``"crossed"``, ``"above_to_nyquist"`` or ``"never_above"``.
+
+    With ``interpolate=False`` the crossing is the last shell at or above the threshold before the
+    first drop (no interpolation): RELION's rule for ``rlnFinalResolution`` in ``relion_postprocess``.
     """
     f = np.asarray(frequency, dtype=np.float64)
     d = np.asarray(curve, dtype=np.float64) - np.broadcast_to(np.asarray(threshold, dtype=np.float64), f.shape)
@@ -236,11 +240,14 @@ def crossing_frequency(frequency: np.ndarray, curve: np.ndarray, threshold: Unio
     if below.size == 0:
         return float(f[-1]), "above_to_nyquist"
     j = start + int(below[0])
+    if not interpolate:
+        return float(f[j - 1]), "crossed"
     t = d[j - 1] / (d[j - 1] - d[j])
     return float(f[j - 1] + t * (f[j] - f[j - 1])), "crossed"
 
 
-def resolution_at(result: FSCResult, threshold: Threshold, pixel_size_A: float, *, symmetry_order: int = 1) -> float:
+def resolution_at(result: FSCResult, threshold: Threshold, pixel_size_A: float, *, symmetry_order: int = 1,
+                  interpolate: bool = True) -> float:
     """Resolution (Å) where the FSC falls below a criterion.
 
     Parameters
@@ -253,6 +260,10 @@ def resolution_at(result: FSCResult, threshold: Threshold, pixel_size_A: float, 
         Voxel size in Å.
     symmetry_order : int
         Point-group order for the size-dependent criteria.
+    interpolate : bool
+        True (default): interpolate linearly between the last shell above and the first below.
+        False: RELION's rule, the last shell above (``relion_postprocess``'s ``rlnFinalResolution``),
+        up to one shell coarser.
 
     Returns
     -------
@@ -265,7 +276,8 @@ def resolution_at(result: FSCResult, threshold: Threshold, pixel_size_A: float, 
         raise InputError(f"pixel size must be > 0 Å, got {pixel_size_A}")
     thr = threshold_curve(result, threshold, symmetry_order=symmetry_order)
     filled = result.n_voxels > 0  # cones can leave low shells empty: skip them
-    freq, status = crossing_frequency(result.frequency[filled], result.fsc[filled], thr[filled])
+    freq, status = crossing_frequency(result.frequency[filled], result.fsc[filled], thr[filled],
+                                      interpolate=interpolate)
     label = _criterion_name(threshold) or f"{float(threshold):g}"
     if status == "never_above":
         warnings.warn(f"the FSC never exceeds the {label} threshold: resolution undefined (reported as inf)",
@@ -527,11 +539,16 @@ def _random_phases(shape, seed: int, stream: int, xp, dtype):
 
 
 def _randomise_phases_beyond(f, shape, shell: int, seed: int, stream: int):
-    """Copy of spectrum ``f`` with random phases in shells > ``shell`` (RELION ``randomizePhasesBeyond``)."""
+    """Copy of spectrum ``f`` with random phases where ``|k| >= shell`` (voxel units).
+
+    RELION's ``randomizePhasesBeyond(v, index)`` tests ``kx² + ky² + kz² >= index²``, so about half of
+    shell ``shell`` itself (``shell - 0.5 <= |k| < shell + 0.5``) is randomised too; we follow it so the
+    phase-randomised FSC equals RELION's shell by shell (``tests/test_relion_fsc.py``).
+    """
     xp = backend.get_xp(f)
     real = f.real.dtype.type
     kz, ky, kx = _axis_frequencies(shape, xp, dtype=real)
-    beyond = (kz * kz + ky * ky + kx * kx) >= real((shell + 0.5) ** 2)
+    beyond = (kz * kz + ky * ky + kx * kx) >= real(shell ** 2)
     phase = _random_phases(f.shape, seed, stream, xp, real)
     rotated = f * xp.exp(phase * f.dtype.type(1j))
     return xp.where(beyond, rotated, f)
