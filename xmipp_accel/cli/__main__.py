@@ -29,6 +29,7 @@ COMMANDS = {
     "reconstruct": "reconstruct",
     "align-movies": "align_movies",
     "assign-angles": "assign_angles",
+    "refine": "refine",
     "fsc": "fsc",
     "local-resolution": "local_resolution",
     "fft-advisor": "fft_advisor",
