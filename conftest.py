@@ -25,7 +25,7 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "sha
 
 
 def _gpu_ok():
-    from xmipp_accel.gpu import backend
+    from xmipp_accel import backend
     return backend.gpu_available()
 
 
@@ -49,7 +49,7 @@ def xp(request):
     """The array module under test: numpy always, cupy where a GPU is usable."""
     if request.param == "numpy":
         return np
-    from xmipp_accel.gpu import backend
+    from xmipp_accel import backend
     return backend.cupy_module()
 
 

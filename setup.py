@@ -39,7 +39,7 @@ setup(
     },
     entry_points={
         "pyworkflow.plugin": ["xmipp_accel = xmipp_accel"],
-        "console_scripts": ["xmipp-accel = xmipp_accel.cli.__main__:main"],
+        "console_scripts": ["xmipp-accel = xmipp_accel.__main__:main"],
     },
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Bio-Informatics"],
 )

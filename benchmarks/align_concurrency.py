@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from xmipp_accel.em.synthetic_movies import make_movie  # noqa: E402
 from xmipp_accel.io.mrc import write_mrc  # noqa: E402
-from xmipp_accel.cli.threads import THREAD_VARIABLES, thread_limits  # noqa: E402
+from xmipp_accel.threads import THREAD_VARIABLES, thread_limits  # noqa: E402
 
 
 def run_group(groups, outdir: str, env_extra: dict) -> float:

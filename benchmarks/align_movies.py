@@ -39,7 +39,7 @@ import numpy as np
 
 from xmipp_accel.cli.__main__ import main as cli_main
 from xmipp_accel.em.synthetic_movies import make_movie
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.movie import AlignmentOptions, align_movie
 from xmipp_accel.gpu.movie.bspline import BSplineShiftModel
 from xmipp_accel.io.movie import movie_info, read_movie_raw

@@ -38,7 +38,7 @@ import numpy as np
 
 from xmipp_accel.em.geometry import angular_distance_deg
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.align.projmatch import ProjectionMatcher, global_search_flops
 
 CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amplitude_contrast")

@@ -36,7 +36,7 @@ import numpy as np
 from xmipp_accel.em.geometry import angular_distance_deg
 from xmipp_accel.em.symmetry import symmetry_matrices
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.align.projmatch import ProjectionMatcher
 from xmipp_accel.gpu.reconstruct import reconstruct
 from xmipp_accel.gpu.resolution.fsc import fsc, resolution_at

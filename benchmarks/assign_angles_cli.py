@@ -60,7 +60,7 @@ from xmipp_accel.em.synthetic import gaussian_lowpass
 from xmipp_accel.em.geometry import euler_to_matrix
 from xmipp_accel.em.symmetry import symmetry_matrices
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import write_mrc
 from xmipp_accel.io.star import read_particles, write_particles_from_arrays

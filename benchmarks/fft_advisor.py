@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.tuning import fft_advisor as fa
 from xmipp_accel.gpu.tuning.cache import TuningCache
 

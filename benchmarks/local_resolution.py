@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.resolution import local as localmod
 
 TRUTH = (3.5, 6.6)

@@ -20,7 +20,7 @@ from xmipp_accel.em.geometry import euler_to_matrix, matrix_to_euler
 from xmipp_accel.em.projection import FourierProjector
 from xmipp_accel.em.sampling import random_rotations
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 
 
 def _time(fn, repeat=3, sync=None):

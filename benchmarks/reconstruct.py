@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from xmipp_accel.em.geometry import euler_to_matrix  # noqa: E402
 from xmipp_accel.em.symmetry import symmetry_order  # noqa: E402
-from xmipp_accel.gpu import backend  # noqa: E402
+from xmipp_accel import backend  # noqa: E402
 from xmipp_accel.gpu.reconstruct import fourier as fr  # noqa: E402
 from xmipp_accel.gpu.reconstruct.insert import insertion_count  # noqa: E402
 

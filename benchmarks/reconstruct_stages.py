@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
 from reconstruct import APIX, host_particles, time_gpu  # noqa: E402
 
-from xmipp_accel.gpu import backend  # noqa: E402
+from xmipp_accel import backend  # noqa: E402
 from xmipp_accel.gpu.reconstruct import fourier as fr  # noqa: E402
 from xmipp_accel.gpu.reconstruct import insert as ins  # noqa: E402
 

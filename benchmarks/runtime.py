@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.runtime import Pipeline
 
 

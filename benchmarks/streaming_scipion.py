@@ -71,7 +71,7 @@ WARMUP_LIMIT_S = 150.0   # a warm-up phase taking longer than this means somethi
 def make_distinct_movies(folder: str, n: int, *, size: int, frames: int, on_gpu: bool) -> List[str]:
     """Write ``n`` synthetic movies (float32 MRC stacks, counts at 1 e/px/frame) and return their paths."""
     from xmipp_accel.em.synthetic_movies import make_movie
-    from xmipp_accel.gpu import backend
+    from xmipp_accel import backend
     from xmipp_accel.io.mrc import write_mrc
     os.makedirs(folder, exist_ok=True)
     xp = backend.cupy_module() if on_gpu else None
@@ -504,10 +504,10 @@ def main(argv=None) -> int:
     os.environ["SCIPION_STEPS_CHECK_SEC"] = str(args.steps_check_sec)
     os.environ["SCIPION_EM_NEW_FILE_CHECK_SEC"] = str(args.file_check_sec)
     os.environ["SCIPION_USER_DATA"] = os.path.join(args.workdir, "scipion_userdata")   # projects go there
-    from xmipp_accel.cli.demo_scipion import _scipion_environment
+    from xmipp_accel.workflows.demo_scipion import _scipion_environment
     _scipion_environment(args.workdir)
 
-    from xmipp_accel.gpu import backend
+    from xmipp_accel import backend
     if args.device == "gpu" and not backend.gpu_available():
         print("--device gpu: no usable GPU (CuPy missing or no CUDA device)", file=sys.stderr)
         return 2

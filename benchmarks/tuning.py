@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.tuning import autotune as at
 from xmipp_accel.gpu.tuning.cache import TuningCache, make_key
 

@@ -61,7 +61,7 @@ def _define_plugin():
         def gpuAvailable(cls) -> bool:
             """True when CuPy can use a CUDA device on this machine (imports CuPy lazily, once)."""
             if not hasattr(cls, "_gpuAvailable"):
-                from .gpu import backend
+                from . import backend
                 cls._gpuAvailable = bool(backend.gpu_available())
             return cls._gpuAvailable
 

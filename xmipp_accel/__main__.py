@@ -1,7 +1,25 @@
-"""``python -m xmipp_accel`` runs the ``xmipp-accel`` command line."""
-import sys
+"""Entry point of the ``xmipp-accel`` command (also ``python -m xmipp_accel``).
 
-from xmipp_accel.cli.__main__ import main
+This is the composition root, the one module above every layer: it hands the scripted Scipion
+workflow (:mod:`xmipp_accel.workflows`, above the protocols) to the command line (below them), so that
+``xmipp-accel demo --scipion`` works while ``cli`` never imports upward.
+"""
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with the workflow layer registered; returns the exit status."""
+    from xmipp_accel.cli import demo
+    from xmipp_accel.cli.__main__ import main as cli_main
+
+    def scipion_workflow(args, outdir, *, box, n):  # imported only when --scipion is used (needs pwem)
+        from xmipp_accel.workflows.demo_scipion import run_scipion_demo
+        return run_scipion_demo(args, outdir, box=box, n=n)
+
+    demo.SCIPION_WORKFLOW = scipion_workflow
+    return cli_main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

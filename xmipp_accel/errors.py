@@ -18,6 +18,6 @@ class FileFormatError(InputError):
     """A file is missing, truncated or not of the expected format."""
 
 
-from .gpu.backend import BackendError  # noqa: E402  (re-exported: a missing GPU is a user error)
+from .backend import BackendError  # noqa: E402  (re-exported: a missing GPU is a user error)
 
 USER_ERRORS = (XmippAccelError, BackendError)

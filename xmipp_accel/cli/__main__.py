@@ -13,13 +13,13 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .threads import share_cores_with_local_ranks
+from ..threads import share_cores_with_local_ranks
 
 share_cores_with_local_ranks()   # MPI ranks on one node: each its share of the cores, set before NumPy loads
 
 from .. import __version__  # noqa: E402
 from ..errors import USER_ERRORS  # noqa: E402
-from ..gpu import backend  # noqa: E402
+from .. import backend  # noqa: E402
 from .common import configure_logging  # noqa: E402
 
 # name -> module (relative to this package); each has add_args(parser) and main(args)

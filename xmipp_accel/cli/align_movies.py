@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError
-from ..gpu import backend
+from .. import backend
 from .common import add_common_args, emit_result, progress, rank_devices
 
 logger = logging.getLogger("xmipp_accel")

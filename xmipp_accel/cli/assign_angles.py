@@ -380,7 +380,7 @@ def align_particles(pset, vol, args, px, ctf, ctf_mode, devices, model_dir, *, i
     ----------
     pset : ParticleSet; vol : float32 (N, N, N) reference at the particles' box and pixel size ``px`` (Å).
     ctf : dict of per-particle CTF arrays or None; ctf_mode : see :data:`~xmipp_accel.gpu.align.projmatch.CTF_MODES`.
-    devices : list of :class:`~xmipp_accel.gpu.backend.Device` (``resolve_devices(args)``).
+    devices : list of :class:`~xmipp_accel.backend.Device` (``resolve_devices(args)``).
     model_dir : DeepAlign models (``--method deepalign``), else None.
     indices : int64 (m,) ascending particle indices to align (this MPI rank's share), default all.
         The frequency weights still come from the first particles of the whole set.

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from ..gpu import backend
+from .. import backend
 
 logger = logging.getLogger("xmipp_accel")
 

@@ -17,12 +17,18 @@ import argparse
 import logging
 import os
 import time
+from typing import Callable, Optional
 
 import numpy as np
 
+from ..errors import InputError
 from .common import add_common_args, emit_result, resolve_devices
 
 logger = logging.getLogger("xmipp_accel")
+
+# The scripted Scipion workflow lives above the protocols (xmipp_accel.workflows); the command line
+# sits below them, so the entry point (xmipp_accel/__main__.py) hands the workflow in here.
+SCIPION_WORKFLOW: Optional[Callable[..., dict]] = None
 
 SIZES = {"small": dict(box=32, particles=1500), "default": dict(box=64, particles=4000),
          "default-gpu": dict(box=64, particles=20000)}
@@ -54,7 +60,7 @@ def _make_dataset(args, box: int, n: int, outdir: str, xp) -> dict:
         truth_map = symmetrize_volume(truth_map, args.sym)
     images, truth = synthetic.make_particles(xp.asarray(truth_map), n, pixel_size_A=args.pixel_size, snr=args.snr,
                                              ctf=True, max_shift_px=3, seed=args.seed)
-    from ..gpu.backend import to_host
+    from ..backend import to_host
     images = to_host(images)
     truth_path = os.path.join(outdir, "truth_map.mrc")
     stack_path = os.path.join(outdir, "particles.mrcs")
@@ -93,8 +99,10 @@ def main(args: argparse.Namespace) -> int:
     if args.scipion:
         size = SIZES["small" if args.small else "default"]
         box, n = args.box or size["box"], args.particles or size["particles"]
-        from .demo_scipion import run_scipion_demo
-        summary = run_scipion_demo(args, outdir, box=box, n=n)
+        if SCIPION_WORKFLOW is None:
+            raise InputError("the Scipion demo runs from the xmipp-accel command (python -m xmipp_accel demo "
+                             "--scipion), which registers the workflow layer")
+        summary = SCIPION_WORKFLOW(args, outdir, box=box, n=n)
         emit_result(args, summary, [f"Scipion project: {summary['project']}",
                                     f"final resolution: {summary.get('resolution_A')} Å"])
         return 0 if all(p["status"] == "finished" for p in summary["protocols"]) else 1

@@ -20,7 +20,7 @@ import re
 from typing import List, Tuple
 
 from ..errors import InputError
-from ..gpu import backend
+from .. import backend
 from ..gpu.tuning import fft_advisor as fa
 from .common import add_common_args, emit_result, resolve_devices, stopwatch
 

@@ -24,7 +24,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from ..errors import InputError
-from ..gpu import backend
+from .. import backend
 from .common import add_common_args, emit_result, resolve_devices, stopwatch
 
 logger = logging.getLogger("xmipp_accel")
@@ -266,7 +266,7 @@ def main(args: argparse.Namespace) -> int:
                       title=f"FSC of {os.path.basename(args.half1)} and {os.path.basename(args.half2)}")
         outputs["xml"] = args.xml
     if args.plot:
-        from ..viewers.plots import plot_fsc
+        from ..plots import plot_fsc
         curves = ({"corrected": result.corrected, "unmasked": result.unmasked, "masked": result.masked,
                    "phase randomised": result.phase_randomised} if m is not None else {"FSC": result})
         plot_fsc(curves, args.plot, thresholds=(0.143, 0.5), pixel_size_A=pixel,

@@ -11,7 +11,7 @@ import argparse
 import platform
 
 from .. import __version__
-from ..gpu import backend
+from .. import backend
 from .common import add_common_args, emit_result
 
 

@@ -19,7 +19,7 @@ import logging
 import os
 
 from ..errors import InputError
-from ..gpu import backend
+from .. import backend
 from .common import add_common_args, emit_result, progress, resolve_devices, stopwatch
 from .fsc import read_half_maps
 
@@ -84,12 +84,12 @@ def main(args: argparse.Namespace) -> int:
     stats = result.summary()
     outputs = {"locres": args.output}
     if args.plot:
-        from ..viewers.plots import plot_local_resolution
+        from ..plots import plot_local_resolution
         plot_local_resolution(locres, args.plot, mask=m, background=0.5 * (h1 + h2),
                               title=f"local resolution (window {args.window:g} px)")
         outputs["plot"] = args.plot
     if args.chimerax:
-        from ..viewers.plots import chimerax_local_resolution_script
+        from ..plots import chimerax_local_resolution_script
         surface_map = args.map
         if surface_map is None:
             surface_map = os.path.splitext(args.output)[0] + "_halves_average.mrc"

@@ -19,7 +19,7 @@ import logging
 from typing import Any, List
 
 from ..errors import InputError
-from ..gpu import backend
+from .. import backend
 from ..gpu.tuning import autotune as at
 from ..gpu.tuning.cache import default_cache
 from .common import add_common_args, emit_result, resolve_devices, stopwatch

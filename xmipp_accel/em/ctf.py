@@ -185,7 +185,7 @@ def ctf_zeros_A(defocus_A: float, *, voltage_kV=300.0, cs_mm=2.7, amplitude_cont
 
 
 def _xp_of(a):
-    from ..gpu import backend  # local import keeps em/ free of import cycles
+    from .. import backend
     return backend.get_xp(a)
 
 

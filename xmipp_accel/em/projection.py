@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..gpu import backend
+from .. import backend
 
 __all__ = ["project_volume", "FourierProjector", "shift_images", "fourier_shift_phase"]
 

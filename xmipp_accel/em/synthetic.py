@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..gpu import backend
+from .. import backend
 from .ctf import ctf_2d
 from .geometry import euler_to_matrix, matrix_to_euler
 from .projection import FourierProjector

@@ -268,7 +268,7 @@ def parse_defect_rectangles(text: str, source: str = "<text>") -> List[Tuple[int
 
 def read_defects(path: str | os.PathLike, frame_shape: Sequence[int]) -> np.ndarray:
     """Defect mask (y, x) bool from a MotionCor2 text file or a defect image (non-zero = defect)."""
-    from ..gpu.movie.preprocess import check_reference_shape, defect_mask_from_rectangles
+    from ..em.detector import check_reference_shape, defect_mask_from_rectangles
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileFormatError(f"defect file not found: {path}")

@@ -391,7 +391,7 @@ def check_finite(array, what: str, *, item_name: Optional[str] = None, chunk: in
     """
     xp = np
     if not isinstance(array, np.ndarray) and type(array).__module__.startswith("cupy"):
-        from ..gpu import backend
+        from .. import backend
         xp = backend.get_xp(array)
     if array.ndim == 0 or array.shape[0] == 0:
         bad = int((~xp.isfinite(array)).sum())

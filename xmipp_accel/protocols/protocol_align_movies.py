@@ -260,7 +260,7 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
         shiftsFn = self._outputFn(movie, "_shifts.star")
         if os.path.exists(shiftsFn):
             try:
-                from ..viewers.viewer_movie_alignment import plot_movie_shifts
+                from ..plots import plot_movie_shifts
                 xs, ys = convert.movie_shifts_from_star(shiftsFn)
                 plot_movie_shifts(xs, ys, self._getPlotGlobal(movie), title=self._getMovieRoot(movie),
                                   pixel_size_A=self.inputMovies.get().getSamplingRate())

@@ -109,9 +109,9 @@ class XmippAccelProtBase:
         the run log afterwards); its standard error (warnings, progress) goes to the run log.
         ``%(GPU)s`` in ``args`` is replaced by Scipion with the GPUs of the step. ``concurrent``: how
         many such commands this protocol runs at once on the node; each then gets its share of the
-        cores for its BLAS/OpenMP threads (:mod:`xmipp_accel.cli.threads`).
+        cores for its BLAS/OpenMP threads (:mod:`xmipp_accel.threads`).
         """
-        from ..cli.threads import with_thread_limits
+        from ..threads import with_thread_limits
         argStr = self._accelArgs(subcommand, args, jsonFile)
         kwargs = {"env": with_thread_limits(Plugin.getEnviron(), concurrent)}
         if numberOfMpi is not None:

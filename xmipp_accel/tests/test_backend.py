@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 
 
 def test_cpu_device_is_numpy():

@@ -12,7 +12,7 @@ from xmipp_accel.em.geometry import angular_distance_deg
 from xmipp_accel.em.symmetry import symmetry_matrices
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
 from xmipp_accel.errors import InputError
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.align.projmatch import ProjectionMatcher
 
 torch = pytest.importorskip("torch")

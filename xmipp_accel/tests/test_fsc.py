@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.errors import InputError
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.resolution import fsc as fscmod  # the module (the function is fscmod.fsc)
 from xmipp_accel.gpu.resolution.fsc import (
     FSCResult,

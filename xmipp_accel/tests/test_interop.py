@@ -425,7 +425,7 @@ CHIMERAX_COMMANDS = {"open": set(), "volume": {"voxelSize", "style", "level", "h
 
 
 def test_chimerax_local_resolution_script(tmp_path):
-    from xmipp_accel.viewers.plots import chimerax_local_resolution_script
+    from xmipp_accel.plots import chimerax_local_resolution_script
     rng = np.random.default_rng(0)
     locres = np.zeros((24, 24, 24), np.float32)
     locres[4:20, 4:20, 4:20] = rng.uniform(3.0, 9.0, (16, 16, 16))

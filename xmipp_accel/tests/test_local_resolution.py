@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.errors import InputError
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.resolution import local as localmod
 from xmipp_accel.gpu.resolution.local import local_resolution, synthetic_two_region_halves
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.movie._fft import irfft2, rfft2
 from xmipp_accel.gpu.movie.apply import (correct_local_motion, correct_local_motion_reference, power_spectrum,
                                          shift_spectra)

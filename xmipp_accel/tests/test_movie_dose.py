@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.movie._fft import rfft2
 from xmipp_accel.gpu.movie.dose import (critical_exposure, dose_weighted_sum, exposure_filter, frame_exposures,
                                         voltage_scale)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.em.synthetic_movies import global_drift, make_movie
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.movie import AlignmentOptions, align_movie
 from xmipp_accel.gpu.movie._fft import rfft2
 from xmipp_accel.gpu.movie.global_align import (correlate_pairs, correlation_shape, frame_pairs, lowpass_filter,

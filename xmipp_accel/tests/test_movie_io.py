@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.errors import FileFormatError, InputError
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.io.movie import (movie_info, parse_defect_rectangles, read_defects, read_movie, read_movie_raw,
                                   read_reference)
 from xmipp_accel.io.mrc import write_mrc

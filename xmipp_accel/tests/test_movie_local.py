@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.em.synthetic_movies import frc, make_movie
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.movie import AlignmentOptions, align_movie
 from xmipp_accel.gpu.movie.local_align import patch_size_px, patch_starts, temporal_average
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.errors import InputError
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.movie._fft import fourier_crop_rfft, irfft2, rfft2
 from xmipp_accel.gpu.movie.preprocess import (check_frames, check_reference_shape, correct_dark_gain,
                                               defect_mask_from_rectangles, find_hot_pixels, orient_reference,

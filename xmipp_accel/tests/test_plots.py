@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 from xmipp_accel.gpu.resolution.fsc import FSCResult, fsc, masked_fsc_corrected, resolution_at  # noqa: E402
 from xmipp_accel.gpu.resolution.local import local_resolution, synthetic_two_region_halves  # noqa: E402
-from xmipp_accel.viewers.plots import (  # noqa: E402
+from xmipp_accel.plots import (  # noqa: E402
     chimerax_local_resolution_script,
     draw_fsc,
     plot_fsc,

@@ -9,7 +9,7 @@ from xmipp_accel.em.projection import FourierProjector
 from xmipp_accel.em.sampling import random_rotations
 from xmipp_accel.em.symmetry import symmetry_matrices
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.align.polar import (CentralSlicer, centred_rfft2, fourier_crop, halfplane_points,
                                          oversampled_spectrum, polar_points, sample_rfft, shift_phases)
 from xmipp_accel.gpu.align.projmatch import ProjectionMatcher, ctf_values, global_search_flops, plan_search

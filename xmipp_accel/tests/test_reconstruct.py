@@ -454,7 +454,7 @@ def test_out_of_memory_retries_with_smaller_batches(c1_data, monkeypatch, caplog
 def test_worker_threads_feed_every_batch_and_report_errors():
     """Batches go through the task runtime to the device's worker, in order; worker and validation errors
     are re-raised (the runtime's own tests cover several workers)."""
-    from xmipp_accel.gpu import backend
+    from xmipp_accel import backend
 
     class Worker:
         device = backend.Device("cpu")

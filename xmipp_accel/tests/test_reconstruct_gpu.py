@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from xmipp_accel.em.ctf import ctf_2d
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.reconstruct import fourier as fr
 from xmipp_accel.gpu.reconstruct import insert as ins
 from xmipp_accel.gpu.reconstruct.blob import KaiserBesselBlob

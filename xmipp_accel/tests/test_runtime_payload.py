@@ -57,7 +57,7 @@ def test_host_payload_to_host_is_itself():
 
 @pytest.mark.gpu
 def test_round_trip_through_the_gpu():
-    from xmipp_accel.gpu import backend
+    from xmipp_accel import backend
     cp = backend.cupy_module()
     host = np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32)
     stream = cp.cuda.Stream(non_blocking=True)

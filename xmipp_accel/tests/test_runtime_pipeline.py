@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.runtime import ItemResult, Payload, Pipeline
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.tuning import autotune as at
 from xmipp_accel.gpu.tuning.autotune import DynamicTuner, TunableKernel, Tuner
 from xmipp_accel.gpu.tuning.cache import TuningCache

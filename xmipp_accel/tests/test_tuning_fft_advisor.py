@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from xmipp_accel.gpu import backend
+from xmipp_accel import backend
 from xmipp_accel.gpu.tuning import fft_advisor as fa
 from xmipp_accel.gpu.tuning.cache import TuningCache
 

@@ -25,7 +25,7 @@ from xmipp_accel.protocols import (XmippAccelProtAssignAngles, XmippAccelProtFSC
 from xmipp_accel.protocols.protocol_assign_angles import SCORE_ATTR  # noqa: E402
 from xmipp_accel.viewers import (XmippAccelAssignAnglesViewer, XmippAccelFscSetViewer,  # noqa: E402
                                  XmippAccelFscViewer, XmippAccelLocalResolutionViewer, XmippAccelMovieAlignViewer)
-from xmipp_accel.viewers.viewer_movie_alignment import plot_movie_shifts  # noqa: E402
+from xmipp_accel.plots import plot_movie_shifts  # noqa: E402
 
 pytestmark = pytest.mark.scipion
 

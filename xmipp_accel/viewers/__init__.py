@@ -1,11 +1,12 @@
-"""Viewers: matplotlib plots shared by the command line (``--plot``) and the
-Scipion viewers (FSC curves, local-resolution slices and histogram, ChimeraX
-scripts, movie-alignment shift plots).
+"""Scipion viewers of the plugin's outputs (top layer: they import protocols, never the reverse).
+
+The matplotlib figures they show live in :mod:`xmipp_accel.plots`, below both the command line and the
+viewers, so that ``--plot`` works without Scipion.
 """
 import sys as _sys
 
 # The Scipion viewer classes are imported only inside a Scipion process (pyworkflow already loaded,
-# as when Scipion discovers the plugin's viewers): the command line imports ``viewers.plots`` without
+# as when Scipion discovers the plugin's viewers): the command line imports ``xmipp_accel.plots`` without
 # paying for pyworkflow and pwem.
 # Where pyworkflow is loaded but pwem cannot be (no tkinter, as on headless GPU nodes), the plots
 # still work and Scipion itself reports why its protocols are unavailable.

@@ -1,5 +1,5 @@
 """Scipion viewers for resolution: FSC curves (our protocols and any FSC or set of FSCs) and local
-resolution (slices, histogram, ChimeraX). The figures are drawn by :mod:`xmipp_accel.viewers.plots`,
+resolution (slices, histogram, ChimeraX). The figures are drawn by :mod:`xmipp_accel.plots`,
 the same code that makes the command line's ``--plot`` files.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def fsc_plotter(curves, *, thresholds=(0.143, 0.5), title="FSC", window_title="F
     """An EmPlotter (a Scipion view: ``show()``, ``savefig()``) with the FSC curves drawn by plots.draw_fsc."""
     from pwem.viewers.plotter import EmPlotter
 
-    from .plots import draw_fsc
+    from ..plots import draw_fsc
     plotter = EmPlotter(x=1, y=1, windowTitle=window_title, figsize=(7, 4.8))
     ax = plotter.getFigure().add_subplot(111)
     draw_fsc(ax, curves, thresholds=thresholds, title=title)
@@ -181,7 +181,7 @@ class XmippAccelLocalResolutionViewer(LocalResolutionViewer):
     def _slicesPlotter(self):
         from pwem.viewers.plotter import EmPlotter
 
-        from .plots import draw_local_resolution
+        from ..plots import draw_local_resolution
         locres, mask, background = self._readVolumes()
         vmin, vmax = self._range()
         plotter = EmPlotter(x=1, y=1, windowTitle="Local resolution", figsize=(10, 6.5))
@@ -197,7 +197,7 @@ class XmippAccelLocalResolutionViewer(LocalResolutionViewer):
 
     def chimeraScript(self) -> str:
         """The ChimeraX script of the run (written now with the chosen colour range when needed)."""
-        from .plots import chimerax_local_resolution_script
+        from ..plots import chimerax_local_resolution_script
         script = self.protocol.getChimeraScriptFn()
         vmin, vmax = self._range()
         if os.path.exists(script) and vmin is None and vmax is None:

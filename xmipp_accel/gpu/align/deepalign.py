@@ -49,7 +49,7 @@ import numpy as np
 
 from ...em.geometry import angular_distance_deg
 from ...errors import InputError
-from .. import backend
+from ... import backend
 from .polar import centred_rfft2, fourier_crop
 from .projmatch import AlignmentResult, ProjectionMatcher, align_in_batches
 

@@ -27,7 +27,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from ..tuning.fft_advisor import good_fft_size
 
 __all__ = ["fft_last", "centred_rfft2", "fourier_crop", "good_size", "polar_points", "polar_samples_hermitian",

@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ...em.geometry import euler_to_matrix, matrix_to_euler
-from .. import backend
+from ... import backend
 from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, halfplane_points,
                     oversampled_spectrum, polar_points, polar_samples_hermitian, sample_rfft, shift_phases)
 from .refine import RefineLevel, levels_for, refine_candidates

@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from .polar import CentralSlicer, halfplane_points, shift_phases
 
 __all__ = ["RefineLevel", "local_rotations", "gather_halfplane", "refine_candidates"]

@@ -11,7 +11,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 
 __all__ = ["rfft2", "irfft2", "fast_size", "fast_shape", "rfft_freqs", "fourier_crop_rfft"]
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from ._fft import rfft2, rfft_freqs
 from ...em.interpolation import keys_weights, sample_keys  # noqa: F401  (keys_weights re-exported)
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from ._fft import rfft_freqs
 
 __all__ = ["CRITICAL_A", "CRITICAL_B", "CRITICAL_C", "voltage_scale", "critical_exposure", "frame_exposures",

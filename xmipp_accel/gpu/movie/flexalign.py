@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ...errors import InputError
-from .. import backend
+from ... import backend
 from ._fft import fast_shape, fourier_crop_rfft, irfft2, rfft2
 from .apply import correct_local_motion, power_spectrum, shift_spectra
 from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_grid

@@ -32,7 +32,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from ._fft import fast_size, irfft2, rfft2, rfft_freqs
 
 __all__ = ["GAUSS_C", "correlation_pixel_size", "correlation_shape", "lowpass_filter", "refine_band", "edge_taper",

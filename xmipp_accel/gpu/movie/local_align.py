@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from ._fft import fast_size
 from .global_align import correlate_pairs, correlation_spectra, frame_pairs, solve_relative_shifts_batched
 

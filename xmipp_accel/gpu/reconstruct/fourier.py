@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from ...errors import InputError
-from .. import backend
+from ... import backend
 from .blob import KaiserBesselBlob
 from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu, packed_width,
                      symmetrize_fourier_volume)

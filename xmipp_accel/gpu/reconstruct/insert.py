@@ -39,7 +39,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from .blob import DEFAULT_TABLE_SIZE, KaiserBesselBlob
 
 __all__ = ["FourierGrid", "INSERT_TUNING_SPACE", "DEFAULT_INSERT_TUNING", "BLOB_MODES", "PACK_MODES", "dominant_axis",

@@ -46,7 +46,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ...em.geometry import angular_distance_deg
-from .. import backend
+from ... import backend
 
 __all__ = ["RefineSettings", "RefineState", "IterationRecord", "auto_refine", "soft_spherical_mask",
            "lowpass_volume", "fsc_weighted", "half_reference", "angular_step_for", "guinier_bfactor", "sharpen",

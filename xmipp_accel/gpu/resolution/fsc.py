@@ -34,7 +34,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...errors import InputError
-from .. import backend
+from ... import backend
 
 __all__ = ["CRITERIA", "FSCResult", "MaskedFSC", "DirectionalFSC", "fsc", "resolution_at", "crossing_frequency",
            "threshold_curve", "masked_fsc_corrected", "directional_fsc", "hemisphere_directions"]

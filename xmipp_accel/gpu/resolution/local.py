@@ -35,7 +35,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from ...errors import InputError
-from .. import backend
+from ... import backend
 
 __all__ = ["LocalResolutionResult", "local_resolution", "synthetic_two_region_halves"]
 

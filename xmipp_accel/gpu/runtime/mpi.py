@@ -31,8 +31,8 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from .. import backend
-from ..backend import BackendError
+from ... import backend
+from ...backend import BackendError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 
 __all__ = ["LogicalDescriptor", "PhysicalDescriptor", "Payload", "MEMORY_KINDS"]
 

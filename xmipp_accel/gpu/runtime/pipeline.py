@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from .payload import Payload, PhysicalDescriptor
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class WorkerContext:
     Attributes
     ----------
     name : ``"gpu<id>"`` (``"gpu<id>.<k>"`` with several workers per GPU) or ``"cpu<k>"``.
-    device : the worker's :class:`~xmipp_accel.gpu.backend.Device`.
+    device : the worker's :class:`~xmipp_accel.backend.Device`.
     xp : numpy or cupy.
     stream : the worker's CUDA stream (current while ``compute`` runs), None on the CPU.
     state : what ``setup(worker)`` returned (plans, kernels, buffers set up once per worker).

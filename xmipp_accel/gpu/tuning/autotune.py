@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from .cache import TuningCache, default_cache, make_key
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from .autotune import TunableKernel, register, tuned_params
 
 __all__ = ["correlate_pairs", "correlate_pairs_reference", "CORRELATE_TUNING_SPACE", "CORRELATE_KERNEL",

@@ -25,7 +25,7 @@ import threading
 import uuid
 from typing import Any, Dict, Iterator, Optional
 
-from .. import backend
+from ... import backend
 
 try:  # POSIX
     import fcntl

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 from .cache import TuningCache, default_cache, make_key
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ def run_scipion_demo(args, outdir: str, *, box: int, n: int) -> dict:
     from ..io.star import write_particles_from_arrays
     from ..protocols import (XmippAccelProtAssignAngles, XmippAccelProtFSC, XmippAccelProtLocalResolution,
                              XmippAccelProtMovieAlign, XmippAccelProtReconstructFourier, convert)
-    from ..viewers import plots
+    from .. import plots
 
     t0 = time.perf_counter()
     data = os.path.join(outdir, "data")
@@ -81,7 +81,7 @@ def run_scipion_demo(args, outdir: str, *, box: int, n: int) -> dict:
     _write_movies(movies, 2 if args.small else 4)
 
     use_gpu = not (getattr(args, "device", None) == "cpu")
-    from ..gpu.backend import gpu_available
+    from ..backend import gpu_available
     use_gpu = use_gpu and gpu_available()
     gpu_kw = {"useGpu": use_gpu, "gpuList": "0"}
 

@@ -1,11 +1,11 @@
-"""Thread-pool shares of concurrent processes and of MPI ranks on one node (cli/threads.py)."""
+"""Thread-pool shares of concurrent processes and of MPI ranks on one node (threads.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-from xmipp_accel.cli.threads import (THREAD_VARIABLES, local_ranks, share_cores_with_local_ranks, thread_limits,
+from xmipp_accel.threads import (THREAD_VARIABLES, local_ranks, share_cores_with_local_ranks, thread_limits,
                                      with_thread_limits)
 
 
@@ -62,7 +62,7 @@ def test_the_command_line_shares_the_cores_before_numpy_loads():
     NumPy is imported (NumPy reads the variables once, when it loads)."""
     code = ("import os, sys\n"
             "import xmipp_accel.cli.__main__\n"
-            "from xmipp_accel.cli import threads\n"
+            "from xmipp_accel import threads\n"
             "print(os.environ.get('OPENBLAS_NUM_THREADS'), threads.applied_before_numpy)\n")
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     env["OMPI_COMM_WORLD_LOCAL_SIZE"] = "2"

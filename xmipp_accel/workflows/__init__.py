@@ -1,0 +1,1 @@
+"""Scripted Scipion workflows that drive the protocols (top layer: above protocols)."""
