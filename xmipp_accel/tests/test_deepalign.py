@@ -18,6 +18,7 @@ from xmipp_accel.gpu.align.projmatch import ProjectionMatcher
 torch = pytest.importorskip("torch")
 
 from xmipp_accel.gpu.align import deepalign as da  # noqa: E402  (after the torch check)
+from xmipp_accel.gpu.align import region_classifier as rc  # noqa: E402
 
 CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amplitude_contrast")
 PX = 3.0
@@ -127,7 +128,7 @@ def test_polar_images_turn_rotations_into_cyclic_shifts():
 
 def test_network_is_invariant_to_cyclic_angle_shifts():
     torch.manual_seed(0)
-    net = da.build_network(7, width=4).eval()
+    net = rc.build_network(7, width=4).eval()
     x = torch.randn(3, 1, 16, 48)
     with torch.no_grad():
         y0, y1 = net(x), net(torch.roll(x, 8, dims=3))
