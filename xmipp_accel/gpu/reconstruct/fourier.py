@@ -465,8 +465,8 @@ def _tuned_insert(grid: FourierGrid) -> Optional[dict]:
     """
     try:
         from ..tuning.autotune import tuned_params  # noqa: PLC0415
-        from ..tuning import builtin_kernels  # noqa: F401, PLC0415  (registers the "insert" adapter)
-        return dict(tuned_params("insert", {"padded_box": grid.padded_box, "images": 256}))
+        from .insert_tuning import INSERT_KERNEL  # noqa: PLC0415  (registers the kernel with the tuner)
+        return dict(tuned_params(INSERT_KERNEL, {"padded_box": grid.padded_box, "images": 256}))
     except Exception as exc:  # noqa: BLE001  a tuning cache problem must never stop a reconstruction
         logger.debug("insertion tuning not used: %s", exc)
         return None
