@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from xmipp_accel.em.geometry import euler_to_matrix  # noqa: E402
 from xmipp_accel.em.symmetry import symmetry_order  # noqa: E402
 from xmipp_accel import backend  # noqa: E402
+from xmipp_accel.gpu.reconstruct import batches as rb  # noqa: E402
 from xmipp_accel.gpu.reconstruct import fourier as fr  # noqa: E402
 from xmipp_accel.gpu.reconstruct.insert import insertion_count  # noqa: E402
 
@@ -129,11 +130,11 @@ def time_gpu(images, mats, shifts, ctf, sym: str, sym_mode: str, devices, **kw) 
     """Seconds of one reconstruction (after a warm-up on 64 particles) and its stage timings."""
     cp = backend.cupy_module()
     # warm-up: kernels compiled, FFT plans made, memory pool filled at this size
-    fr.reconstruct(images[:64], mats[:64], shifts_px=shifts[:64], ctf={k: v[:64] for k, v in ctf.items()},
+    rb.reconstruct(images[:64], mats[:64], shifts_px=shifts[:64], ctf={k: v[:64] for k, v in ctf.items()},
                    pixel_size_A=APIX, sym=sym, sym_mode=sym_mode, devices=devices, **kw)
     cp.cuda.Device().synchronize()
     t0 = time.perf_counter()
-    res = fr.reconstruct(images, mats, shifts_px=shifts, ctf=ctf, pixel_size_A=APIX, sym=sym, sym_mode=sym_mode,
+    res = rb.reconstruct(images, mats, shifts_px=shifts, ctf=ctf, pixel_size_A=APIX, sym=sym, sym_mode=sym_mode,
                          devices=devices, **kw)
     cp.cuda.Device().synchronize()
     return time.perf_counter() - t0, res.timings

@@ -12,7 +12,7 @@ run stage by stage on GPU-resident images, each stage over all batches between t
   block shapes, tiles, table in L1 or shared memory), all on the same packed batch;
 - the finish (normalise, inverse FFT, gridding correction) for C1 and with icosahedral symmetry.
 
-Then the end-to-end times of ``fourier.reconstruct`` from host and from device memory, so that
+Then the end-to-end times of ``batches.reconstruct`` from host and from device memory, so that
 ``end-to-end - sum of stages`` is what is not overlapped (host work, synchronisation, staging).
 
 Usage::
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 from reconstruct import APIX, host_particles, time_gpu  # noqa: E402
 
 from xmipp_accel import backend  # noqa: E402
+from xmipp_accel.gpu.reconstruct import batches as rb  # noqa: E402
 from xmipp_accel.gpu.reconstruct import fourier as fr  # noqa: E402
 from xmipp_accel.gpu.reconstruct import insert as ins  # noqa: E402
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     settings = fr.ReconstructionSettings()
     grid = fr.fourier_grid(box, settings)
     M = grid.padded_box
-    chunk = fr.default_batch_size(box, settings, gpu=True)
+    chunk = rb.default_batch_size(box, settings, gpu=True)
     images, mats, shifts, ctf = host_particles(box, n)
     resident = cp.asarray(images)
     bounds = list(range(0, n, chunk)) + [n]

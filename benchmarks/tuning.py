@@ -1,7 +1,7 @@
 """Kernel autotuning: tuned vs default vs best-possible time, dynamic tuning, and portability across sizes.
 
-For each registered kernel (our pair correlation, the reconstruction insertion kernel, the movie
-local-motion kernel) and each of its usual sizes, the whole tuning space is measured (CUDA events,
+For each registered kernel (the reconstruction insertion kernel, the movie local-motion kernel) and
+each of its usual sizes, the whole tuning space is measured (CUDA events,
 median of --repeats launches, every variant checked against the default's output). From those tables:
 
 - default, best-possible (exhaustive) and speed-up; the floor of the kernel (bytes it must move at the
@@ -15,7 +15,7 @@ median of --repeats launches, every variant checked against the default's output
 
 Usage::
 
-    python benchmarks/tuning.py [--kernels correlate-pairs,insert,movie-local-motion] [--budget 50]
+    python benchmarks/tuning.py [--kernels insert,movie-local-motion] [--budget 50]
                                 [--repeats 3] [--json out.json]
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from xmipp_accel import backend
+from xmipp_accel.cli.tune import load_kernels
 from xmipp_accel.gpu.tuning import autotune as at
 from xmipp_accel.gpu.tuning.cache import TuningCache, make_key
 
@@ -61,9 +62,6 @@ def floor_flops(name: str, size: dict) -> float:
 
 def floor_bytes(name: str, size: dict) -> float:
     """Bytes a kernel must move at least (each input read once, each output written once)."""
-    if name == "correlate-pairs":
-        f, p = int(size.get("frames", 30)), int(size["pixels"])
-        return f * p * 8 + p * 4 + f * (f - 1) // 2 * p * 8
     if name == "insert":
         m, b = int(size["padded_box"]), int(size["images"])
         vol = m * m * (m // 2 + 1) * (8 + 4)
@@ -107,7 +105,7 @@ def main() -> None:
     cp = backend.cupy_module()
     if cp is None:
         raise SystemExit("benchmarks/tuning.py measures CUDA kernels: it needs a GPU")
-    kernels = at.registered()
+    kernels = load_kernels()
     names = args.kernels.split(",") if args.kernels else sorted(kernels)
     bw = copy_bandwidth(cp)
     peak = fp32_peak(cp)

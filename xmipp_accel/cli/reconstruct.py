@@ -140,7 +140,7 @@ def _settings(args: argparse.Namespace, pixel_size_A: float, has_ctf: bool, prem
 def _batches(pset, indices: np.ndarray, batch: int, pixel_size_A: float, subsets: Optional[np.ndarray],
              use_ctf: bool) -> Iterator:
     """Read the particles ``indices`` of ``pset`` in batches (images, rotations, shifts, CTF, subsets)."""
-    from ..gpu.reconstruct.fourier import ParticleBatch
+    from ..gpu.reconstruct.batches import ParticleBatch
     angles = pset.angles_deg
     origins = pset.origins_A
     ctf = pset.ctf() if use_ctf else None
@@ -204,7 +204,8 @@ def fsc_table(half1: np.ndarray, half2: np.ndarray, pixel_size_A: float):
 # --------------------------------------------------------------------------------------------- main
 
 def main(args: argparse.Namespace) -> int:
-    from ..gpu.reconstruct.fourier import default_batch_size, group_matrices, reconstruct_batches
+    from ..gpu.reconstruct.batches import default_batch_size, reconstruct_batches
+    from ..gpu.reconstruct.fourier import group_matrices
     from ..gpu.runtime.mpi import mpi_context
     t_start = time.perf_counter()
     ctx = mpi_context()

@@ -1,22 +1,23 @@
 """Autotune CUDA kernels on this GPU and keep the best configuration per size class in the tuning cache.
 
 Without a kernel name every registered kernel is tuned at its usual sizes.
-Sizes are key=value lists (``pixels=262144,frames=30``), plain numbers or
+Sizes are key=value lists (``padded_box=256,images=500``), plain numbers or
 WxH. Results are stored per GPU model and CUDA/CuPy version; the algorithms pick
 them up automatically (and tune themselves during long runs when nothing is stored).
 
 Example usage::
 
     xmipp-accel tune --list
-    xmipp-accel tune correlate-pairs --size frames=30,pixels=262144 --json
+    xmipp-accel tune movie-local-motion --size frames=30,height=4096,width=4096 --json
     xmipp-accel tune                      # every kernel, its default sizes
     xmipp-accel tune insert --max-configs 50 --strategy random
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-from typing import Any, List
+from typing import Any, Dict, List
 
 from ..errors import InputError
 from .. import backend
@@ -25,6 +26,22 @@ from ..gpu.tuning.cache import default_cache
 from .common import add_common_args, emit_result, resolve_devices, stopwatch
 
 logger = logging.getLogger(__name__)
+
+#: Algorithm modules that register tunable kernels with the tuner when imported.
+KERNEL_MODULES = (
+    "xmipp_accel.gpu.reconstruct.insert_tuning",   # insert
+    "xmipp_accel.gpu.movie.apply_tuning",          # movie-local-motion
+)
+
+
+def load_kernels() -> Dict[str, at.TunableKernel]:
+    """Import :data:`KERNEL_MODULES` (a failing one is logged and skipped) and return the registered kernels."""
+    for name in KERNEL_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001  one broken module must not hide the other kernels
+            logger.warning("could not load tunable kernels from %s: %s", name, exc)
+    return at.registered()
 
 
 def parse_kernel_size(text: str) -> Any:
@@ -43,7 +60,7 @@ def parse_kernel_size(text: str) -> Any:
             return tuple(int(v) for v in t.lower().split("x"))
         return int(t)
     except ValueError:
-        raise InputError(f"--size {text!r}: use key=value pairs (frames=30,pixels=262144), a number or WxH") from None
+        raise InputError(f"--size {text!r}: use key=value pairs (padded_box=256,images=500), a number or WxH") from None
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +97,7 @@ def _list(args, kernels) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    kernels = at.registered()
+    kernels = load_kernels()
     if args.list:
         return _list(args, kernels)
     if args.kernel is not None and args.kernel not in kernels:

@@ -16,7 +16,6 @@ import types
 import numpy as np
 import pytest
 
-from xmipp_accel.gpu.tuning import autotune
 from xmipp_accel.gpu.tuning.cache import default_cache
 from xmipp_accel.gpu.tuning.fft_advisor import good_fft_size, is_smooth
 
@@ -35,13 +34,13 @@ def tmp_cache(tmp_path, monkeypatch):
 
 
 def _store_tuned(cache, size, params):
-    k = autotune.get_kernel("movie-local-motion")
+    from xmipp_accel.gpu.movie.apply_tuning import MOVIE_LOCAL_MOTION_KERNEL as k  # registers the kernel
     cache.put(k.cache_kind, k.size_class(size), {"params": dict(params), "time_s": 1e-3})
 
 
 def test_local_motion_block_is_the_default_without_a_tuned_result(tmp_cache):
     from xmipp_accel.gpu.movie.apply import LOCAL_MOTION_DEFAULT_BLOCK, local_motion_block
-    k = autotune.get_kernel("movie-local-motion")
+    from xmipp_accel.gpu.movie.apply_tuning import MOVIE_LOCAL_MOTION_KERNEL as k  # registers the kernel
     assert LOCAL_MOTION_DEFAULT_BLOCK == (k.default["block_x"], k.default["block_y"])
     assert local_motion_block(MOVIE["frames"], MOVIE["height"], MOVIE["width"]) == LOCAL_MOTION_DEFAULT_BLOCK
 

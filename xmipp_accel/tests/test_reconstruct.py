@@ -15,10 +15,10 @@ from xmipp_accel.em.ctf import ctf_2d
 from xmipp_accel.em.geometry import euler_to_matrix
 from xmipp_accel.em.symmetry import symmetry_matrices
 from xmipp_accel.errors import InputError
-from xmipp_accel.gpu.reconstruct import fourier as fr
+from xmipp_accel.gpu.reconstruct import batches as rb
+from xmipp_accel.gpu.reconstruct.batches import reconstruct
 from xmipp_accel.gpu.reconstruct.blob import KaiserBesselBlob, bessel_i
-from xmipp_accel.gpu.reconstruct.fourier import (FourierAccumulator, FourierReconstructor, ReconstructionSettings,
-                                                 reconstruct)
+from xmipp_accel.gpu.reconstruct.fourier import FourierAccumulator, FourierReconstructor, ReconstructionSettings
 from xmipp_accel.gpu.reconstruct.insert import (FourierGrid, insert_gather_numpy, symmetrize_fourier_volume_numpy)
 from xmipp_accel.gpu.resolution.fsc import fsc
 
@@ -426,9 +426,9 @@ def test_reduce_accumulators_across_ranks():
             return [obj] * 3
     g = FourierGrid(8, 4)
     acc = FourierAccumulator(np.ones(g.shape, np.complex64), np.ones(g.shape, np.float32), 5)
-    out = fr.reduce_accumulators([acc], FakeMPI())
+    out = rb.reduce_accumulators([acc], FakeMPI())
     assert out[0].count == 15 and float(out[0].weight.max()) == 3.0
-    assert fr.reduce_accumulators([acc], None)[0] is acc
+    assert rb.reduce_accumulators([acc], None)[0] is acc
 
 
 def test_out_of_memory_retries_with_smaller_batches(c1_data, monkeypatch, caplog):
@@ -456,28 +456,31 @@ def test_worker_threads_feed_every_batch_and_report_errors():
     are re-raised (the runtime's own tests cover several workers)."""
     from xmipp_accel import backend
 
-    class Worker:
+    class State:
         device = backend.Device("cpu")
 
         def __init__(self, fail_at=None):
             self.seen, self.fail_at = [], fail_at
 
         def process(self, batch):
-            if batch == self.fail_at:
+            if batch.first_index == self.fail_at:
                 raise RuntimeError("boom")
-            self.seen.append(batch)
+            self.seen.append(batch.first_index)
 
-    worker = Worker()
-    fr._run_threads([worker], range(20), lambda b: None, None)
-    assert worker.seen == list(range(20))
+    def batches(n):
+        return (rb.ParticleBatch(np.zeros((1, 4, 4), np.float32), np.eye(3)[None], first_index=i) for i in range(n))
+
+    state = State()
+    rb._run_pipeline([state], batches(20), lambda b: None, None)
+    assert state.seen == list(range(20))
     with pytest.raises(RuntimeError, match="boom"):
-        fr._run_threads([Worker(fail_at=3)], range(50), lambda b: None, None)
+        rb._run_pipeline([State(fail_at=3)], batches(50), lambda b: None, None)
 
     def validate(b):
-        if b == 7:
+        if b.first_index == 7:
             raise InputError("particle batch 7 is bad")
     with pytest.raises(InputError, match="batch 7"):
-        fr._run_threads([Worker()], range(50), validate, None)
+        rb._run_pipeline([State()], batches(50), validate, None)
 
 
 def test_nan_particles_are_rejected(c1_data):

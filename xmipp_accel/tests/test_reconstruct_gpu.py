@@ -9,6 +9,7 @@ import pytest
 
 from xmipp_accel.em.ctf import ctf_2d
 from xmipp_accel import backend
+from xmipp_accel.gpu.reconstruct import batches as rb
 from xmipp_accel.gpu.reconstruct import fourier as fr
 from xmipp_accel.gpu.reconstruct import insert as ins
 from xmipp_accel.gpu.reconstruct.blob import KaiserBesselBlob
@@ -248,8 +249,8 @@ def test_gpu_reconstruction_matches_cpu(particles, kw):
     args = (particles["images"][:n], particles["matrices"][:n])
     common = dict(shifts_px=particles["origins"][:n], ctf={k: v[:n] for k, v in particles["ctf"].items()},
                   pixel_size_A=APIX, halves=halves, **kw)
-    cpu = fr.reconstruct(*args, devices="cpu", **common)
-    gpu = fr.reconstruct(*args, devices=gpu0(), batch_size=64, **common)
+    cpu = rb.reconstruct(*args, devices="cpu", **common)
+    gpu = rb.reconstruct(*args, devices=gpu0(), batch_size=64, **common)
     assert gpu.n_particles == cpu.n_particles == n
     assert rel(gpu.volume, cpu.volume) < 1e-4
     if halves:
@@ -262,11 +263,11 @@ def test_gpu_pipeline_batches_resident_images_and_two_workers(cp, particles):
     """Pinned double buffering over many small batches, CuPy input, and two worker threads on one GPU."""
     args = (particles["images"], particles["matrices"])
     common = dict(shifts_px=particles["origins"], ctf=particles["ctf"], pixel_size_A=APIX)
-    ref = fr.reconstruct(*args, devices=gpu0(), batch_size=300, **common).volume
-    small = fr.reconstruct(*args, devices=gpu0(), batch_size=17, **common).volume
-    resident = fr.reconstruct(cp.asarray(particles["images"]), particles["matrices"], devices=gpu0(), batch_size=50,
+    ref = rb.reconstruct(*args, devices=gpu0(), batch_size=300, **common).volume
+    small = rb.reconstruct(*args, devices=gpu0(), batch_size=17, **common).volume
+    resident = rb.reconstruct(cp.asarray(particles["images"]), particles["matrices"], devices=gpu0(), batch_size=50,
                               **common).volume
-    two = fr.reconstruct(*args, devices=gpu0() * 2, batch_size=23, **common).volume
+    two = rb.reconstruct(*args, devices=gpu0() * 2, batch_size=23, **common).volume
     for v in (small, resident, two):
         assert rel(v, ref) < 1e-5
 
@@ -274,7 +275,7 @@ def test_gpu_pipeline_batches_resident_images_and_two_workers(cp, particles):
 def test_gpu_out_of_memory_retries(particles, monkeypatch, caplog):
     common = dict(shifts_px=particles["origins"][:60], ctf={k: v[:60] for k, v in particles["ctf"].items()},
                   pixel_size_A=APIX)
-    ref = fr.reconstruct(particles["images"][:60], particles["matrices"][:60], devices=gpu0(), batch_size=60,
+    ref = rb.reconstruct(particles["images"][:60], particles["matrices"][:60], devices=gpu0(), batch_size=60,
                          **common).volume
     real = fr.packed_projections
 
@@ -285,7 +286,7 @@ def test_gpu_out_of_memory_retries(particles, monkeypatch, caplog):
 
     monkeypatch.setattr(fr, "packed_projections", limited)
     with caplog.at_level(logging.WARNING):
-        vol = fr.reconstruct(particles["images"][:60], particles["matrices"][:60], devices=gpu0(), batch_size=60,
+        vol = rb.reconstruct(particles["images"][:60], particles["matrices"][:60], devices=gpu0(), batch_size=60,
                              **common).volume
     assert "retrying with" in caplog.text
     assert rel(vol, ref) < 1e-5
@@ -296,4 +297,4 @@ def test_gpu_rejects_nan_particles(particles):
     imgs = particles["images"][:40].copy()
     imgs[33, 5, 5] = np.inf
     with pytest.raises(InputError, match="particle 34 has NaN"):
-        fr.reconstruct(imgs, particles["matrices"][:40], devices=gpu0(), batch_size=16, ctf_mode="none")
+        rb.reconstruct(imgs, particles["matrices"][:40], devices=gpu0(), batch_size=16, ctf_mode="none")

@@ -239,11 +239,11 @@ def test_read_into_buffers_given_by_the_pipeline(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_pipeline_reads_straight_into_pinned_buffers(monkeypatch):
-    from xmipp_accel.gpu.runtime import pipeline as pl
+    from xmipp_accel.gpu.runtime.pinned import PinnedPool
     cp = backend.cupy_module()
     copies = []
-    original = pl._PinnedPool.copy_in
-    monkeypatch.setattr(pl._PinnedPool, "copy_in", lambda self, a: copies.append(a.shape) or original(self, a))
+    original = PinnedPool.copy_in
+    monkeypatch.setattr(PinnedPool, "copy_in", lambda self, a: copies.append(a.shape) or original(self, a))
 
     def read(i, alloc):
         buf = alloc((2, 16, 16), np.float32)

@@ -154,13 +154,26 @@ def test_stale_cache_entries_are_ignored():
     assert at.tuned_params(k, 1000, cache=cache) == DEFAULT
 
 
-def test_registry_lists_builtin_kernel_and_rejects_unknown_names():
-    names = at.registered()
-    assert "correlate-pairs" in names
-    with pytest.raises(ValueError, match="correlate-pairs"):
+def test_registry_lists_the_algorithms_kernels_and_rejects_unknown_names():
+    from xmipp_accel.cli.tune import load_kernels
+    names = load_kernels()
+    assert {"insert", "movie-local-motion"} <= set(names)
+    with pytest.raises(ValueError, match="movie-local-motion"):
         at.get_kernel("no-such-kernel")
     k = at.register(toy_kernel(name="toy-registered"))
     assert at.get_kernel("toy-registered") is k
+
+
+def test_tuning_imports_no_algorithm():
+    """The tuner is machinery: importing it (in a fresh interpreter) loads no algorithm package."""
+    import subprocess
+    import sys
+    code = ("import sys, xmipp_accel.gpu.tuning.autotune, xmipp_accel.gpu.tuning.cache; "
+            "print(sorted(m for m in sys.modules if m.startswith(('xmipp_accel.gpu.reconstruct', "
+            "'xmipp_accel.gpu.movie', 'xmipp_accel.gpu.align', 'xmipp_accel.gpu.refine', "
+            "'xmipp_accel.gpu.resolution'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_time_callable_on_cpu_counts_calls():
@@ -169,43 +182,14 @@ def test_time_callable_on_cpu_counts_calls():
     assert len(calls) == 6 and len(t.samples_s) == 4 and t.min_s <= t.median_s
 
 
-# --------------------------------------------------------------------------------- built-in kernel
-def test_correlate_pairs_reference_matches_loop():
-    from xmipp_accel.gpu.tuning.builtin_kernels import all_pairs, correlate_pairs
-    rng = np.random.default_rng(0)
-    spectra = (rng.normal(size=(5, 6, 4)) + 1j * rng.normal(size=(5, 6, 4))).astype(np.complex64)
-    w = rng.random((6, 4)).astype(np.float32)
-    pairs = all_pairs(5)
-    assert pairs.shape == (10, 2) and pairs.tolist()[:4] == [[0, 1], [0, 2], [0, 3], [0, 4]]
-    out = correlate_pairs(spectra, pairs, w)
-    for p, (a, b) in enumerate(pairs):
-        np.testing.assert_allclose(out[p], w * spectra[a] * np.conj(spectra[b]), rtol=1e-6)
-    assert out.dtype == np.complex64
-
-
+# --------------------------------------------------------------------------------- algorithms' kernels
 @pytest.mark.gpu
-@pytest.mark.parametrize("params", [None, {"BLOCK_SIZE": 64, "ITEMS": 8, "PAIRS_PER_BLOCK": 8},
-                                    {"BLOCK_SIZE": 1024, "ITEMS": 2, "PAIRS_PER_BLOCK": 2}])
-def test_gpu_correlate_pairs_matches_numpy(params):
-    from xmipp_accel.gpu.tuning.builtin_kernels import all_pairs, correlate_pairs
+def test_gpu_tuner_and_dynamic_tuner_on_a_registered_kernel(tmp_path):
+    from xmipp_accel.cli.tune import load_kernels
     cp = backend.cupy_module()
-    rng = np.random.default_rng(2)
-    spectra = (rng.normal(size=(7, 33, 17)) + 1j * rng.normal(size=(7, 33, 17))).astype(np.complex64)
-    w = rng.random((33, 17)).astype(np.float32)
-    pairs = all_pairs(7)
-    ref = correlate_pairs(spectra, pairs, w)
-    got = correlate_pairs(cp.asarray(spectra), cp.asarray(pairs), cp.asarray(w), params=params)
-    np.testing.assert_allclose(cp.asnumpy(got), ref, rtol=1e-5, atol=1e-5)
-    no_w = correlate_pairs(cp.asarray(spectra), pairs, None, params=params)
-    np.testing.assert_allclose(cp.asnumpy(no_w), correlate_pairs(spectra, pairs), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.gpu
-def test_gpu_tuner_and_dynamic_tuner_on_builtin_kernel(tmp_path):
-    cp = backend.cupy_module()
-    k = at.get_kernel("correlate-pairs")
+    k = load_kernels()["movie-local-motion"]
     cache = TuningCache(str(tmp_path), memory_only=False)
-    size = {"frames": 8, "pixels": 64 * 33}
+    size = {"frames": 3, "height": 64, "width": 96}
     res = Tuner(k, cache=cache, max_configs=8, repeats=3).tune(size, xp=cp)
     assert sum(t.seconds is not None for t in res.trials) >= 2
     assert not [t for t in res.trials if t.error and "differs" in t.error]  # every variant computes the same
@@ -219,7 +203,8 @@ def test_gpu_tuner_and_dynamic_tuner_on_builtin_kernel(tmp_path):
 
 
 def test_adapters_build_inputs_on_the_cpu():
-    names = at.registered()
+    from xmipp_accel.cli.tune import load_kernels
+    names = load_kernels()
     if "insert" in names:
         inp = names["insert"].make_inputs({"padded_box": 32, "images": 3}, np)
         assert inp["data"].shape == (32, 32, 17) and inp["proj"].shape == (3, 32, 17)
@@ -236,7 +221,8 @@ def test_adapters_build_inputs_on_the_cpu():
                                        ("movie-local-motion", {"frames": 3, "height": 200, "width": 300})])
 def test_gpu_adapted_kernels_give_the_same_result_in_every_configuration(name, size, tmp_path):
     """Every configuration of the algorithms' kernels computes the default's result (else the tuner skips it)."""
-    names = at.registered()
+    from xmipp_accel.cli.tune import load_kernels
+    names = load_kernels()
     if name not in names:
         pytest.skip(f"{name} kernel not in this build")
     cp = backend.cupy_module()
@@ -255,13 +241,14 @@ def test_cli_tune_list_and_errors(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("XMIPP_ACCEL_CACHE", str(tmp_path))
     assert main(["tune", "--list", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["kernels"]["correlate-pairs"]["configurations"] == 76
+    assert summary["kernels"]["movie-local-motion"]["configurations"] == 27   # 6 x 6 shapes, 32..1024 threads
+    assert "insert" in summary["kernels"]
     assert main(["tune", "no-such-kernel"]) == 2
-    assert "correlate-pairs" in capsys.readouterr().err
+    assert "movie-local-motion" in capsys.readouterr().err
     assert parse_kernel_size("frames=30,pixels=1024") == {"frames": 30, "pixels": 1024}
     assert parse_kernel_size("64x32") == (64, 32) and parse_kernel_size("7") == 7
     if not backend.gpu_available():
-        assert main(["tune", "correlate-pairs", "--device", "cpu"]) == 2
+        assert main(["tune", "movie-local-motion", "--device", "cpu"]) == 2
         assert "GPU" in capsys.readouterr().err
 
 
@@ -273,11 +260,11 @@ def test_cli_tune_stores_the_best_for_this_gpu(capsys, monkeypatch, tmp_path):
     from xmipp_accel.gpu.tuning import cache as tc
     monkeypatch.setenv("XMIPP_ACCEL_CACHE", str(tmp_path))
     tc._DEFAULT.clear()
-    assert main(["tune", "correlate-pairs", "--size", "frames=6,pixels=4096", "--max-configs", "4",
+    assert main(["tune", "movie-local-motion", "--size", "frames=3,height=64,width=96", "--max-configs", "4",
                  "--repeats", "1", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     res = summary["results"][0]
     assert res["tried"] == 4 and res["best_ms"] > 0
-    k = at.get_kernel("correlate-pairs")
-    assert at.tuned_params(k, {"frames": 6, "pixels": 4096}) == res["best"]
+    k = at.get_kernel("movie-local-motion")
+    assert at.tuned_params(k, {"frames": 3, "height": 64, "width": 96}) == res["best"]
     tc._DEFAULT.clear()

@@ -118,7 +118,7 @@ def _kernel(device_id: int):
 
 #: Launch geometry of the local-motion kernel when nothing is tuned (also the adapter's default).
 LOCAL_MOTION_DEFAULT_BLOCK = (32, 8)
-#: Name of the kernel in the autotuner's registry (:mod:`xmipp_accel.gpu.tuning.builtin_kernels`).
+#: Name of the kernel in the autotuner's registry (registered by :mod:`.apply_tuning`).
 LOCAL_MOTION_KERNEL = "movie-local-motion"
 
 
@@ -142,8 +142,9 @@ def local_motion_block(n_frames: int, height: int, width: int) -> Tuple[int, int
     """
     try:
         from ..tuning.autotune import tuned_params  # noqa: PLC0415
-        params = tuned_params(LOCAL_MOTION_KERNEL, {"frames": int(n_frames), "height": int(height),
-                                                    "width": int(width)})
+        from .apply_tuning import MOVIE_LOCAL_MOTION_KERNEL  # noqa: PLC0415  (it imports this module)
+        params = tuned_params(MOVIE_LOCAL_MOTION_KERNEL, {"frames": int(n_frames), "height": int(height),
+                                                          "width": int(width)})
         return int(params["block_x"]), int(params["block_y"])
     except (ImportError, ValueError, KeyError, OSError) as exc:  # no tuner or no adapter: keep the default
         logger.debug("local-motion kernel: default launch geometry (%s)", exc)

@@ -15,11 +15,9 @@ doi:10.1177/1094342019832958):
    mean weight of the voxel's shell), inverse FFT, crop to ``N`` and divide by the blob's
    real-space transform (gridding correction).
 
-Particles arrive in batches; on a GPU each device runs a pipeline (pinned staging buffers, a
-copy stream and a compute stream, so reading, transfer and FFT/insertion overlap) and memory
-is bounded by the batch whatever the particle count. Several GPUs each take batches from one
-queue and their partial volumes are summed; :func:`reduce_accumulators` sums them across MPI
-ranks. Half maps keep one accumulator per random subset.
+This module holds the maths on one device (:class:`FourierReconstructor`); batches of particles,
+several GPUs and MPI ranks are driven by :mod:`.batches` on the task runtime. Half maps keep one
+accumulator per random subset.
 
 Array conventions: images ``(n, N, N)`` and volumes ``(N, N, N)`` float32, axes (z, y, x),
 centre at ``N // 2``; rotations ``(n, 3, 3)`` of :mod:`xmipp_accel.em.geometry` (a projection
@@ -27,26 +25,21 @@ of the result along ``A`` matches the image of rotation ``A``); shifts ``(n, 2)`
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
-import os
-import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 import numpy as np
 
 from ...errors import InputError
 from ... import backend
 from .blob import KaiserBesselBlob
-from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu, packed_width,
+from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu,
                      symmetrize_fourier_volume)
 
-__all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "ParticleBatch", "ReconstructionResult",
-           "FourierAccumulator", "FourierReconstructor", "padded_box", "fourier_grid", "projection_transforms",
-           "finish_volume", "reconstruct", "reconstruct_batches", "reduce_accumulators", "batches_from_arrays",
-           "default_batch_size", "group_matrices", "replica_count",
+__all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "FourierAccumulator", "FourierReconstructor",
+           "padded_box", "fourier_grid", "projection_transforms", "finish_volume", "group_matrices", "replica_count",
            "packed_projections"]
 
 logger = logging.getLogger(__name__)
@@ -144,82 +137,12 @@ def fourier_grid(box: int, settings: ReconstructionSettings) -> FourierGrid:
     return FourierGrid(M, min(settings.max_res_digital * M, M / 2))
 
 
-def default_batch_size(box: int, settings: ReconstructionSettings, *, gpu: bool,
-                       budget_bytes: float = 2.0e9) -> int:
-    """Particles per batch keeping the per-batch buffers near ``budget_bytes`` (GPU) or small (CPU).
-
-    A GPU batch holds the images, their padded transforms and CTFs (rfft layout) and the packed
-    projections (``W² x 16`` bytes each, :func:`.insert.packed_width`).
-    """
-    grid = fourier_grid(box, settings)
-    M = grid.padded_box
-    W = packed_width(grid, settings.blob)
-    per_image = M * (M // 2 + 1) * (8 + 4) + M * M * 4 + W * W * 16 + box * box * 4 * 3
-    if not gpu:
-        budget_bytes = 1.5e8
-    return int(max(1, min(4096, budget_bytes // per_image)))
-
-
 def group_matrices(sym: str) -> np.ndarray:
     """Operators ``(k, 3, 3)`` float64 of a point group (identity first; :mod:`xmipp_accel.em.symmetry`)."""
     if str(sym).strip().lower() == "c1":
         return np.eye(3)[None]
     from ...em.symmetry import symmetry_matrices  # noqa: PLC0415
     return np.asarray(symmetry_matrices(sym), dtype=np.float64).reshape(-1, 3, 3)
-
-
-# ---------------------------------------------------------------------------------------------- batches
-
-@dataclass
-class ParticleBatch:
-    """A batch of aligned particles.
-
-    Attributes
-    ----------
-    images : ndarray ``(n, N, N)`` float32 (NumPy or CuPy).
-    matrices : ndarray ``(n, 3, 3)``: projection rotations (``euler_to_matrix(rot, tilt, psi)``).
-    shifts_px : ndarray ``(n, 2)`` or None: (x, y) shifts in pixels applied to the images
-        (``origin_A / pixel_size_A`` in RELION's convention).
-    ctf : dict or None: per-particle ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg`` and
-        optionally ``voltage_kV``, ``cs_mm``, ``amplitude_contrast``, ``phase_shift_deg`` arrays ``(n,)``.
-    subset : ndarray ``(n,)`` int (1 or 2) or None: half-map subset of each particle.
-    first_index : int
-        Index of the first particle in the whole data set (for messages).
-    """
-
-    images: object
-    matrices: np.ndarray
-    shifts_px: Optional[np.ndarray] = None
-    ctf: Optional[Dict[str, np.ndarray]] = None
-    subset: Optional[np.ndarray] = None
-    first_index: int = 0
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def take(self, start: int, stop: int) -> ParticleBatch:
-        """Particles ``start:stop`` of this batch."""
-        def sl(a):
-            return None if a is None else a[start:stop]
-        return ParticleBatch(self.images[start:stop], np.asarray(self.matrices)[start:stop], sl(self.shifts_px),
-                             None if self.ctf is None else {k: np.asarray(v)[start:stop] for k, v in self.ctf.items()},
-                             sl(self.subset), self.first_index + start)
-
-
-def batches_from_arrays(images, matrices, *, shifts_px=None, ctf=None, subset=None,
-                        batch_size: int = 256) -> Iterable[ParticleBatch]:
-    """Split in-memory arrays into :class:`ParticleBatch` objects of ``batch_size`` particles."""
-    n = int(images.shape[0])
-    for name, arr, width in (("matrices", matrices, 9), ("shifts_px", shifts_px, 2), ("subset", subset, 1)):
-        if arr is not None and np.asarray(arr).size != n * width:
-            raise InputError(f"{name} must describe the {n} images (shape ({n}, ...)), got shape {np.shape(arr)}")
-    full = ParticleBatch(images, np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3),
-                         None if shifts_px is None else np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2),
-                         None if ctf is None else {k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
-                                                   for k, v in ctf.items()},
-                         None if subset is None else np.asarray(subset).reshape(-1))
-    for start in range(0, n, batch_size):
-        yield full.take(start, min(n, start + batch_size))
 
 
 # ---------------------------------------------------------------------------------------------- per batch
@@ -312,7 +235,7 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
     shifts_px : array ``(n, 2)`` or None
         (x, y) shifts in pixels: the content moves by ``+shift`` (as ``em.projection.shift_images``).
     ctf : dict or None
-        Per-particle CTF parameters (see :class:`ParticleBatch`); None: no CTF treatment.
+        Per-particle CTF parameters (see :class:`.batches.ParticleBatch`); None: no CTF treatment.
     pixel_size_A : float
         Pixel size (Å), for the CTF.
     ctf_mode : {"wiener", "phase-flip", "none"}
@@ -465,24 +388,11 @@ def _tuned_insert(grid: FourierGrid) -> Optional[dict]:
     """
     try:
         from ..tuning.autotune import tuned_params  # noqa: PLC0415
-        from ..tuning import builtin_kernels  # noqa: F401, PLC0415  (registers the "insert" adapter)
-        return dict(tuned_params("insert", {"padded_box": grid.padded_box, "images": 256}))
+        from .insert_tuning import INSERT_KERNEL  # noqa: PLC0415  (registers the kernel with the tuner)
+        return dict(tuned_params(INSERT_KERNEL, {"padded_box": grid.padded_box, "images": 256}))
     except Exception as exc:  # noqa: BLE001  a tuning cache problem must never stop a reconstruction
         logger.debug("insertion tuning not used: %s", exc)
         return None
-
-
-def reduce_accumulators(accumulators: List[FourierAccumulator], mpi=None) -> Optional[List[FourierAccumulator]]:
-    """Sum per-subset accumulators across MPI ranks (``gpu.runtime.mpi``); the sums on root, None elsewhere."""
-    if mpi is None or not getattr(mpi, "enabled", False):
-        return accumulators
-    out = []
-    for acc in accumulators:
-        d = mpi.reduce_sum(acc.data)
-        w = mpi.reduce_sum(acc.weight)
-        counts = mpi.gather(int(acc.count))
-        out.append(None if d is None else FourierAccumulator(d, w, int(sum(counts))))
-    return out if mpi.is_root else None
 
 
 class FourierReconstructor:
@@ -557,7 +467,7 @@ class FourierReconstructor:
             acc.count += sel.size // max(k, 1)
 
     def insert(self, images, matrices, *, shifts_px=None, ctf=None, subset=None) -> None:
-        """Insert particle images ``(n, N, N)`` with rotations ``(n, 3, 3)`` (see :class:`ParticleBatch`)."""
+        """Insert particle images ``(n, N, N)`` with rotations ``(n, 3, 3)`` (see :class:`.batches.ParticleBatch`)."""
         images = self.xp.asarray(images, dtype=self.xp.float32)
         if images.ndim != 3 or images.shape[1:] != (self.box, self.box):
             raise InputError(f"images must have shape (n, {self.box}, {self.box}), got {tuple(images.shape)}")
@@ -641,333 +551,3 @@ def finish_volume(acc: FourierAccumulator, box: int, grid: FourierGrid, settings
     if settings.gridding_correction:
         vol /= settings.blob.gridding_correction(box, M, xp=xp)
     return vol
-
-
-# ---------------------------------------------------------------------------------------------- drivers
-
-@dataclass
-class ReconstructionResult:
-    """Output of :func:`reconstruct_batches` (host arrays; None on non-root MPI ranks).
-
-    Attributes
-    ----------
-    volume : ``(N, N, N)`` float32; half1, half2 : same or None (without half maps).
-    n_particles : int, particles inserted (all ranks); timings : dict of seconds per stage.
-    """
-
-    volume: Optional[np.ndarray]
-    half1: Optional[np.ndarray] = None
-    half2: Optional[np.ndarray] = None
-    n_particles: int = 0
-    timings: dict = field(default_factory=dict)
-
-
-class _DeviceWorker:
-    """Inserts batches on one device; on a GPU through a pinned, two-stream pipeline with OOM retry."""
-
-    def __init__(self, device: backend.Device, box: int, settings: ReconstructionSettings, pixel_size_A: float,
-                 n_subsets: int, chunk: int, stager: Optional[concurrent.futures.Executor] = None,
-                 check_finite: bool = True, stage_parts: int = 4):
-        self.device = device
-        self.check_finite = check_finite
-        self.stage_parts = max(1, int(stage_parts))
-        self.chunk = max(1, int(chunk))
-        self.stager = stager
-        with backend.on_device(device):
-            self.xp = device.xp
-            self.rec = FourierReconstructor(box, settings=settings, pixel_size_A=pixel_size_A, xp=self.xp,
-                                            n_subsets=n_subsets)
-            if device.is_gpu:
-                cp = self.xp
-                self.copy_stream = cp.cuda.Stream(non_blocking=True)
-                self.compute_stream = cp.cuda.Stream(non_blocking=True)
-                self.pinned = [None, None]
-                self.dev_images = [None, None]
-                self.h2d_done = [None, None]
-                self.compute_done = [None, None]
-                self.slot = 0
-                self.finite_checks: list = []   # (first particle index, device bool per particle)
-                cp.cuda.Device().synchronize()   # accumulators zeroed before the non-blocking streams use them
-
-    # ------------------------------------------------------------------ batches
-    def process(self, batch: ParticleBatch) -> None:
-        """Insert a batch, in chunks; on GPU out-of-memory halve the chunk and retry (message logged)."""
-        with backend.on_device(self.device):
-            start = 0
-            n = len(batch)
-            while start < n:
-                stop = min(n, start + self.chunk)
-                part = batch.take(start, stop)
-                try:
-                    if self.device.is_gpu:
-                        self._process_gpu(part)
-                    else:
-                        self.rec.insert(part.images, part.matrices, shifts_px=part.shifts_px, ctf=part.ctf,
-                                        subset=part.subset)
-                except Exception as exc:
-                    if not backend.is_out_of_memory(exc) or self.chunk <= 1 or getattr(exc, "_inserted", False):
-                        raise
-                    self.chunk = max(1, (stop - start) // 2)
-                    logger.warning("%s ran out of memory with %d particles per batch: retrying with %d",
-                                   self.device.describe() if self.device.is_gpu else "cpu", stop - start, self.chunk)
-                    if self.device.is_gpu:
-                        self.xp.cuda.Device().synchronize()
-                        self.xp.get_default_memory_pool().free_all_blocks()
-                    continue
-                start = stop
-
-    def _stage(self, dst: np.ndarray, src) -> None:
-        """Copy host images into pinned memory, in parallel chunks when a stager pool is given."""
-        n = src.shape[0]
-        if self.stager is None or n < 8:
-            np.copyto(dst[:n], src)
-            return
-        parts = self.stage_parts
-        bounds = [n * i // parts for i in range(parts + 1)]
-        futures = [self.stager.submit(np.copyto, dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        for f in futures:
-            f.result()
-
-    def _process_gpu(self, part: ParticleBatch) -> None:
-        cp = self.xp
-        n = len(part)
-        s = self.slot
-        self.slot = 1 - s
-        if isinstance(part.images, cp.ndarray):
-            images = part.images.astype(cp.float32, copy=False)
-            ready = cp.cuda.Event(disable_timing=True)   # the caller's work on them (legacy stream) comes first
-            ready.record(cp.cuda.Stream.null)
-        else:
-            host = np.asarray(part.images, dtype=np.float32)
-            if self.pinned[s] is None or self.pinned[s].shape[0] < n or self.pinned[s].shape[1:] != host.shape[1:]:
-                if self.h2d_done[s] is not None:
-                    self.h2d_done[s].synchronize()
-                if self.compute_done[s] is not None:
-                    self.compute_done[s].synchronize()
-                self.pinned[s] = backend.pinned_empty((max(n, self.chunk),) + host.shape[1:], np.float32)
-                self.dev_images[s] = cp.empty(self.pinned[s].shape, dtype=cp.float32)
-            if self.h2d_done[s] is not None:
-                self.h2d_done[s].synchronize()        # the pinned buffer is free again
-            self._stage(self.pinned[s], host)
-            if self.compute_done[s] is not None:
-                self.copy_stream.wait_event(self.compute_done[s])   # the device buffer is free again
-            images = self.dev_images[s][:n]
-            images.set(self.pinned[s][:n], stream=self.copy_stream)
-            ready = cp.cuda.Event(disable_timing=True)
-            ready.record(self.copy_stream)
-            self.h2d_done[s] = ready
-        with self.compute_stream:
-            if ready is not None:
-                self.compute_stream.wait_event(ready)
-            if self.check_finite:   # on the device, read back once at the end (no synchronisation here)
-                self.finite_checks.append((part.first_index, cp.isfinite(images).all(axis=(1, 2))))
-            settings = self.rec.settings
-            packed = packed_projections(images, self.rec.grid, shifts_px=part.shifts_px, ctf=part.ctf,
-                                        pixel_size_A=self.rec.pixel_size_A, ctf_mode=settings.ctf_mode,
-                                        ctf_premultiplied=settings.ctf_premultiplied, blob=settings.blob)
-            try:
-                self.rec.insert_transforms(packed, None, part.matrices, part.subset, packed=True)
-            except Exception as exc:  # past this point a retry would insert twice
-                exc._inserted = True
-                raise
-            done = cp.cuda.Event(disable_timing=True)
-            done.record(self.compute_stream)
-            self.compute_done[s] = done
-
-    def synchronize(self) -> None:
-        """Wait for the device's queued work; raise InputError for particles found holding NaN/inf."""
-        if self.device.is_gpu:
-            with backend.on_device(self.device):
-                self.compute_stream.synchronize()
-                self.copy_stream.synchronize()
-                for first, flags in self.finite_checks:
-                    ok = backend.to_host(flags)
-                    if not ok.all():
-                        raise InputError(f"particle {first + int(np.argmin(ok)) + 1} has NaN or infinite pixels: "
-                                         "fix or remove it (e.g. re-extract the particles)")
-                self.finite_checks = []
-
-
-def _check_batch(batch: ParticleBatch, box: int, n_subsets: int) -> None:
-    shape = tuple(batch.images.shape)
-    if len(shape) != 3 or shape[1:] != (box, box):
-        raise InputError(f"particles {batch.first_index + 1}..{batch.first_index + len(batch)} have images of shape "
-                         f"{shape[1:]} but the first ones are {box} x {box}: all particles must have the same box")
-    m = np.asarray(batch.matrices)
-    if m.shape != (shape[0], 3, 3) or not np.all(np.isfinite(m)):
-        raise InputError(f"particles {batch.first_index + 1}..: rotations must be finite (n, 3, 3) arrays")
-    if n_subsets == 2:
-        sub = None if batch.subset is None else np.asarray(batch.subset)
-        if sub is None or not np.all((sub == 1) | (sub == 2)):
-            raise InputError("half maps need a subset of 1 or 2 for every particle (rlnRandomSubset)")
-
-
-def reconstruct_batches(batches: Iterable[ParticleBatch], box: int, *, pixel_size_A: float = 1.0,
-                        settings: ReconstructionSettings = ReconstructionSettings(),
-                        devices: Optional[Sequence[backend.Device]] = None, halves: bool = False,
-                        chunk: Optional[int] = None, mpi=None,
-                        on_batch: Optional[Callable[[int], None]] = None,
-                        check_finite: bool = True) -> ReconstructionResult:
-    """Reconstruct from a stream of batches on one or several devices (and MPI ranks).
-
-    Parameters
-    ----------
-    batches : iterable of ParticleBatch
-        Read lazily (in the calling thread, overlapping the devices' work).
-    box : int
-        Image box ``N``.
-    pixel_size_A : float
-        Pixel size (Å), for the CTF.
-    settings : ReconstructionSettings
-    devices : sequence of backend.Device or None
-        One or more GPUs (each gets batches from a shared queue) or one CPU device; default
-        ``backend.resolve_device()``.
-    halves : bool
-        Keep two accumulators (``batch.subset``) and return both half maps as well.
-    chunk : int or None
-        Largest number of particles a device transforms at once (default: :func:`default_batch_size`).
-    mpi : gpu.runtime.mpi.MPIContext or None
-        With several ranks, partial sums are reduced to root, which finishes the volumes.
-    on_batch : callable or None
-        Called with the number of particles of each batch once it is queued (progress bars).
-    check_finite : bool
-        Raise InputError for a batch holding NaN or infinite pixels.
-
-    Returns
-    -------
-    ReconstructionResult (volumes on the host; None on non-root ranks).
-    """
-    settings = settings.validated()
-    if devices is None:
-        devices = [backend.resolve_device()]
-    devices = list(devices)
-    if not devices:
-        raise ValueError("no device given")
-    if any(not d.is_gpu for d in devices):
-        devices = [backend.Device("cpu")]
-    n_subsets = 2 if halves else 1
-    if chunk is None:
-        chunk = default_batch_size(box, settings, gpu=devices[0].is_gpu)
-    timings = {}
-    t0 = time.perf_counter()
-    n_stage = max(2, min(12, (os.cpu_count() or 4) - 2))   # threads copying host images into pinned memory
-    stager = concurrent.futures.ThreadPoolExecutor(max_workers=n_stage) if devices[0].is_gpu else None
-    workers = [_DeviceWorker(d, box, settings, pixel_size_A, n_subsets, chunk, stager, check_finite, n_stage)
-               for d in devices]
-    timings["setup"] = time.perf_counter() - t0
-
-    def validate(batch: ParticleBatch) -> None:
-        _check_batch(batch, box, n_subsets)
-        if check_finite and not devices[0].is_gpu:   # GPU workers check on the device
-            xp = backend.get_xp(batch.images)
-            if not bool(xp.all(xp.isfinite(batch.images))):
-                bad = np.nonzero(~np.isfinite(backend.to_host(batch.images)).reshape(len(batch), -1).all(axis=1))[0]
-                raise InputError(f"particle {batch.first_index + int(bad[0]) + 1} has NaN or infinite pixels: "
-                                 "fix or remove it (e.g. re-extract the particles)")
-
-    t1 = time.perf_counter()
-    try:
-        _run_threads(workers, batches, validate, on_batch)
-        for w in workers:
-            w.synchronize()
-    finally:
-        if stager is not None:
-            stager.shutdown(wait=True)
-    timings["insert"] = time.perf_counter() - t1
-
-    # sum the devices' partial volumes on the first device, then across MPI ranks
-    t2 = time.perf_counter()
-    main = workers[0]
-    with backend.on_device(main.device):
-        for a in main.rec.accumulators:
-            a.collapse()
-        for w in workers[1:]:
-            for a, b in zip(main.rec.accumulators, w.rec.accumulators):
-                with backend.on_device(w.device):
-                    host = b.to_host()
-                a.add(host)
-        accs = reduce_accumulators(main.rec.accumulators, mpi)
-        n_particles = 0 if accs is None else sum(a.count for a in accs)
-        timings["reduce"] = time.perf_counter() - t2
-        if accs is None:
-            return ReconstructionResult(None, n_particles=0, timings=timings)
-        t3 = time.perf_counter()
-        main.rec.accumulators = [FourierAccumulator(main.xp.asarray(a.data), main.xp.asarray(a.weight), a.count)
-                                 for a in accs]
-        result = ReconstructionResult(backend.to_host(main.rec.volume()), n_particles=n_particles)
-        if halves:
-            result.half1 = backend.to_host(main.rec.volume(1))
-            result.half2 = backend.to_host(main.rec.volume(2))
-        backend.synchronize(main.xp)
-        timings["finish"] = time.perf_counter() - t3
-    result.timings = timings
-    return result
-
-
-def _run_threads(workers: List[_DeviceWorker], batches: Iterable[ParticleBatch],
-                 validate: Callable[[ParticleBatch], None], on_batch) -> None:
-    """Run the batches through the task runtime: one compute worker per device, each owning its
-    :class:`_DeviceWorker` (accumulators, pinned buffers, streams); batches are validated in the
-    runtime's reader threads and memory stays bounded by its queues. The first error is re-raised."""
-    from ..runtime.pipeline import Pipeline
-
-    by_device = {(w.device.kind, w.device.gpu_id): w for w in workers}
-
-    def read(batch: ParticleBatch) -> ParticleBatch:
-        validate(batch)
-        return batch
-
-    def compute(batch: ParticleBatch, worker) -> None:
-        worker.state.process(batch)
-
-    def write(batch: ParticleBatch, _result) -> None:
-        if on_batch:
-            on_batch(len(batch))
-
-    pipe = Pipeline(compute, read=read, write=write,
-                    setup=lambda worker: by_device[(worker.device.kind, worker.device.gpu_id)],
-                    devices=[w.device for w in workers], read_workers=1, queue_depth=1,
-                    pinned=False, to_host=False, fail_fast=True,
-                    on_error=lambda result: None)  # the first error is re-raised below, with its message
-    pipe.run(batches)
-
-
-def reconstruct(images, matrices, *, shifts_px=None, ctf=None, subset=None, pixel_size_A: float = 1.0,
-                settings: Optional[ReconstructionSettings] = None, devices=None, halves: bool = False,
-                batch_size: Optional[int] = None, **overrides) -> ReconstructionResult:
-    """Reconstruct a volume from in-memory particles (convenience over :func:`reconstruct_batches`).
-
-    Parameters
-    ----------
-    images : ndarray ``(n, N, N)`` float32 (NumPy, or CuPy already on the GPU).
-    matrices : ndarray ``(n, 3, 3)``: rotations of the particles.
-    shifts_px, ctf, subset : see :class:`ParticleBatch`.
-    pixel_size_A : float
-    settings : ReconstructionSettings or None; ``overrides`` (e.g. ``sym="d7"``) replace its fields.
-    devices : sequence of backend.Device, a device string or None (``backend.resolve_device``).
-    halves : bool
-    batch_size : int or None
-
-    Returns
-    -------
-    ReconstructionResult with host volumes.
-
-    Examples
-    --------
-    >>> res = reconstruct(images, euler_to_matrix(rot, tilt, psi), shifts_px=origins_A / apix,
-    ...                   ctf=dict(defocus_u_A=du, defocus_v_A=dv, defocus_angle_deg=da),
-    ...                   pixel_size_A=apix, sym="i", devices="cpu")
-    """
-    settings = replace(settings or ReconstructionSettings(), **overrides)
-    if devices is None or isinstance(devices, str):
-        devices = [backend.resolve_device(devices)]
-    box = int(images.shape[-1])
-    n = int(images.shape[0])
-    if halves and subset is None:
-        subset = 1 + (np.arange(n) % 2)
-    bs = int(batch_size or default_batch_size(box, settings, gpu=devices[0].is_gpu))
-    return reconstruct_batches(batches_from_arrays(images, matrices, shifts_px=shifts_px, ctf=ctf, subset=subset,
-                                                   batch_size=bs),
-                               box, pixel_size_A=pixel_size_A, settings=settings, devices=devices, halves=halves,
-                               chunk=bs)
-

@@ -118,140 +118,10 @@ extern "C" __global__ void pack_projections(const float2* __restrict__ ft, const
     out[i] = make_float4(f.x, f.y, w, 0.0f);
 }
 
-template <int TILE, int BLOB_MODE, int ORDER>
-__global__ void insert_gather(float2* __restrict__ data, float* __restrict__ weight,
-                              const float4* __restrict__ proj,
-                              const float* __restrict__ mats, const int* __restrict__ img,
-                              const int n_entries, const int axis, const long long replica_stride,
-                              const int K, const int kmax2, const int M, const int Mh, const int Kp,
-                              const float r, const float r2, const float alpha, const float inv_norm,
-                              const float* __restrict__ table, const float2* __restrict__ table2,
-                              const int table_n, const float table_scale)
-{
-    extern __shared__ float s_table[];
-    __shared__ float s_mat[TILE][9];
-    __shared__ int s_img[TILE];
+// ---- the prologue shared by the insertion kernels (insert_gather, insert_gather_coop) ----
 
-    const int nthreads = blockDim.x * blockDim.y;
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-    if (BLOB_MODE == 2) {
-        for (int i = tid; i < table_n; i += nthreads) s_table[i] = table[i];
-    }
-
-    // face coordinates (u fastest): axis 2 -> (kx, ky), axis 1 -> (kx, kz), axis 0 -> (ky, kz)
-    const int u = ((axis == 0) ? -K : 0) + (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    const int v = -K + (int)(blockIdx.y * blockDim.y + threadIdx.y);
-    int c_lo = 0, c_hi = -1;
-    bool active = (u <= K) && (v <= K);
-    if (active) {
-        const int rem = kmax2 - u * u - v * v;
-        if (rem < 0) {
-            active = false;
-        } else {
-            int cs = (int)floorf(sqrtf((float)rem));
-            while ((cs + 1) * (cs + 1) <= rem) ++cs;
-            while (cs * cs > rem) --cs;
-            cs = min(cs, K);
-            c_hi = cs;
-            c_lo = (axis == 0) ? 0 : -cs;
-        }
-    }
-    const int W = 2 * Kp + 1;
-    const size_t plane = (size_t)W * W;
-    const float inv_r2 = 1.0f / r2;
-    const int last = table_n - 1;
-    // this replica's share of the entries
-    const int e_begin = (int)(((long long)n_entries * blockIdx.z) / gridDim.z);
-    const int e_end = (int)(((long long)n_entries * (blockIdx.z + 1)) / gridDim.z);
-    data += (size_t)blockIdx.z * (size_t)replica_stride;
-    weight += (size_t)blockIdx.z * (size_t)replica_stride;
-
-    for (int base = e_begin; base < e_end; base += TILE) {
-        const int nt = min(TILE, e_end - base);
-        __syncthreads();
-        for (int i = tid; i < nt * 9; i += nthreads) s_mat[i / 9][i % 9] = mats[(size_t)base * 9 + i];
-        for (int i = tid; i < nt; i += nthreads) s_img[i] = img[base + i];
-        __syncthreads();
-        if (!active) continue;
-        for (int e = 0; e < nt; ++e) {
-            const float* A = s_mat[e];
-            float nc, nu, nv;
-            if (axis == 2) { nc = A[8]; nu = A[6]; nv = A[7]; }
-            else if (axis == 1) { nc = A[7]; nu = A[6]; nv = A[8]; }
-            else { nc = A[6]; nu = A[7]; nv = A[8]; }
-            const float t = nu * (float)u + nv * (float)v;
-            const float inv = 1.0f / nc;
-            const float a = (-r - t) * inv, b = (r - t) * inv;
-            const int c0 = max((int)ceilf(fminf(a, b)), c_lo);
-            const int c1 = min((int)floorf(fmaxf(a, b)), c_hi);
-            if (c0 > c1) continue;
-            const float4* P = proj + (size_t)s_img[e] * plane + (size_t)Kp * W + Kp;   // pixel (0, 0)
-            for (int c = c0; c <= c1; ++c) {
-                int kx, ky, kz;
-                if (axis == 2) { kx = u; ky = v; kz = c; }
-                else if (axis == 1) { kx = u; ky = c; kz = v; }
-                else { kx = c; ky = u; kz = v; }
-                const float fx = (float)kx, fy = (float)ky, fz = (float)kz;
-                const float qx = A[0] * fx + A[1] * fy + A[2] * fz;
-                const float qy = A[3] * fx + A[4] * fy + A[5] * fz;
-                const float qz = A[6] * fx + A[7] * fy + A[8] * fz;
-                const float qz2 = qz * qz;
-                if (qz2 > r2) continue;
-                const float rp = sqrtf(r2 - qz2);
-                const int y0 = (int)ceilf(qy - rp), y1 = (int)floorf(qy + rp);
-                float sre = 0.0f, sim = 0.0f, sw = 0.0f;
-                for (int py = y0; py <= y1; ++py) {
-                    const float dy = (float)py - qy;
-                    const float dyz = fmaf(dy, dy, qz2);
-                    const float rx2 = r2 - dyz;
-                    if (rx2 < 0.0f) continue;
-                    const float rx = sqrtf(rx2);
-                    const int x0 = (int)ceilf(qx - rx), x1 = (int)floorf(qx + rx);
-                    const float4* row = P + (long long)py * W;
-                    for (int px = x0; px <= x1; ++px) {
-                        const float dx = (float)px - qx;
-                        const float d2 = fmaf(dx, dx, dyz);
-                        float w;
-                        if (BLOB_MODE == 0) {
-                            w = blob_on_the_fly<ORDER>(d2, inv_r2, alpha, inv_norm);
-                        } else {
-                            const float tt = d2 * table_scale;
-                            const int ti = min((int)tt, last);
-                            const float tf = tt - (float)ti;
-                            if (BLOB_MODE == 1) {
-                                const float2 tb = __ldg(table2 + ti);
-                                w = fmaf(tf, tb.y, tb.x);
-                            } else {
-                                const float t0 = s_table[ti];
-                                w = fmaf(tf, s_table[min(ti + 1, last)] - t0, t0);
-                            }
-                        }
-                        const float4 p = __ldg(row + px);
-                        sre = fmaf(w, p.x, sre);
-                        sim = fmaf(w, p.y, sim);
-                        sw = fmaf(w, p.z, sw);
-                    }
-                }
-                if (sw != 0.0f || sre != 0.0f || sim != 0.0f) {
-                    const size_t vox = ((size_t)wrap_index(kz, M) * M + wrap_index(ky, M)) * Mh + kx;
-                    float2 d = data[vox];
-                    d.x += sre;
-                    d.y += sim;
-                    data[vox] = d;
-                    weight[vox] += sw;
-                }
-            }
-        }
-    }
-}
-
-// Cooperative variant: the same columns, voxels and pixels as insert_gather, but LPV lanes of a
-// warp share one voxel. For each entry the lanes compute their column's slab range, a warp scan
-// turns the ranges into one list of (column, c) voxels, and the warp walks that list 32 / LPV voxels
-// at a time; the LPV lanes of a voxel cover the n_p x n_p candidate square of its blob (n_p =
-// floor(2 r) + 1) with a fixed, branch-free trip count, read neighbouring pixels of the same rows
-// (coalesced), keep those with d^2 <= r^2 and reduce their sums with shuffles; the voxel's first lane
-// does the read-modify-write. A voxel still belongs to one column owned by one warp: no atomics.
+// Blob value at squared distance d2 (pixels^2, d2 <= r^2): on the fly (BLOB_MODE 0), from the (value,
+// slope) table through the L1/texture path (1) or from the table copied into shared memory (2).
 template <int BLOB_MODE, int ORDER>
 __device__ __forceinline__ float blob_weight(float d2, float inv_r2, float alpha, float inv_norm,
                                              const float2* __restrict__ table2, const float* s_table,
@@ -269,6 +139,185 @@ __device__ __forceinline__ float blob_weight(float d2, float inv_r2, float alpha
     return fmaf(tf, s_table[min(ti + 1, last)] - t0, t0);
 }
 
+// Copies the blob table into shared memory (BLOB_MODE 2; no-op otherwise); the tile loop's first
+// __syncthreads orders it before any read.
+template <int BLOB_MODE>
+__device__ __forceinline__ void stage_blob_table(float* s_table, const float* __restrict__ table, const int table_n,
+                                                 const int tid, const int nthreads)
+{
+    if (BLOB_MODE == 2) {
+        for (int i = tid; i < table_n; i += nthreads) s_table[i] = table[i];
+    }
+}
+
+// This thread's column: face coordinates (u fastest): axis 2 -> (kx, ky), axis 1 -> (kx, kz),
+// axis 0 -> (ky, kz), and the range [c_lo, c_hi] of the column inside the sphere |k|^2 <= kmax2 and
+// the box |k_i| <= K (only kx >= 0 along x). Returns false (c_hi < c_lo) when the column is outside.
+__device__ __forceinline__ bool column_range(const int axis, const int K, const int kmax2,
+                                             int& u, int& v, int& c_lo, int& c_hi)
+{
+    u = ((axis == 0) ? -K : 0) + (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    v = -K + (int)(blockIdx.y * blockDim.y + threadIdx.y);
+    c_lo = 0;
+    c_hi = -1;
+    if (u > K || v > K) return false;
+    const int rem = kmax2 - u * u - v * v;
+    if (rem < 0) return false;
+    int cs = (int)floorf(sqrtf((float)rem));
+    while ((cs + 1) * (cs + 1) <= rem) ++cs;
+    while (cs * cs > rem) --cs;
+    cs = min(cs, K);
+    c_hi = cs;
+    c_lo = (axis == 0) ? 0 : -cs;
+    return true;
+}
+
+// This block's replica: its contiguous share [e_begin, e_end) of the entries; returns the offset of
+// its replica of data/weight (replica_stride elements apart).
+__device__ __forceinline__ size_t replica_share(const int n_entries, const long long replica_stride,
+                                                int& e_begin, int& e_end)
+{
+    e_begin = (int)(((long long)n_entries * blockIdx.z) / gridDim.z);
+    e_end = (int)(((long long)n_entries * (blockIdx.z + 1)) / gridDim.z);
+    return (size_t)blockIdx.z * (size_t)replica_stride;
+}
+
+// Stages the rotations and image indices of entries [base, base + nt) in shared memory, between two
+// barriers (the first one: every thread is done with the previous tile).
+__device__ __forceinline__ void stage_entry_tile(float (*s_mat)[9], int* s_img, const float* __restrict__ mats,
+                                                 const int* __restrict__ img, const int base, const int nt,
+                                                 const int tid, const int nthreads)
+{
+    __syncthreads();
+    for (int i = tid; i < nt * 9; i += nthreads) s_mat[i / 9][i % 9] = mats[(size_t)base * 9 + i];
+    for (int i = tid; i < nt; i += nthreads) s_img[i] = img[base + i];
+    __syncthreads();
+}
+
+// The voxels [c0, c1] of column (u, v) inside entry A's slab |q_z| <= r (c0 > c1: none), clipped to
+// [c_lo, c_hi].
+__device__ __forceinline__ void slab_range(const float* A, const int axis, const int u, const int v, const float r,
+                                           const int c_lo, const int c_hi, int& c0, int& c1)
+{
+    float nc, nu, nv;
+    if (axis == 2) { nc = A[8]; nu = A[6]; nv = A[7]; }
+    else if (axis == 1) { nc = A[7]; nu = A[6]; nv = A[8]; }
+    else { nc = A[6]; nu = A[7]; nv = A[8]; }
+    const float t = nu * (float)u + nv * (float)v;
+    const float inv = 1.0f / nc;
+    const float a = (-r - t) * inv, b = (r - t) * inv;
+    c0 = max((int)ceilf(fminf(a, b)), c_lo);
+    c1 = min((int)floorf(fmaxf(a, b)), c_hi);
+}
+
+// Voxel k = (kx, ky, kz) at place c of column (u, v), and its position q = A k in the projection frame.
+__device__ __forceinline__ void column_voxel(const float* A, const int axis, const int u, const int v, const int c,
+                                             int& kx, int& ky, int& kz, float& qx, float& qy, float& qz)
+{
+    if (axis == 2) { kx = u; ky = v; kz = c; }
+    else if (axis == 1) { kx = u; ky = c; kz = v; }
+    else { kx = c; ky = u; kz = v; }
+    const float fx = (float)kx, fy = (float)ky, fz = (float)kz;
+    qx = A[0] * fx + A[1] * fy + A[2] * fz;
+    qy = A[3] * fx + A[4] * fy + A[5] * fz;
+    qz = A[6] * fx + A[7] * fy + A[8] * fz;
+}
+
+// One read-modify-write of voxel k (skipped when nothing was gathered).
+__device__ __forceinline__ void add_to_voxel(float2* __restrict__ data, float* __restrict__ weight, const int kx,
+                                             const int ky, const int kz, const int M, const int Mh, const float sre,
+                                             const float sim, const float sw)
+{
+    if (sw != 0.0f || sre != 0.0f || sim != 0.0f) {
+        const size_t vox = ((size_t)wrap_index(kz, M) * M + wrap_index(ky, M)) * Mh + kx;
+        float2 d = data[vox];
+        d.x += sre;
+        d.y += sim;
+        data[vox] = d;
+        weight[vox] += sw;
+    }
+}
+
+template <int TILE, int BLOB_MODE, int ORDER>
+__global__ void insert_gather(float2* __restrict__ data, float* __restrict__ weight,
+                              const float4* __restrict__ proj,
+                              const float* __restrict__ mats, const int* __restrict__ img,
+                              const int n_entries, const int axis, const long long replica_stride,
+                              const int K, const int kmax2, const int M, const int Mh, const int Kp,
+                              const float r, const float r2, const float alpha, const float inv_norm,
+                              const float* __restrict__ table, const float2* __restrict__ table2,
+                              const int table_n, const float table_scale)
+{
+    extern __shared__ float s_table[];
+    __shared__ float s_mat[TILE][9];
+    __shared__ int s_img[TILE];
+
+    const int nthreads = blockDim.x * blockDim.y;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    stage_blob_table<BLOB_MODE>(s_table, table, table_n, tid, nthreads);
+    int u, v, c_lo, c_hi;
+    const bool active = column_range(axis, K, kmax2, u, v, c_lo, c_hi);
+    const int W = 2 * Kp + 1;
+    const size_t plane = (size_t)W * W;
+    const float inv_r2 = 1.0f / r2;
+    const int last = table_n - 1;
+    int e_begin, e_end;
+    const size_t replica = replica_share(n_entries, replica_stride, e_begin, e_end);
+    data += replica;
+    weight += replica;
+
+    for (int base = e_begin; base < e_end; base += TILE) {
+        const int nt = min(TILE, e_end - base);
+        stage_entry_tile(s_mat, s_img, mats, img, base, nt, tid, nthreads);
+        if (!active) continue;
+        for (int e = 0; e < nt; ++e) {
+            const float* A = s_mat[e];
+            int c0, c1;
+            slab_range(A, axis, u, v, r, c_lo, c_hi, c0, c1);
+            if (c0 > c1) continue;
+            const float4* P = proj + (size_t)s_img[e] * plane + (size_t)Kp * W + Kp;   // pixel (0, 0)
+            for (int c = c0; c <= c1; ++c) {
+                int kx, ky, kz;
+                float qx, qy, qz;
+                column_voxel(A, axis, u, v, c, kx, ky, kz, qx, qy, qz);
+                const float qz2 = qz * qz;
+                if (qz2 > r2) continue;
+                const float rp = sqrtf(r2 - qz2);
+                const int y0 = (int)ceilf(qy - rp), y1 = (int)floorf(qy + rp);
+                float sre = 0.0f, sim = 0.0f, sw = 0.0f;
+                for (int py = y0; py <= y1; ++py) {
+                    const float dy = (float)py - qy;
+                    const float dyz = fmaf(dy, dy, qz2);
+                    const float rx2 = r2 - dyz;
+                    if (rx2 < 0.0f) continue;
+                    const float rx = sqrtf(rx2);
+                    const int x0 = (int)ceilf(qx - rx), x1 = (int)floorf(qx + rx);
+                    const float4* row = P + (long long)py * W;
+                    for (int px = x0; px <= x1; ++px) {
+                        const float dx = (float)px - qx;
+                        const float d2 = fmaf(dx, dx, dyz);
+                        const float w = blob_weight<BLOB_MODE, ORDER>(d2, inv_r2, alpha, inv_norm, table2, s_table,
+                                                                      last, table_scale);
+                        const float4 p = __ldg(row + px);
+                        sre = fmaf(w, p.x, sre);
+                        sim = fmaf(w, p.y, sim);
+                        sw = fmaf(w, p.z, sw);
+                    }
+                }
+                add_to_voxel(data, weight, kx, ky, kz, M, Mh, sre, sim, sw);
+            }
+        }
+    }
+}
+
+// Cooperative variant: the same columns, voxels and pixels as insert_gather, but LPV lanes of a
+// warp share one voxel. For each entry the lanes compute their column's slab range, a warp scan
+// turns the ranges into one list of (column, c) voxels, and the warp walks that list 32 / LPV voxels
+// at a time; the LPV lanes of a voxel cover the n_p x n_p candidate square of its blob (n_p =
+// floor(2 r) + 1) with a fixed, branch-free trip count, read neighbouring pixels of the same rows
+// (coalesced), keep those with d^2 <= r^2 and reduce their sums with shuffles; the voxel's first lane
+// does the read-modify-write. A voxel still belongs to one column owned by one warp: no atomics.
+//
 // NP > 0: the candidate square has the compile-time side NP (= floor(2 r) + 1, 4 for the default
 // radius 1.9) and each lane's ceil(NP^2 / LPV) candidates are unrolled: all their pixel and table
 // loads are issued before the sums (more loads in flight per thread: the kernel is latency bound),
@@ -291,23 +340,10 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
     const int nthreads = blockDim.x * blockDim.y;
     const int tid = threadIdx.y * blockDim.x + threadIdx.x;
     const int lane = tid & 31;
-    if (BLOB_MODE == 2) {
-        for (int i = tid; i < table_n; i += nthreads) s_table[i] = table[i];
-    }
-    const int u = ((axis == 0) ? -K : 0) + (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    const int v = -K + (int)(blockIdx.y * blockDim.y + threadIdx.y);
-    int c_lo = 0, c_hi = -1;
-    if (u <= K && v <= K) {
-        const int rem = kmax2 - u * u - v * v;
-        if (rem >= 0) {
-            int cs = (int)floorf(sqrtf((float)rem));
-            while ((cs + 1) * (cs + 1) <= rem) ++cs;
-            while (cs * cs > rem) --cs;
-            cs = min(cs, K);
-            c_hi = cs;
-            c_lo = (axis == 0) ? 0 : -cs;
-        }
-    }
+    stage_blob_table<BLOB_MODE>(s_table, table, table_n, tid, nthreads);
+    int u, v, c_lo, c_hi;
+    column_range(axis, K, kmax2, u, v, c_lo, c_hi);   // outside: c_hi < c_lo, no voxel (every lane still
+                                                      // takes part in the warp's shuffles)
     const int W = 2 * Kp + 1;
     const size_t plane = (size_t)W * W;
     const float inv_r2 = 1.0f / r2;
@@ -317,28 +353,18 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
     const int sub = lane % LPV;                      // this lane's place among its voxel's lanes
     const int group = lane / LPV;                    // which voxel of a step this lane works on
     const int GROUPS = 32 / LPV;
-    const int e_begin = (int)(((long long)n_entries * blockIdx.z) / gridDim.z);
-    const int e_end = (int)(((long long)n_entries * (blockIdx.z + 1)) / gridDim.z);
-    data += (size_t)blockIdx.z * (size_t)replica_stride;
-    weight += (size_t)blockIdx.z * (size_t)replica_stride;
+    int e_begin, e_end;
+    const size_t replica = replica_share(n_entries, replica_stride, e_begin, e_end);
+    data += replica;
+    weight += replica;
 
     for (int base = e_begin; base < e_end; base += TILE) {
         const int nt = min(TILE, e_end - base);
-        __syncthreads();
-        for (int i = tid; i < nt * 9; i += nthreads) s_mat[i / 9][i % 9] = mats[(size_t)base * 9 + i];
-        for (int i = tid; i < nt; i += nthreads) s_img[i] = img[base + i];
-        __syncthreads();
+        stage_entry_tile(s_mat, s_img, mats, img, base, nt, tid, nthreads);
         for (int e = 0; e < nt; ++e) {
             const float* A = s_mat[e];
-            float nc, nu, nv;
-            if (axis == 2) { nc = A[8]; nu = A[6]; nv = A[7]; }
-            else if (axis == 1) { nc = A[7]; nu = A[6]; nv = A[8]; }
-            else { nc = A[6]; nu = A[7]; nv = A[8]; }
-            const float t = nu * (float)u + nv * (float)v;
-            const float inv = 1.0f / nc;
-            const float a = (-r - t) * inv, b = (r - t) * inv;
-            const int c0 = max((int)ceilf(fminf(a, b)), c_lo);
-            const int c1 = min((int)floorf(fmaxf(a, b)), c_hi);
+            int c0, c1;
+            slab_range(A, axis, u, v, r, c_lo, c_hi, c0, c1);
             const int cnt = max(c1 - c0 + 1, 0);
             int incl = cnt;                                  // inclusive warp scan of the counts
             for (int o = 1; o < 32; o <<= 1) {
@@ -362,13 +388,8 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
                 const int ou = __shfl_sync(0xffffffffu, u, owner);
                 const int ov = __shfl_sync(0xffffffffu, v, owner);
                 int kx, ky, kz;
-                if (axis == 2) { kx = ou; ky = ov; kz = oc; }
-                else if (axis == 1) { kx = ou; ky = oc; kz = ov; }
-                else { kx = oc; ky = ou; kz = ov; }
-                const float fx = (float)kx, fy = (float)ky, fz = (float)kz;
-                const float qx = A[0] * fx + A[1] * fy + A[2] * fz;
-                const float qy = A[3] * fx + A[4] * fy + A[5] * fz;
-                const float qz = A[6] * fx + A[7] * fy + A[8] * fz;
+                float qx, qy, qz;
+                column_voxel(A, axis, ou, ov, oc, kx, ky, kz, qx, qy, qz);
                 const float qz2 = qz * qz;
                 const bool live = (j < total) && (qz2 <= r2);
                 const int x0 = (int)ceilf(qx - r), y0 = (int)ceilf(qy - r);
@@ -407,21 +428,8 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
                         const float dx = (float)px - qx;
                         const float d2 = fmaf(dx, dx, dyz);
                         if (d2 <= r2) {
-                            float w;
-                            if (BLOB_MODE == 0) {
-                                w = blob_on_the_fly<ORDER>(d2, inv_r2, alpha, inv_norm);
-                            } else {
-                                const float tt = d2 * table_scale;
-                                const int ti = min((int)tt, last);
-                                const float tf = tt - (float)ti;
-                                if (BLOB_MODE == 1) {
-                                    const float2 tb = __ldg(table2 + ti);
-                                    w = fmaf(tf, tb.y, tb.x);
-                                } else {
-                                    const float t0 = s_table[ti];
-                                    w = fmaf(tf, s_table[min(ti + 1, last)] - t0, t0);
-                                }
-                            }
+                            const float w = blob_weight<BLOB_MODE, ORDER>(d2, inv_r2, alpha, inv_norm, table2,
+                                                                          s_table, last, table_scale);
                             const float4 p = __ldg(P + (long long)py * W + px);
                             sre = fmaf(w, p.x, sre);
                             sim = fmaf(w, p.y, sim);
@@ -435,14 +443,7 @@ __global__ void insert_gather_coop(float2* __restrict__ data, float* __restrict_
                     sim += __shfl_xor_sync(0xffffffffu, sim, o);
                     sw += __shfl_xor_sync(0xffffffffu, sw, o);
                 }
-                if (live && sub == 0 && (sw != 0.0f || sre != 0.0f || sim != 0.0f)) {
-                    const size_t vox = ((size_t)wrap_index(kz, M) * M + wrap_index(ky, M)) * Mh + kx;
-                    float2 d = data[vox];
-                    d.x += sre;
-                    d.y += sim;
-                    data[vox] = d;
-                    weight[vox] += sw;
-                }
+                if (live && sub == 0) add_to_voxel(data, weight, kx, ky, kz, M, Mh, sre, sim, sw);
             }
             __syncwarp();   // the next entry may give this voxel to another lane of the warp: order the writes
         }

@@ -21,7 +21,7 @@ Each iteration, for each half set ``h`` (rlnRandomSubset 1 or 2) separately:
    The CTF enters the comparison: the matcher correlates each CTF-multiplied reference projection with
    the particle (``<X, C P>``, its matched filter), normalised by ``|X| |C P|``.
 3. **Reconstruction** of each half by direct Fourier inversion with Wiener CTF correction
-   (:func:`~xmipp_accel.gpu.reconstruct.fourier.reconstruct` with ``halves=True``: one accumulator per
+   (:func:`~xmipp_accel.gpu.reconstruct.batches.reconstruct` with ``halves=True``: one accumulator per
    subset, so the halves stay independent), then the FSC of the masked half maps and the resolution at
    0.143.
 
@@ -364,7 +364,8 @@ def _align_half(images, ctf, reference, *, settings: RefineSettings, step_deg: f
 
 def _reconstruct_halves(images, mats, origins_px, ctf, subset, settings: RefineSettings, devices,
                         premultiplied: bool):
-    from ..reconstruct.fourier import ReconstructionSettings, reconstruct
+    from ..reconstruct.batches import reconstruct
+    from ..reconstruct.fourier import ReconstructionSettings
     rs = ReconstructionSettings(sym=settings.sym, ctf_mode="wiener" if (settings.ctf and ctf is not None) else "none",
                                 wiener_constant=settings.wiener_constant, ctf_premultiplied=premultiplied)
     res = reconstruct(images, mats, shifts_px=origins_px, ctf=ctf if settings.ctf else None, subset=subset,

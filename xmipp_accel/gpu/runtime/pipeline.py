@@ -40,6 +40,7 @@ import numpy as np
 
 from ... import backend
 from .payload import Payload, PhysicalDescriptor
+from .pinned import PinnedPool
 
 logger = logging.getLogger(__name__)
 
@@ -169,33 +170,6 @@ def _wants_two_args(fn: Callable) -> bool:
         return True
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2
-
-
-class _PinnedPool:
-    """Reusable page-locked host buffers, by (shape, dtype)."""
-
-    def __init__(self):
-        self._free: Dict[Any, List[np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, shape, dtype) -> np.ndarray:
-        """A pinned buffer of this shape and dtype (reused when one is free)."""
-        dtype = np.dtype(dtype)
-        key = (tuple(shape), dtype.str)
-        with self._lock:
-            free = self._free.get(key)
-            buf = free.pop() if free else None
-        return buf if buf is not None else backend.pinned_empty(shape, dtype)
-
-    def copy_in(self, a: np.ndarray) -> np.ndarray:
-        buf = self.take(a.shape, a.dtype)
-        np.copyto(buf, a)
-        return buf
-
-    def release(self, bufs: Iterable[np.ndarray]) -> None:
-        with self._lock:
-            for b in bufs:
-                self._free.setdefault((b.shape, b.dtype.str), []).append(b)
 
 
 def _root(a: np.ndarray) -> int:
@@ -381,7 +355,7 @@ class _RunState:
         self.peak = 0
         self.fatal: Optional[BaseException] = None
         self.workers_left = len(pipe.workers)
-        self.pool = _PinnedPool() if pipe.pinned else None
+        self.pool = PinnedPool() if pipe.pinned else None
         self.pinned_of: Dict[int, List[np.ndarray]] = {}
 
     # -------------------------------------------------------------------------------- helpers

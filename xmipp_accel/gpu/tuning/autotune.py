@@ -20,15 +20,15 @@ once. Every variant computes the same result; only its speed differs.
 - :func:`tuned_params`: what an algorithm calls: the cached best for this GPU and
   size class, or the default.
 
-Kernels register themselves with :func:`register`; :func:`registered` also
-imports the modules listed in :data:`PROVIDERS` (reconstruction, movie
-alignment), so ``xmipp-accel tune`` finds their kernels without importing them
-eagerly. Petrovič et al., KTT, FGCS 108:161 (2020), doi:10.1016/j.future.2020.02.069.
+Kernels register themselves with :func:`register` from their own modules (e.g.
+``gpu/reconstruct/insert_tuning.py``); this package imports no algorithm.
+``xmipp-accel tune`` imports the modules that define kernels
+(:data:`xmipp_accel.cli.tune.KERNEL_MODULES`) before listing :func:`registered`.
+Petrovič et al., KTT, FGCS 108:161 (2020), doi:10.1016/j.future.2020.02.069.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 import logging
 import math
@@ -45,16 +45,7 @@ from .cache import TuningCache, default_cache, make_key
 logger = logging.getLogger(__name__)
 
 __all__ = ["TunableKernel", "Timing", "TrialResult", "TuningResult", "Tuner", "DynamicTuner", "time_callable",
-           "configurations", "size_class", "register", "get_kernel", "registered", "tuned_params", "PROVIDERS"]
-
-#: Modules that may define tunable kernels (imported on demand; missing ones are skipped).
-PROVIDERS = (
-    "xmipp_accel.gpu.tuning.builtin_kernels",
-    "xmipp_accel.gpu.reconstruct.insert",
-    "xmipp_accel.gpu.reconstruct.tuning",
-    "xmipp_accel.gpu.movie.tuning",
-    "xmipp_accel.gpu.movie.correlate",
-)
+           "configurations", "size_class", "register", "get_kernel", "registered", "tuned_params"]
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -250,25 +241,13 @@ def register(kernel: TunableKernel) -> TunableKernel:
     return kernel
 
 
-def registered(load: bool = True) -> Dict[str, TunableKernel]:
-    """Registered kernels by name; ``load`` first imports the :data:`PROVIDERS` that exist."""
-    if load:
-        for mod in PROVIDERS:
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as exc:
-                if exc.name and mod.startswith(exc.name):
-                    continue  # that part of the package is not there (yet)
-                logger.warning("could not load tunable kernels from %s: %s", mod, exc)
-            except Exception as exc:  # a provider's bug must not break the others
-                logger.warning("could not load tunable kernels from %s: %s", mod, exc)
+def registered() -> Dict[str, TunableKernel]:
+    """Registered kernels by name (those whose modules have been imported)."""
     return dict(_REGISTRY)
 
 
 def get_kernel(name: str) -> TunableKernel:
-    """A registered kernel by name (loading the providers when needed); ValueError lists the known names."""
-    if name not in _REGISTRY:
-        registered(load=True)
+    """A registered kernel by name; ValueError lists the known names."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown tunable kernel {name!r}; known: {', '.join(sorted(_REGISTRY)) or 'none'}")
     return _REGISTRY[name]
