@@ -103,7 +103,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 def _particles(args):
-    from ..io.star import read_particles
+    from ..io.particles import read_particles
     pset = read_particles(args.particles)
     if pset.n == 0:
         raise InputError(f"{args.particles} holds no particles")
@@ -226,7 +226,7 @@ def _check_deep_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..em.symmetry import symmetry_matrices
     from ..gpu.runtime.mpi import mpi_context
-    from ..io.star import write_particles
+    from ..io.particles import write_particles
     symmetry_matrices(args.sym)  # unknown names fail here, before any work
     if not 0 < args.angular_step <= 90:
         raise InputError(f"--angular-step must be in (0, 90] degrees, got {args.angular_step}")

@@ -79,7 +79,7 @@ def output_paths(output: str, halves: bool) -> dict:
 
 
 def _load_particles(path: str):
-    from ..io.star import read_particles
+    from ..io.particles import read_particles
     if not os.path.exists(path):
         raise FileFormatError(f"particle file {path} does not exist")
     pset = read_particles(path)

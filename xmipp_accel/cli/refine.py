@@ -63,7 +63,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------ inputs
 
 def _load(args):
-    from ..io.star import read_particles
+    from ..io.particles import read_particles
     if not os.path.exists(args.particles):
         raise InputError(f"particle file {args.particles} does not exist")
     pset = read_particles(args.particles)
@@ -160,7 +160,7 @@ def _it_dir(outdir: str, it: int) -> str:
 
 
 def _write_particles(path, pset, state, px):
-    from ..io.star import write_particles
+    from ..io.particles import write_particles
     from ..gpu.align.projmatch import AlignmentResult
     angles = AlignmentResult(state.matrices, state.origins_px, np.zeros(pset.n)).angles_deg
     extra = {"rlnRandomSubset": state.subset.astype(np.int64)}
@@ -207,7 +207,8 @@ def load_state(outdir: str, pset, px: float):
     """The state of the last iteration listed in iterations.jsonl whose it### folder is complete, or None."""
     from ..gpu.refine.autorefine import IterationRecord, RefineState
     from ..io.mrc import read_mrc
-    from ..io.star import read_particles, read_star
+    from ..io.particles import read_particles
+    from ..io.star import read_star
     from ..em.geometry import euler_to_matrix
     path = outputs(outdir)["iterations"]
     if not os.path.exists(path):

@@ -11,7 +11,7 @@ from xmipp_accel.io import images as images_module
 from xmipp_accel.io.images import (ImageStackWriter, clear_stack_cache, format_image_ref, parse_image_ref,
                                    parse_image_refs, read_images, resolve_image_path, stack_size, write_stack)
 from xmipp_accel.io.mrc import read_mrc, write_mrc
-from xmipp_accel.io.star import read_particles
+from xmipp_accel.io.particles import read_particles
 
 
 @pytest.fixture

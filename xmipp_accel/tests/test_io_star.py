@@ -9,8 +9,8 @@ import pytest
 from xmipp_accel.errors import FileFormatError, InputError
 from xmipp_accel.io.images import read_images
 from xmipp_accel.io.mrc import write_mrc
-from xmipp_accel.io.star import (Table, parse_star_text, read_particles, read_star, write_particles,
-                                 write_particles_from_arrays, write_star)
+from xmipp_accel.io.particles import read_particles, write_particles, write_particles_from_arrays
+from xmipp_accel.io.star import Table, parse_star_text, read_star, write_star
 
 STAR_FILES = ["relion31.star", "relion31.6opticsgroups.star", "relion5.star", "sample_relion_data.star",
               "sample_particles_relion31.star", "empiar_10076_7.star"]
