@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError
-from .common import add_common_args, emit_result, progress, rank_devices, stopwatch
+from .common import add_common_args, add_path_args, emit_result, progress, rank_devices, stopwatch
 
 logger = logging.getLogger("xmipp_accel.assign_angles")
 
@@ -95,6 +95,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="particles whose two DeepAlign assignments differ by more, degrees, are flagged "
                         "(default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="random seed of the training (default: %(default)s)")
+    add_path_args(parser)
     add_common_args(parser)
 
 
@@ -104,7 +105,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _particles(args):
     from ..io.particles import read_particles
-    pset = read_particles(args.particles)
+    pset = read_particles(args.particles, datadir=args.datadir)
     if pset.n == 0:
         raise InputError(f"{args.particles} holds no particles")
     px = np.asarray(pset.pixel_size_A, dtype=np.float64)
@@ -280,7 +281,8 @@ def main(args: argparse.Namespace) -> int:
         if "consensus_deg" in res.extra:
             extra[CONSENSUS_COLUMN] = res.extra["consensus_deg"]
             extra[DISAGREE_COLUMN] = res.extra["disagree"]
-        write_particles(args.output, pset, angles_deg=res.angles_deg, origins_A=res.origins_px * px, extra=extra)
+        write_particles(args.output, pset, angles_deg=res.angles_deg, origins_A=res.origins_px * px, extra=extra,
+                        absolute_paths=args.absolute_paths)
     summary.update({"seconds": total["seconds"], "alignment_seconds": align_time["seconds"],
                     "particles_per_second": n / max(align_time["seconds"], 1e-9),
                     "median_score": float(np.median(res.score)), "pipeline": parts[0][1]})

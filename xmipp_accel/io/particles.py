@@ -17,8 +17,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import FileFormatError, InputError
-from .images import parse_image_ref, read_images, resolve_image_path
+from .images import parse_image_ref, read_images
 from .mrc import mrc_info, mrc_voxel_size
+from .paths import locate, resolve_name, rewrite_image_refs
 from .star import Table, read_star, write_star
 from .xmipp_particles import is_xmipp_metadata, read_xmipp_particle_table, write_xmipp_particles
 
@@ -87,11 +88,14 @@ class ParticleSet:
     image_refs : list of str
         ``"N@stack.mrcs"`` references, as in rlnImageName.
     star_dir : str
-        Folder of the STAR file; relative image names are resolved from it.
+        Folder of the STAR file; relative image names are looked up in the working directory, then
+        here (the rule of :mod:`xmipp_accel.io.paths`).
     path : str or None
         The STAR file read.
     optics_columns : tuple of str
         Names of the columns copied from optics (dropped again when writing).
+    datadir : str or None
+        ``--datadir``: a folder image names are looked up in first.
     """
 
     table: Table
@@ -100,6 +104,7 @@ class ParticleSet:
     star_dir: str
     path: Optional[str] = None
     optics_columns: Tuple[str, ...] = field(default_factory=tuple)
+    datadir: Optional[str] = None
 
     def __len__(self) -> int:
         return self.table.nrows
@@ -139,7 +144,8 @@ class ParticleSet:
             return None
         try:
             _, p = parse_image_ref(self.image_refs[0])
-            return mrc_voxel_size(resolve_image_path(p, self.star_dir))
+            found = resolve_name(p, self.star_dir, datadir=self.datadir)
+            return None if found is None else mrc_voxel_size(found)
         except InputError:
             return None
 
@@ -229,20 +235,25 @@ class ParticleSet:
         if not self.image_refs:
             raise FileFormatError(f"{self._where()} has no particles, so no box size")
         _, p = parse_image_ref(self.image_refs[0])
-        return int(mrc_info(resolve_image_path(p, self.star_dir)).nx)
+        return int(mrc_info(locate(p, self.star_dir, datadir=self.datadir, source=self.path)).nx)
 
     def read_images(self, indices=None) -> np.ndarray:
         """Read the particle images, shape (n, y, x) float32 (see :func:`xmipp_accel.io.images.read_images`)."""
-        return read_images(self.image_refs, self.star_dir, indices=indices, source=self.path)
+        return read_images(self.image_refs, self.star_dir, indices=indices, source=self.path, datadir=self.datadir)
+
+    def absolute_image_refs(self) -> List[str]:
+        """``image_refs`` with each file found by the path rule and named absolute (unfound names kept)."""
+        return rewrite_image_refs(self.image_refs, self.star_dir, datadir=self.datadir, absolute=True)
 
     def select(self, rows) -> ParticleSet:
         """New set with the particles selected by an index array or boolean mask."""
         table = self.table.subset(rows)
         return ParticleSet(table=table, optics=self.optics, image_refs=list(table["rlnImageName"]),
-                           star_dir=self.star_dir, path=self.path, optics_columns=self.optics_columns)
+                           star_dir=self.star_dir, path=self.path, optics_columns=self.optics_columns,
+                           datadir=self.datadir)
 
 
-def read_particles(path: str | os.PathLike) -> ParticleSet:
+def read_particles(path: str | os.PathLike, *, datadir: Optional[str] = None) -> ParticleSet:
     """Read a RELION particle STAR file (3.0 without optics, 3.1+ with data_optics), or Xmipp metadata.
 
     Parameters
@@ -252,6 +263,9 @@ def read_particles(path: str | os.PathLike) -> ParticleSet:
         the block holding rlnImageName); a name ending in ``.xmd`` is read as
         Xmipp metadata and converted to RELION labels
         (:func:`xmipp_accel.io.xmipp_particles.read_xmipp_particle_table`).
+
+    datadir : str, optional
+        ``--datadir``: a folder image names are looked up in first (:mod:`xmipp_accel.io.paths`).
 
     Returns
     -------
@@ -268,7 +282,7 @@ def read_particles(path: str | os.PathLike) -> ParticleSet:
     if is_xmipp_metadata(path):  # Xmipp metadata: labels, units and signs converted there
         table = read_xmipp_particle_table(path)
         return ParticleSet(table=table, optics=None, image_refs=[str(r) for r in table["rlnImageName"].tolist()],
-                           star_dir=os.path.dirname(os.path.abspath(path)), path=path)
+                           star_dir=os.path.dirname(os.path.abspath(path)), path=path, datadir=datadir)
     blocks = read_star(path)
     _, particles = _find_particles_block(blocks, path)
     optics = blocks.get("optics")
@@ -279,7 +293,8 @@ def read_particles(path: str | os.PathLike) -> ParticleSet:
         optics = None
     refs = list(particles["rlnImageName"].tolist())
     return ParticleSet(table=particles, optics=optics, image_refs=refs,
-                       star_dir=os.path.dirname(os.path.abspath(path)), path=path, optics_columns=merged_names)
+                       star_dir=os.path.dirname(os.path.abspath(path)), path=path, optics_columns=merged_names,
+                       datadir=datadir)
 
 
 def _group_rows(keys: Sequence[np.ndarray], n: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -322,28 +337,8 @@ def _optics_from_30(pset: ParticleSet) -> Tuple[Table, Table]:
     return Table(cols), particles
 
 
-def _rebase_refs(refs: Sequence[str], old_dir: str, new_dir: str) -> List[str]:
-    """Rewrite relative image names so they point at the same files from ``new_dir``."""
-    if os.path.abspath(old_dir) == os.path.abspath(new_dir):
-        return list(refs)
-    cache: Dict[str, str] = {}
-    out = []
-    for ref in refs:
-        number, sep, name = ref.partition("@") if "@" in ref else ("", "", ref)
-        new = cache.get(name)
-        if new is None:
-            _, p = parse_image_ref(ref)
-            if os.path.isabs(p) or not os.path.exists(os.path.join(old_dir, p)):
-                new = name
-            else:
-                new = os.path.relpath(os.path.join(old_dir, p), new_dir) + name[len(p):]
-            cache[name] = new
-        out.append(f"{number}{sep}{new}")
-    return out
-
-
 def write_particles(path: str | os.PathLike, pset: ParticleSet, *, angles_deg=None, origins_A=None,
-                    extra: Optional[Mapping[str, object]] = None) -> None:
+                    extra: Optional[Mapping[str, object]] = None, absolute_paths: bool = False) -> None:
     """Write particles as RELION 3.1 STAR (data_optics + data_particles), atomically.
 
     Parameters
@@ -362,11 +357,13 @@ def write_particles(path: str | os.PathLike, pset: ParticleSet, *, angles_deg=No
         of the input are converted to rlnOriginXAngst/YAngst in any case.
     extra : mapping of str to array_like, optional
         Further particle columns to add or replace (``{"rlnMaxValueProbDistribution": cc}``).
+    absolute_paths : bool, optional
+        ``--absolute-paths``: write absolute image names.
 
     Notes
     -----
-    Relative image names are rewritten so they still point at the same stacks
-    when the output folder differs from the input's.
+    Image names follow :mod:`xmipp_accel.io.paths`: each stack is found as it was read and
+    named relative to the working directory (RELION's project folder), or absolute.
     """
     path = os.fspath(path)
     n = pset.n
@@ -397,8 +394,7 @@ def write_particles(path: str | os.PathLike, pset: ParticleSet, *, angles_deg=No
         table = table.without_columns("rlnOriginX", "rlnOriginY")
     for name, values in (extra or {}).items():
         new[str(name).lstrip("_")] = values
-    out_dir = os.path.dirname(os.path.abspath(path))
-    refs = _rebase_refs(pset.image_refs, pset.star_dir, out_dir)
+    refs = rewrite_image_refs(pset.image_refs, pset.star_dir, datadir=pset.datadir, absolute=absolute_paths)
     if refs != list(pset.image_refs):
         new["rlnImageName"] = np.array(refs)
     table = table.with_columns(**new)
@@ -422,7 +418,7 @@ def write_particles_from_arrays(path: str | os.PathLike, image_refs: Sequence[st
                                 angles_deg=None, origins_A=None, ctf: Optional[Mapping[str, object]] = None,
                                 subset=None, voltage_kV: float = 300.0, cs_mm: float = 2.7,
                                 amplitude_contrast: float = 0.1, box_size: Optional[int] = None,
-                                extra: Optional[Mapping[str, object]] = None) -> None:
+                                extra: Optional[Mapping[str, object]] = None, absolute_paths: bool = False) -> None:
     """Write a RELION 3.1 particle STAR file from arrays (synthetic data, demos).
 
     Parameters
@@ -430,7 +426,9 @@ def write_particles_from_arrays(path: str | os.PathLike, image_refs: Sequence[st
     path : str or os.PathLike
         Output STAR file.
     image_refs : sequence of str, length n
-        ``"N@stack.mrcs"`` references (relative to the STAR file's folder, or absolute).
+        ``"N@stack.mrcs"`` references: absolute, relative to the working directory or to the STAR
+        file's folder (looked up in that order); written by the rule of :mod:`xmipp_accel.io.paths`
+        (relative to the working directory, or absolute).
     pixel_size_A : float or array_like (n,)
         Pixel size in Å; particles sharing pixel size, voltage, Cs and amplitude
         contrast share an optics group.
@@ -451,9 +449,12 @@ def write_particles_from_arrays(path: str | os.PathLike, image_refs: Sequence[st
         Image side in pixels (rlnImageSize); read from the first stack when omitted.
     extra : mapping of str to array_like, optional
         Further particle columns.
+    absolute_paths : bool, optional
+        ``--absolute-paths``: write absolute image names.
     """
     path = os.fspath(path)
-    refs = [str(r) for r in image_refs]
+    out_dir = os.path.dirname(os.path.abspath(path))
+    refs = rewrite_image_refs([str(r) for r in image_refs], out_dir, absolute=absolute_paths)
     n = len(refs)
     if n == 0:
         raise InputError(f"cannot write {path}: no particles")
@@ -467,11 +468,11 @@ def write_particles_from_arrays(path: str | os.PathLike, image_refs: Sequence[st
     }
     if box_size is None:
         _, p = parse_image_ref(refs[0])
-        candidate = resolve_image_path(p, os.path.dirname(os.path.abspath(path)))
-        if not os.path.exists(candidate):
-            raise InputError(f"cannot write {path}: give box_size, or write the stack {candidate} first "
+        found = resolve_name(p, out_dir)
+        if found is None:
+            raise InputError(f"cannot write {path}: give box_size, or write the stack {p} first "
                              "so the box size can be read from it")
-        box_size = mrc_info(candidate).nx
+        box_size = mrc_info(found).nx
     group, first = _group_rows([pixel] + list(optics_values.values()), n)
     ngroups = first.size
     optics = {"rlnOpticsGroup": np.arange(1, ngroups + 1, dtype=np.int64),

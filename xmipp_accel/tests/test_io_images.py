@@ -107,7 +107,7 @@ def test_past_the_end_names_file_and_size(stacks):
 
 def test_missing_stack_names_it(stacks):
     folder, _, _ = stacks
-    with pytest.raises(FileFormatError, match=r"missing.mrcs not found \(referenced in p.star\)"):
+    with pytest.raises(FileFormatError, match=r"missing.mrcs not found \(named in p.star\); looked for .*--datadir"):
         read_images(["1@a.mrcs", "1@missing.mrcs"], base_dir=str(folder), source="p.star")
 
 
