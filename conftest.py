@@ -21,7 +21,9 @@ for _k, _v in {"SCIPION_HOME": _home, "SCIPION_DOMAIN": "pwem",
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "shared", "data"))
+# ../shared/data beside the checkout; XMIPP_ACCEL_SHARED_DATA points elsewhere (a git worktree in another folder).
+SHARED_DATA = os.path.abspath(os.environ.get("XMIPP_ACCEL_SHARED_DATA")
+                              or os.path.join(os.path.dirname(__file__), "..", "shared", "data"))
 
 
 def _gpu_ok():

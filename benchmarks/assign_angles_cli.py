@@ -10,7 +10,7 @@ H100) measured the way a user meets it, instead of extrapolated from in-memory r
    in ±5 % of the box, white noise at ``--snr`` over the box), made on the GPU when present, in chunks
    of ``--chunk`` particles, each chunk written as one MRC stack (``io.images.write_stack``) by a
    writer thread while the next chunk is made, so host memory holds at most two chunks. One RELION 3.1
-   STAR (``io.star.write_particles_from_arrays``: optics table, CTF columns, half sets; no angles and no
+   STAR (``io.particles.write_particles_from_arrays``: optics table, CTF columns, half sets; no angles and no
    origins) and the truth in ``truth.npz`` beside it. The reference map (MRC with its voxel size) is the
    phantom, Gaussian low-passed to ``--ref-lowpass`` Å when given so that it is not the exact truth.
    The disk footprint is printed first; the run is refused when the work folder has too little space.
@@ -20,7 +20,7 @@ H100) measured the way a user meets it, instead of extrapolated from in-memory r
    last line gives the training time, the alignment time and the pipeline's stage times (the read stage:
    reading the images from the stacks and checking they are finite; files just written are usually in
    the page cache, so this is rarely a cold-disk rate).
-3. **Accuracy**: OUT.star read back (``io.star.read_particles``), matched to the truth by image name;
+3. **Accuracy**: OUT.star read back (``io.particles.read_particles``), matched to the truth by image name;
    median and 90th-percentile angular error modulo ``--sym`` and shift error by
    ``assign_angles_accuracy.pose_errors``.
 4. **Table**: method, particles, box, wall s, training s, particles/s excluding training (wall - training)
@@ -63,7 +63,7 @@ from xmipp_accel.em.synthetic import make_particles, phantom_volume
 from xmipp_accel import backend
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import write_mrc
-from xmipp_accel.io.star import read_particles, write_particles_from_arrays
+from xmipp_accel.io.particles import read_particles, write_particles_from_arrays
 
 TARGET_S = 900.0                      # issue 5: 36 000 x 300 px in under 15 minutes, training included
 SHIFT_FRACTION = 0.05                 # true shifts uniform in +-5 % of the box (as benchmarks/assign_angles.py)

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from xmipp_accel.io.images import clear_stack_cache, read_images, write_stack
-from xmipp_accel.io.star import read_particles, read_star, write_particles, write_particles_from_arrays
+from xmipp_accel.io.particles import read_particles, write_particles, write_particles_from_arrays
+from xmipp_accel.io.star import read_star
 
 
 def _best(fn, repeat=3):

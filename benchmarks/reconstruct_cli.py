@@ -34,7 +34,7 @@ from reconstruct import APIX, host_particles, write_cryodrgn_inputs  # noqa: E40
 
 from xmipp_accel.em.geometry import matrix_to_euler  # noqa: E402
 from xmipp_accel.io.images import write_stack  # noqa: E402
-from xmipp_accel.io.star import write_particles_from_arrays  # noqa: E402
+from xmipp_accel.io.particles import write_particles_from_arrays  # noqa: E402
 
 PEER_SCRIPT = """
 import sys, types

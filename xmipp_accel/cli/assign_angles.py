@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError
-from .common import add_common_args, emit_result, progress, rank_devices, stopwatch
+from .common import add_common_args, add_path_args, emit_result, progress, rank_devices, stopwatch
 
 logger = logging.getLogger("xmipp_accel.assign_angles")
 
@@ -95,6 +95,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="particles whose two DeepAlign assignments differ by more, degrees, are flagged "
                         "(default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="random seed of the training (default: %(default)s)")
+    add_path_args(parser)
     add_common_args(parser)
 
 
@@ -103,8 +104,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 def _particles(args):
-    from ..io.star import read_particles
-    pset = read_particles(args.particles)
+    from ..io.particles import read_particles
+    pset = read_particles(args.particles, datadir=args.datadir)
     if pset.n == 0:
         raise InputError(f"{args.particles} holds no particles")
     px = np.asarray(pset.pixel_size_A, dtype=np.float64)
@@ -226,7 +227,7 @@ def _check_deep_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..em.symmetry import symmetry_matrices
     from ..gpu.runtime.mpi import mpi_context
-    from ..io.star import write_particles
+    from ..io.particles import write_particles
     symmetry_matrices(args.sym)  # unknown names fail here, before any work
     if not 0 < args.angular_step <= 90:
         raise InputError(f"--angular-step must be in (0, 90] degrees, got {args.angular_step}")
@@ -280,7 +281,8 @@ def main(args: argparse.Namespace) -> int:
         if "consensus_deg" in res.extra:
             extra[CONSENSUS_COLUMN] = res.extra["consensus_deg"]
             extra[DISAGREE_COLUMN] = res.extra["disagree"]
-        write_particles(args.output, pset, angles_deg=res.angles_deg, origins_A=res.origins_px * px, extra=extra)
+        write_particles(args.output, pset, angles_deg=res.angles_deg, origins_A=res.origins_px * px, extra=extra,
+                        absolute_paths=args.absolute_paths)
     summary.update({"seconds": total["seconds"], "alignment_seconds": align_time["seconds"],
                     "particles_per_second": n / max(align_time["seconds"], 1e-9),
                     "median_score": float(np.median(res.score)), "pipeline": parts[0][1]})

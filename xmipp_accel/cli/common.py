@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional
@@ -12,6 +14,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from .. import backend
+from ..io.paths import PATH_RULE
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -29,6 +32,21 @@ def add_common_args(parser: argparse.ArgumentParser, device: bool = True) -> Non
                    help="print one JSON object summarising the result as the last line of stdout")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info messages")
     g.add_argument("--verbose", "-v", action="store_true", help="debug messages")
+
+
+def add_path_args(parser: argparse.ArgumentParser, *, datadir: bool = True, absolute: bool = True) -> None:
+    """Add ``--datadir`` (commands reading particle STAR files) and ``--absolute-paths`` (commands writing
+    STAR files that name files), in a group whose description states the rule
+    (:data:`xmipp_accel.io.paths.PATH_RULE`)."""
+    g = parser.add_argument_group("file names in STAR files", textwrap.fill(PATH_RULE, width=76))
+    if datadir:
+        g.add_argument("--datadir", type=os.path.abspath, default=None, metavar="DIR",
+                       help="folder where the image stacks named in the input STAR file are looked for first "
+                            "(DIR/NAME, then DIR/<file name alone>), e.g. for a STAR file from another machine")
+    if absolute:
+        g.add_argument("--absolute-paths", action="store_true",
+                       help="write absolute file names into output STAR files (default: relative to the working "
+                            "directory, RELION's project folder)")
 
 
 def configure_logging(args: argparse.Namespace) -> None:

@@ -53,7 +53,7 @@ def _make_dataset(args, box: int, n: int, outdir: str, xp) -> dict:
     from ..em import synthetic
     from ..em.symmetry import symmetrize_volume, symmetry_order
     from ..io.mrc import write_mrc
-    from ..io.star import write_particles_from_arrays
+    from ..io.particles import write_particles_from_arrays
 
     truth_map = synthetic.phantom_volume(box, seed=args.seed)
     if symmetry_order(args.sym) > 1:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..em.geometry import euler_to_matrix
 from ..errors import FileFormatError, InputError
-from .common import add_common_args, emit_result, progress, rank_devices
+from .common import add_common_args, add_path_args, emit_result, progress, rank_devices
 
 logger = logging.getLogger("xmipp_accel.reconstruct")
 
@@ -63,6 +63,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="blob values from a 10 000-entry table or computed per pixel (default: %(default)s)")
     b.add_argument("--no-gridding-correction", dest="gridding_correction", action="store_false",
                    help="do not divide the map by the blob's real-space transform")
+    add_path_args(parser, absolute=False)
     add_common_args(parser)
 
 
@@ -78,11 +79,11 @@ def output_paths(output: str, halves: bool) -> dict:
     return out
 
 
-def _load_particles(path: str):
-    from ..io.star import read_particles
+def _load_particles(path: str, datadir: Optional[str] = None):
+    from ..io.particles import read_particles
     if not os.path.exists(path):
         raise FileFormatError(f"particle file {path} does not exist")
-    pset = read_particles(path)
+    pset = read_particles(path, datadir=datadir)
     if pset.n == 0:
         raise InputError(f"{path} holds no particles")
     if pset.angles_deg is None:
@@ -210,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     ctx = mpi_context()
     group_matrices(args.sym)                 # an unknown symmetry fails before any reading
-    pset = _load_particles(args.particles)
+    pset = _load_particles(args.particles, args.datadir)
     pixel_size = _pixel_size(pset, args.particles)
     ctf = pset.ctf()
     settings = _settings(args, pixel_size, ctf is not None, pset.ctf_premultiplied)

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from ..errors import InputError
-from .common import add_common_args, emit_result, progress, resolve_devices
+from .common import add_common_args, add_path_args, emit_result, progress, resolve_devices
 
 logger = logging.getLogger("xmipp_accel.refine")
 
@@ -57,16 +57,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--continue", dest="resume", action="store_true",
                    help="resume from the last finished iteration saved in OUTDIR")
     g.add_argument("--seed", type=int, default=0, help="seed of the half-set split (default: %(default)s)")
+    add_path_args(parser)
     add_common_args(parser)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
 
 def _load(args):
-    from ..io.star import read_particles
+    from ..io.particles import read_particles
     if not os.path.exists(args.particles):
         raise InputError(f"particle file {args.particles} does not exist")
-    pset = read_particles(args.particles)
+    pset = read_particles(args.particles, datadir=args.datadir)
     if pset.n < 2:
         raise InputError(f"{args.particles} holds {pset.n} particles; a gold-standard refinement needs at least 2")
     px = np.asarray(pset.pixel_size_A, dtype=np.float64)
@@ -159,14 +160,15 @@ def _it_dir(outdir: str, it: int) -> str:
     return os.path.join(outdir, f"it{it:03d}")
 
 
-def _write_particles(path, pset, state, px):
-    from ..io.star import write_particles
+def _write_particles(path, pset, state, px, absolute_paths: bool = False):
+    from ..io.particles import write_particles
     from ..gpu.align.projmatch import AlignmentResult
     angles = AlignmentResult(state.matrices, state.origins_px, np.zeros(pset.n)).angles_deg
     extra = {"rlnRandomSubset": state.subset.astype(np.int64)}
     if state.score is not None:
         extra["rlnParticleFigureOfMerit"] = state.score
-    write_particles(path, pset, angles_deg=angles, origins_A=state.origins_px * px, extra=extra)
+    write_particles(path, pset, angles_deg=angles, origins_A=state.origins_px * px, extra=extra,
+                    absolute_paths=absolute_paths)
 
 
 def _write_mrc(path, data, px):
@@ -193,10 +195,10 @@ def _write_history(path, history):
             fh.write(json.dumps(rec.as_dict()) + "\n")
 
 
-def save_iteration(outdir: str, pset, state, px: float) -> None:
+def save_iteration(outdir: str, pset, state, px: float, *, absolute_paths: bool = False) -> None:
     """it###/run_data.star, half maps and FSC of a finished iteration, then iterations.jsonl (last: the marker)."""
     d = _it_dir(outdir, state.iteration)
-    _write_particles(os.path.join(d, STATE_PARTICLES), pset, state, px)
+    _write_particles(os.path.join(d, STATE_PARTICLES), pset, state, px, absolute_paths)
     _write_mrc(os.path.join(d, "half1.mrc"), state.half1, px)
     _write_mrc(os.path.join(d, "half2.mrc"), state.half2, px)
     _write_fsc(os.path.join(d, "fsc.star"), state.fsc, px)
@@ -207,7 +209,8 @@ def load_state(outdir: str, pset, px: float):
     """The state of the last iteration listed in iterations.jsonl whose it### folder is complete, or None."""
     from ..gpu.refine.autorefine import IterationRecord, RefineState
     from ..io.mrc import read_mrc
-    from ..io.star import read_particles, read_star
+    from ..io.particles import read_particles
+    from ..io.star import read_star
     from ..em.geometry import euler_to_matrix
     path = outputs(outdir)["iterations"]
     if not os.path.exists(path):
@@ -271,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
                 "on" if ctf is not None else "off", devices[0].describe())
 
     def on_iteration(st):
-        save_iteration(args.output, pset, st, px)
+        save_iteration(args.output, pset, st, px, absolute_paths=args.absolute_paths)
         r = st.history[-1]
         if not args.quiet:
             print(f"iteration {r.iteration} ({r.search}, step {r.angular_step_deg:.2f}°): resolution "
@@ -287,7 +290,7 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
     st = result.state
     paths = outputs(args.output)
-    _write_particles(paths["particles"], pset, st, px)
+    _write_particles(paths["particles"], pset, st, px, args.absolute_paths)
     _write_mrc(paths["half1"], st.half1, px)
     _write_mrc(paths["half2"], st.half2, px)
     _write_mrc(paths["volume"], result.volume, px)

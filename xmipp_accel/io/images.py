@@ -18,18 +18,17 @@ import numpy as np
 from ..errors import FileFormatError, InputError
 from .atomic import atomic_write
 from .mrc import open_stack, write_mrc
+from .paths import FORMAT_HINTS, locate, resolve_name
 
 __all__ = ["parse_image_ref", "parse_image_refs", "format_image_ref", "resolve_image_path", "read_images",
            "stack_size", "write_stack", "ImageStackWriter", "clear_stack_cache"]
 
-# Xmipp/Scipion may append a format hint to a file name: "stack.mrcs:mrcs", "img.mrc:mrc"
-_FORMAT_HINTS = {"mrc", "mrcs", "spi", "stk", "xmp", "tif", "tiff", "em", "img", "hed", "dm4"}
 _CACHE_SIZE = 64
 
 
 def _strip_format_hint(path: str) -> str:
     head, sep, tail = path.rpartition(":")
-    if sep and head and tail.lower() in _FORMAT_HINTS:
+    if sep and head and tail.lower() in FORMAT_HINTS:
         return head
     return path
 
@@ -99,26 +98,20 @@ def format_image_ref(index0: Optional[int], path: str) -> str:
     return f"{index0 + 1:06d}@{path}"
 
 
-def resolve_image_path(path: str, base_dir: Optional[str] = None) -> str:
-    """Find the file an image reference names.
+def resolve_image_path(path: str, base_dir: Optional[str] = None, *, datadir: Optional[str] = None) -> str:
+    """Find the file an image reference names, by the rule of :mod:`xmipp_accel.io.paths`.
 
-    Absolute names are used as they are. A relative name is looked up under
-    ``base_dir`` (usually the folder of the STAR file) and then under the
-    current folder (RELION resolves names from its project folder).
+    A relative name is looked up under ``datadir`` (``--datadir``), then in the working directory
+    (RELION's project folder), then under ``base_dir`` (the STAR file's folder).
 
     Returns
     -------
     str
-        The path found, or the ``base_dir`` candidate when neither exists (the
-        caller reports it missing).
+        The first path that exists, or the working-directory candidate when none does (the caller
+        reports it missing).
     """
-    path = os.path.expanduser(path)
-    if os.path.isabs(path) or base_dir is None:
-        return path
-    candidate = os.path.join(base_dir, path)
-    if os.path.exists(candidate) or not os.path.exists(path):
-        return candidate
-    return path
+    found = resolve_name(path, base_dir, datadir=datadir)
+    return found if found is not None else os.path.expanduser(path)
 
 
 class _StackCache:
@@ -159,16 +152,9 @@ def clear_stack_cache() -> None:
     _cache.clear()
 
 
-def _open(path: str, where: str) -> np.memmap:
-    if not os.path.exists(path):
-        raise FileFormatError(f"image file {path} not found{where}; check the image paths (relative names are "
-                              "looked up beside the STAR file, then in the current folder)")
-    return _cache.get(path)
-
-
-def stack_size(path: str, base_dir: Optional[str] = None) -> int:
+def stack_size(path: str, base_dir: Optional[str] = None, *, datadir: Optional[str] = None) -> int:
     """Number of images in an MRC stack (z dimension), from its header."""
-    return int(_open(resolve_image_path(path, base_dir), "").shape[0])
+    return int(_cache.get(locate(path, base_dir, datadir=datadir)).shape[0])
 
 
 _COPY_THREADS = 4
@@ -209,7 +195,7 @@ def _copy_frames(out: np.ndarray, positions: np.ndarray, stack, frames: np.ndarr
 
 
 def read_images(refs: Sequence[str], base_dir: Optional[str] = None, *, indices=None,
-                source: Optional[str] = None) -> np.ndarray:
+                source: Optional[str] = None, datadir: Optional[str] = None) -> np.ndarray:
     """Read particle images named by references.
 
     Parameters
@@ -217,12 +203,14 @@ def read_images(refs: Sequence[str], base_dir: Optional[str] = None, *, indices=
     refs : sequence of str
         ``"N@stack.mrcs"`` or ``"image.mrc"`` references (e.g. ``ParticleSet.image_refs``).
     base_dir : str, optional
-        Folder relative names are resolved against (the STAR file's folder);
-        the current folder is tried next.
+        The STAR file's folder. Relative names are looked up under ``datadir``, in the working
+        directory, then under ``base_dir`` (:mod:`xmipp_accel.io.paths`).
     indices : array_like of int, optional
         Read only ``refs[indices]`` (in that order); default all.
     source : str, optional
         Where the references come from (a STAR file name), quoted in error messages.
+    datadir : str, optional
+        ``--datadir``: a folder searched first.
 
     Returns
     -------
@@ -254,8 +242,8 @@ def read_images(refs: Sequence[str], base_dir: Optional[str] = None, *, indices=
     out = None
     first_shape = None
     for path, (positions, frames) in groups.items():
-        resolved = resolve_image_path(path, base_dir)
-        stack = _open(resolved, where)
+        resolved = locate(path, base_dir, datadir=datadir, source=source)
+        stack = _cache.get(resolved)
         frames = np.asarray(frames, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
         if (frames < 0).any():

@@ -13,7 +13,7 @@ import os
 from typing import Dict, Mapping, Union
 
 from .atomic import atomic_write
-from .star import Table, _read_text, format_star_text, parse_star_text
+from .star import Table, format_star_text, parse_star_text, read_star_file_text
 
 __all__ = ["read_xmd", "write_xmd", "XMIPP_HEADER"]
 
@@ -40,7 +40,7 @@ def read_xmd(path: str | os.PathLike) -> Dict[str, Table]:
         Missing, empty, binary or malformed file (the message gives the line).
     """
     path = os.fspath(path)
-    return parse_star_text(_read_text(path, "Xmipp metadata"), path)
+    return parse_star_text(read_star_file_text(path, "Xmipp metadata"), path)
 
 
 def write_xmd(path: str | os.PathLike, blocks: Mapping[str, Union[Table, Mapping]]) -> None:

@@ -1,7 +1,7 @@
 """Particle tables in Xmipp metadata (``.xmd``): the RELION <-> Xmipp label map, units and sign conventions.
 
-:func:`xmipp_accel.io.star.read_particles` and :func:`~xmipp_accel.io.star.write_particles` hand a path
-ending in ``.xmd`` to this module, so every command that reads or writes particles
+:func:`xmipp_accel.io.particles.read_particles` and :func:`~xmipp_accel.io.particles.write_particles` hand a
+path ending in ``.xmd`` to this module, so every command that reads or writes particles
 (``xmipp-accel reconstruct``, ``assign-angles``) takes and gives Xmipp metadata as well as RELION STAR.
 Inside the package particles always carry RELION labels; the conversion happens here, at the file.
 
@@ -32,7 +32,7 @@ Xmipp                             RELION                              conversion
 Other columns keep their names both ways (xmippLib reads RELION labels it knows, e.g. ``rlnRandomSubset``,
 and keeps unknown ones); optics bookkeeping (``rlnOpticsGroup``, ``rlnOpticsGroupName``, ``rlnImageSize``,
 ``rlnImageDimensionality``) is not written to ``.xmd``; written back to STAR, RELION 3.0-style tables get
-their optics groups rebuilt by :func:`~xmipp_accel.io.star.write_particles`.
+their optics groups rebuilt by :func:`~xmipp_accel.io.particles.write_particles`.
 
 Shift sign, checked against the sources and against xmippLib itself (``tests/test_interop.py``):
 
@@ -59,16 +59,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
-from ..errors import FileFormatError, InputError
-from .star import ParticleSet, Table, _merge_optics
+from ..errors import FileFormatError
+from .images import parse_image_ref
+from .star import Table
 from .xmd import read_xmd, write_xmd
 
 __all__ = ["XMIPP_TO_RELION", "RELION_TO_XMIPP", "XMIPP_BLOCK", "is_xmipp_metadata", "xmipp_to_relion_table",
-           "relion_to_xmipp_table", "read_xmipp_particles", "write_xmipp_particles"]
+           "relion_to_xmipp_table", "read_xmipp_particle_table", "write_xmipp_particles"]
 
 logger = logging.getLogger("xmipp_accel.io")
 
@@ -201,7 +202,6 @@ def xmipp_to_relion_table(table: Table, *, source: str = "<xmd>") -> Table:
 
 
 def _check_image_formats(refs: List[str], path: str) -> None:
-    from .images import parse_image_ref
     seen = set()
     for ref in refs:
         name = ref.partition("@")[2] or ref
@@ -218,8 +218,8 @@ def _check_image_formats(refs: List[str], path: str) -> None:
                 f"{root}_mrc.xmd, then give {root}_mrc.xmd")
 
 
-def read_xmipp_particles(path) -> ParticleSet:
-    """Read Xmipp particle metadata as a :class:`~xmipp_accel.io.star.ParticleSet` with RELION labels.
+def read_xmipp_particle_table(path) -> Table:
+    """Read the particle table of Xmipp metadata with RELION labels (RELION 3.0 style, one row per particle).
 
     Parameters
     ----------
@@ -228,10 +228,10 @@ def read_xmipp_particles(path) -> ParticleSet:
 
     Returns
     -------
-    ParticleSet
-        ``optics`` None (RELION 3.0 style); ``angles_deg`` from angleRot/Tilt/Psi, ``origins_px`` equal to
-        (shiftX, shiftY), ``pixel_size_A`` from ``samplingRate`` or the stacks' MRC header, ``ctf()`` from
-        the ctf* labels. Disabled rows are left out.
+    Table
+        As :func:`xmipp_to_relion_table` gives: rlnAngleRot/Tilt/Psi, rlnOriginX/Y (pixels) from
+        shiftX/Y, rlnImagePixelSize from ``samplingRate``, CTF columns from the ctf* labels. Disabled rows
+        are left out. :func:`xmipp_accel.io.particles.read_particles` makes a particle set of it.
 
     Raises
     ------
@@ -240,23 +240,26 @@ def read_xmipp_particles(path) -> ParticleSet:
     """
     path = os.fspath(path)
     table = xmipp_to_relion_table(_find_particle_block(read_xmd(path), path), source=path)
-    refs = [str(r) for r in table["rlnImageName"].tolist()]
-    _check_image_formats(refs, path)
-    return ParticleSet(table=table, optics=None, image_refs=refs, star_dir=os.path.dirname(os.path.abspath(path)),
-                       path=path)
+    _check_image_formats([str(r) for r in table["rlnImageName"].tolist()], path)
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # RELION -> Xmipp
 # ----------------------------------------------------------------------------------------------------------------
 
-def relion_to_xmipp_table(pset: ParticleSet) -> Table:
+def relion_to_xmipp_table(table: Table, *, pixel_size_A, origins_A) -> Table:
     """Turn particles with RELION labels into an Xmipp particle table.
 
     Parameters
     ----------
-    pset : ParticleSet
-        Particles with optics merged per row (as :func:`~xmipp_accel.io.star.read_particles` gives).
+    table : Table
+        Particle rows with optics merged per row (as :class:`~xmipp_accel.io.particles.ParticleSet`
+        holds them), with rlnImageName.
+    pixel_size_A : array_like (n,)
+        Pixel size of each particle in Å.
+    origins_A : array_like (n, 2) or None
+        (x, y) origins in Å (RELION convention), or None when the particles have none.
 
     Returns
     -------
@@ -265,19 +268,18 @@ def relion_to_xmipp_table(pset: ParticleSet) -> Table:
         (origin in Å / pixel size), ``maxCC``, ctf* labels, ``samplingRate``, then the other columns
         under their RELION names.
     """
-    t = pset.table
-    n = pset.n
-    px = pset.pixel_size_A
-    cols: Dict[str, object] = {"image": np.array(pset.image_refs, dtype=str)}
+    t = table
+    n = t.nrows
+    px = np.broadcast_to(np.asarray(pixel_size_A, dtype=np.float64), (n,))
+    cols: Dict[str, object] = {"image": np.asarray(t["rlnImageName"]).astype(str)}
     cols["itemId"] = (np.asarray(t["rlnImageId"]).astype(np.int64) if "rlnImageId" in t
                       else np.arange(1, n + 1, dtype=np.int64))
     cols["enabled"] = np.ones(n, dtype=np.int64)
     for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         if label in t:
             cols[RELION_TO_XMIPP[label]] = np.asarray(t[label], dtype=np.float64)
-    origins = pset.origins_A
-    if origins is not None:
-        shifts = origins / px[:, None]
+    if origins_A is not None:
+        shifts = np.asarray(origins_A, dtype=np.float64).reshape(n, 2) / px[:, None]
         cols["shiftX"] = shifts[:, 0]
         cols["shiftY"] = shifts[:, 1]
     for label in ("rlnParticleFigureOfMerit", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
@@ -286,7 +288,7 @@ def relion_to_xmipp_table(pset: ParticleSet) -> Table:
             cols[RELION_TO_XMIPP[label]] = np.asarray(t[label], dtype=np.float64)
     if "rlnPhaseShift" in t and np.any(np.asarray(t["rlnPhaseShift"], dtype=np.float64) != 0):
         cols["ctfVPPphaseshift"] = np.asarray(t["rlnPhaseShift"], dtype=np.float64)
-    cols["samplingRate"] = np.asarray(px, dtype=np.float64)
+    cols["samplingRate"] = px.copy()
     if "rlnMicrographName" in t:
         cols["micrograph"] = t["rlnMicrographName"]
     done = set(RELION_TO_XMIPP) | set(_RELION_NOT_COPIED)
@@ -296,27 +298,15 @@ def relion_to_xmipp_table(pset: ParticleSet) -> Table:
     return Table(cols)
 
 
-def write_xmipp_particles(path, optics: Optional[Table], particles: Table, *, star_dir: Optional[str] = None) -> None:
-    """Write particles given as RELION 3.1 tables (data_optics + data_particles) as Xmipp metadata, atomically.
+def write_xmipp_particles(path, table: Table, *, pixel_size_A, origins_A) -> None:
+    """Write particle rows with RELION labels (optics merged per row) as Xmipp metadata, atomically.
 
     Parameters
     ----------
     path : str or os.PathLike
         Output ``.xmd``.
-    optics : Table or None
-        RELION optics groups (merged onto their particles); None when ``particles`` carries them per row.
-    particles : Table
-        Particle rows with RELION labels (``rlnImageName`` relative to ``path``'s folder or absolute).
-    star_dir : str, optional
-        Folder the image names are relative to (default: ``path``'s folder).
+    table, pixel_size_A, origins_A
+        As for :func:`relion_to_xmipp_table`; ``rlnImageName`` relative to ``path``'s folder or absolute.
     """
-    path = os.fspath(path)
-    if optics is not None and optics.names:
-        particles = _merge_optics(particles, optics, path)[0]
-    folder = star_dir or os.path.dirname(os.path.abspath(path))
-    pset = ParticleSet(table=particles, optics=None, image_refs=[str(r) for r in particles["rlnImageName"].tolist()],
-                       star_dir=folder, path=path)
-    if pset.n == 0:
-        raise InputError(f"cannot write {path}: no particles")
-    write_xmd(path, {XMIPP_BLOCK: relion_to_xmipp_table(pset)})
-
+    write_xmd(os.fspath(path), {XMIPP_BLOCK: relion_to_xmipp_table(table, pixel_size_A=pixel_size_A,
+                                                                   origins_A=origins_A)})

@@ -265,8 +265,8 @@ def read_alignment_rows(path: str) -> Dict[str, dict]:
     the first of :data:`SCORE_COLUMNS` present (else None), ``extra`` maps the Scipion attribute names
     of :data:`EXTRA_PARTICLE_COLUMNS` present to their values.
     """
-    from ..io import star
-    pset = star.read_particles(path)
+    from ..io.particles import read_particles
+    pset = read_particles(path)
     if pset.angles_deg is None:
         raise ValueError(f"{path} has no rlnAngleRot/Tilt/Psi columns")
     n = len(pset.image_refs)
@@ -304,9 +304,9 @@ def star_to_particles(star_path: str, sqlite_path: str):
     import pwem.objects as emobj
     import pyworkflow.object as pwobj
 
-    from ..io import star
+    from ..io.particles import read_particles
 
-    pset = star.read_particles(star_path)
+    pset = read_particles(star_path)
     n = len(pset)
     pixel = np.broadcast_to(np.asarray(pset.pixel_size_A, dtype=np.float64), (n,))
     cols = table_columns(pset.table)

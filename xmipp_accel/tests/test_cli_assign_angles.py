@@ -15,7 +15,7 @@ from xmipp_accel.em.synthetic import make_particles, phantom_volume
 from xmipp_accel.gpu.align.polar import fourier_crop
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import write_mrc
-from xmipp_accel.io.star import read_particles, write_particles_from_arrays
+from xmipp_accel.io.particles import read_particles, write_particles_from_arrays
 
 PX = 3.0
 N = 32

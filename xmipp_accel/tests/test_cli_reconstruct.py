@@ -13,7 +13,8 @@ from xmipp_accel.cli.__main__ import main as cli
 from xmipp_accel.em.geometry import matrix_to_euler
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import read_mrc
-from xmipp_accel.io.star import read_star, write_particles_from_arrays
+from xmipp_accel.io.particles import write_particles_from_arrays
+from xmipp_accel.io.star import read_star
 from xmipp_accel.tests.test_mpi import mpirun_path
 from xmipp_accel.tests.test_reconstruct import (APIX, apply_ctf, blob_projections, blob_volume, gaussian_blobs,
                                                 random_rotations)

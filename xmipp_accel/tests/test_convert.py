@@ -13,7 +13,7 @@ import pyworkflow.object as pwobj  # noqa: E402
 from pwem.convert.transformations import euler_from_matrix, euler_matrix, translation_from_matrix  # noqa: E402
 
 from xmipp_accel.em.geometry import euler_to_matrix  # noqa: E402
-from xmipp_accel.io import star  # noqa: E402
+from xmipp_accel.io import particles, star  # noqa: E402
 from xmipp_accel.io.mrc import write_mrc  # noqa: E402
 from xmipp_accel.protocols import convert  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_set_to_star_and_back(tmp_path):
     path = os.path.join(tmp_path, "out.star")
     ids = convert.write_particles_star(pset, path)
     assert list(ids) == list(range(1, 13))
-    parts = star.read_particles(path)
+    parts = particles.read_particles(path)
     assert len(parts) == 12
     np.testing.assert_allclose(parts.pixel_size_A, PIXEL)
     np.testing.assert_allclose(parts.angles_deg, angles, atol=1e-5)
@@ -127,7 +127,7 @@ def test_subsets_and_scores_are_kept(tmp_path):
     pset, *_ = _make_set(tmp_path, n=6, with_ctf=False, with_subset=True)
     path = os.path.join(tmp_path, "out.star")
     convert.write_particles_star(pset, path, with_alignment=False)
-    parts = star.read_particles(path)
+    parts = particles.read_particles(path)
     assert parts.subset.tolist() == [1, 2, 1, 2, 1, 2]
     assert parts.angles_deg is None and parts.ctf() is None
     # a command's output with angles and a score column
@@ -162,7 +162,7 @@ def test_non_mrc_stack_is_converted(tmp_path):
     os.makedirs(out_dir)
     path = os.path.join(tmp_path, "stk.star")
     convert.write_particles_star(stk, path, stack_dir=out_dir)
-    parts = star.read_particles(path)
+    parts = particles.read_particles(path)
     assert all(ref.startswith(("1@", "2@", "3@", "4@")) and out_dir in ref for ref in parts.image_refs)
     np.testing.assert_allclose(parts.read_images(),
                                np.stack([xmippLib.Image(f"{i}@{spider}").getData() for i in range(1, 5)]),
@@ -216,7 +216,7 @@ def test_star_to_particles_round_trip(tmp_path):
            "defocus_angle_deg": rng.uniform(0, 170, n), "voltage_kV": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1}
     subset = np.array([1, 2] * (n // 2))
     src = os.path.join(tmp_path, "in.star")
-    star.write_particles_from_arrays(src, [f"{i + 1}@s.mrcs" for i in range(n)], PIXEL, angles_deg=angles,
+    particles.write_particles_from_arrays(src, [f"{i + 1}@s.mrcs" for i in range(n)], PIXEL, angles_deg=angles,
                                      origins_A=shifts * PIXEL, ctf=ctf, subset=subset, box_size=box)
     parts = convert.star_to_particles(src, os.path.join(tmp_path, "p.sqlite"))
     parts = emobj.SetOfParticles(filename=os.path.join(tmp_path, "p.sqlite"))
@@ -225,7 +225,7 @@ def test_star_to_particles_round_trip(tmp_path):
     assert parts.getSamplingRate() == PIXEL
     out = os.path.join(tmp_path, "out.star")
     convert.write_particles_star(parts, out)
-    back = star.read_particles(out)
+    back = particles.read_particles(out)
     np.testing.assert_allclose(back.angles_deg, angles, atol=1e-5)
     np.testing.assert_allclose(back.origins_A, shifts * PIXEL, atol=1e-5)
     np.testing.assert_allclose(back.ctf()["defocus_u_A"], ctf["defocus_u_A"], atol=1e-3)

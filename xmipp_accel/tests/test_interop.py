@@ -24,7 +24,8 @@ from xmipp_accel.em.synthetic import make_particles, phantom_volume
 from xmipp_accel.errors import FileFormatError
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import read_mrc, write_mrc
-from xmipp_accel.io.star import read_particles, read_star, write_particles, write_particles_from_arrays
+from xmipp_accel.io.particles import read_particles, write_particles, write_particles_from_arrays
+from xmipp_accel.io.star import read_star
 
 xmippLib = pytest.importorskip("xmippLib")
 
@@ -138,6 +139,7 @@ def test_xmipplib_writes_our_reader_gives_relion_values(views, tmp_path):
 def test_our_xmd_read_by_xmipplib(views, tmp_path, monkeypatch):
     _, proj, images = views
     n = MIRRORED   # the first particles (not mirrored)
+    monkeypatch.chdir(tmp_path)   # run from the folder, as a user does: image names relative to it (io/paths.py)
     write_stack(str(tmp_path / "stack.mrcs"), images[:n], PX)
     star = str(tmp_path / "in.star")
     write_particles_from_arrays(star, [f"{i + 1}@stack.mrcs" for i in range(n)], PX, box_size=BOX,
@@ -150,7 +152,6 @@ def test_our_xmd_read_by_xmipplib(views, tmp_path, monkeypatch):
     write_particles(out, read_particles(star), angles_deg=ANGLES[:n], origins_A=-DISPLACEMENT[:n] * PX,
                     extra={"rlnParticleFigureOfMerit": score})          # what assign-angles does
     assert open(out).read().startswith("# XMIPP_STAR_1")
-    monkeypatch.chdir(tmp_path)
     md = xmippLib.MetaData(out)
     got = {xmippLib.label2Str(label) for label in md.getActiveLabels()}
     assert {"image", "itemId", "enabled", "angleRot", "angleTilt", "anglePsi", "shiftX", "shiftY", "maxCC",
@@ -231,9 +232,10 @@ def noisy_set(tmp_path_factory):
     return d, truth
 
 
-def test_cli_assign_angles_xmd_in_xmd_out(noisy_set, capsys):
+def test_cli_assign_angles_xmd_in_xmd_out(noisy_set, capsys, monkeypatch):
     d, truth = noisy_set
     out = d / "aligned.xmd"
+    monkeypatch.chdir(d)   # run from the project folder: image names written relative to it
     code = cli(["assign-angles", str(d / "particles.xmd"), "--reference", str(d / "ref.mrc"), "-o", str(out),
                 "--angular-step", "6", "--max-shift", "2", "--device", "cpu", "--json", "-q"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -11,7 +11,7 @@ from xmipp_accel.io import images as images_module
 from xmipp_accel.io.images import (ImageStackWriter, clear_stack_cache, format_image_ref, parse_image_ref,
                                    parse_image_refs, read_images, resolve_image_path, stack_size, write_stack)
 from xmipp_accel.io.mrc import read_mrc, write_mrc
-from xmipp_accel.io.star import read_particles
+from xmipp_accel.io.particles import read_particles
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_past_the_end_names_file_and_size(stacks):
 
 def test_missing_stack_names_it(stacks):
     folder, _, _ = stacks
-    with pytest.raises(FileFormatError, match=r"missing.mrcs not found \(referenced in p.star\)"):
+    with pytest.raises(FileFormatError, match=r"missing.mrcs not found \(named in p.star\); looked for .*--datadir"):
         read_images(["1@a.mrcs", "1@missing.mrcs"], base_dir=str(folder), source="p.star")
 
 

@@ -141,7 +141,7 @@ def particles(tmp_path_factory):
     from xmipp_accel.em.synthetic import make_particles, phantom_volume
     from xmipp_accel.io.images import write_stack
     from xmipp_accel.io.mrc import write_mrc
-    from xmipp_accel.io.star import write_particles_from_arrays
+    from xmipp_accel.io.particles import write_particles_from_arrays
     d = tmp_path_factory.mktemp("pipeline_assign")
     vol = phantom_volume(N, seed=0)
     imgs, truth = make_particles(vol, 30, pixel_size_A=PX, snr=2.0, max_shift_px=1.5, seed=1)
@@ -162,7 +162,7 @@ def _assign(d, out, capsys, *extra):
 
 
 def _columns(star):
-    from xmipp_accel.io.star import read_particles
+    from xmipp_accel.io.particles import read_particles
     p = read_particles(str(star))
     return np.concatenate([p.angles_deg, p.origins_A, np.asarray(p.table["rlnParticleFigureOfMerit"], float)[:, None]],
                           axis=1)
@@ -184,7 +184,7 @@ def test_pipeline_output_does_not_depend_on_batches_or_workers(particles, capsys
 def test_pipeline_equals_a_plain_loop_over_the_matcher(particles, capsys):
     from xmipp_accel.cli.assign_angles import WHITENING_SAMPLE, _ctf_mode, load_reference
     from xmipp_accel.gpu.align.projmatch import ProjectionMatcher
-    from xmipp_accel.io.star import read_particles
+    from xmipp_accel.io.particles import read_particles
     d = particles
     _assign(d, d / "cli.star", capsys, "--batch", "9")
     pset = read_particles(str(d / "particles.star"))

@@ -13,7 +13,8 @@ from xmipp_accel.em.synthetic import make_particles, phantom_volume
 from xmipp_accel.em.synthetic_movies import make_movie
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import read_mrc, write_mrc
-from xmipp_accel.io.star import read_particles, read_star, write_particles_from_arrays
+from xmipp_accel.io.particles import read_particles, write_particles_from_arrays
+from xmipp_accel.io.star import read_star
 from xmipp_accel.tests.test_mpi import mpirun_path
 
 PX = 3.0

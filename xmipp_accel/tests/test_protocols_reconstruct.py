@@ -12,7 +12,7 @@ from pwem.protocols import ProtImportParticles  # noqa: E402
 from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402
 
 from xmipp_accel.em.synthetic import make_particles, phantom_volume  # noqa: E402
-from xmipp_accel.io import star  # noqa: E402
+from xmipp_accel.io import particles  # noqa: E402
 from xmipp_accel.io.mrc import read_mrc, write_mrc  # noqa: E402
 from xmipp_accel.protocols import XmippAccelProtReconstructFourier, convert  # noqa: E402
 
@@ -47,7 +47,7 @@ def import_synthetic_particles(test_cls, name: str, volume: np.ndarray, n: int, 
     star_path = os.path.join(data, "particles.star")
     angles = np.column_stack([truth["rot"], truth["tilt"], truth["psi"]]) if with_alignment else None
     origins = np.column_stack([truth["origin_x_A"], truth["origin_y_A"]]) if with_alignment else None
-    star.write_particles_from_arrays(star_path, [f"{i + 1}@particles.mrcs" for i in range(n)], pixel_size_A,
+    particles.write_particles_from_arrays(star_path, [f"{i + 1}@particles.mrcs" for i in range(n)], pixel_size_A,
                                      angles_deg=angles, origins_A=origins, ctf=truth,
                                      subset=truth.get("subset"), box_size=volume.shape[0])
     sqlite = os.path.join(data, "particles.sqlite")

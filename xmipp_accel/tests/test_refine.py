@@ -16,7 +16,7 @@ from xmipp_accel.gpu.refine import guinier_bfactor, lowpass_volume, sharpen, sof
 from xmipp_accel.gpu.resolution.fsc import fsc, resolution_at
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import read_mrc, write_mrc
-from xmipp_accel.io.star import read_particles, write_particles_from_arrays
+from xmipp_accel.io.particles import read_particles, write_particles_from_arrays
 
 BOX = 40
 APIX = 4.0

@@ -52,7 +52,7 @@ def run_scipion_demo(args, outdir: str, *, box: int, n: int) -> dict:
 
     from ..em import synthetic
     from ..io.mrc import write_mrc
-    from ..io.star import write_particles_from_arrays
+    from ..io.particles import write_particles_from_arrays
     from ..protocols import (XmippAccelProtAssignAngles, XmippAccelProtFSC, XmippAccelProtLocalResolution,
                              XmippAccelProtMovieAlign, XmippAccelProtReconstructFourier, convert)
     from .. import plots

@@ -172,7 +172,7 @@ def ctf_values(ctf: Optional[Mapping[str, np.ndarray]], kx, ky, *, box: int, pix
     ----------
     ctf : mapping of arrays (n,) with keys ``defocus_u_A``, ``defocus_v_A``, ``defocus_angle_deg``,
         ``voltage_kV``, ``cs_mm``, ``amplitude_contrast`` and optionally ``phase_shift_deg``
-        (as :meth:`xmipp_accel.io.star.ParticleSet.ctf` returns); None means no CTF.
+        (as :meth:`xmipp_accel.io.particles.ParticleSet.ctf` returns); None means no CTF.
     kx, ky : arrays (K,) of frequencies in cycles per box.
     box, pixel_size_A : particle box (pixels) and pixel size (Å).
     mode : ``normal`` (images carry the CTF: returns C), ``phase_flipped`` (|C|) or
