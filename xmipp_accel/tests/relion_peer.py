@@ -47,3 +47,43 @@ def run_relion(args: Sequence[str], cwd: str | os.PathLike, timeout: float = 600
         pytest.fail(f"{' '.join(map(str, args))} exited {proc.returncode} in {cwd}:\n"
                     f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", pytrace=False)
     return proc
+
+
+def relion_ctf_particles(folder, volume, n: int, *, pixel_size_A: float, noise_sigma: float, seed: int = 0,
+                         max_origin_px: float = 3.0, defocus_range_A=(8000.0, 25000.0),
+                         astigmatism_A: float = 800.0, threads: int = 1) -> str:
+    """Particles of ``volume`` made by ``relion_project --ctf --add_noise`` in ``folder``; returns the STAR path.
+
+    A RELION 3.1 STAR (optics group: 300 kV, Cs 2.7 mm, amplitude contrast 0.1) is written with ``n``
+    uniformly random orientations (degrees), origins uniform in ``±max_origin_px`` (Å in the STAR),
+    defocus U uniform in ``defocus_range_A`` (Å), V = U − uniform(0, ``astigmatism_A``) and a random
+    astigmatism angle; RELION projects ``volume`` (``(N, N, N)``, written as ``truth.mrc``), multiplies
+    by each particle's CTF and adds white Gaussian noise of ``noise_sigma`` (image units). The result is
+    ``folder/proj.star`` (with ``proj.mrcs``), read by both ``relion_reconstruct`` and ours.
+    """
+    import numpy as np
+
+    from xmipp_accel.io.mrc import write_mrc
+    from xmipp_accel.io.star import Table, write_star
+
+    folder = os.fspath(folder)
+    box = int(volume.shape[-1])
+    write_mrc(os.path.join(folder, "truth.mrc"), np.asarray(volume, dtype=np.float32), pixel_size_A)
+    rng = np.random.default_rng(seed)
+    du = rng.uniform(*defocus_range_A, n)
+    optics = Table({"rlnOpticsGroup": np.array([1]), "rlnOpticsGroupName": ["optics1"],
+                    "rlnVoltage": np.array([300.0]), "rlnSphericalAberration": np.array([2.7]),
+                    "rlnAmplitudeContrast": np.array([0.1]), "rlnImagePixelSize": np.array([pixel_size_A]),
+                    "rlnImageSize": np.array([box]), "rlnImageDimensionality": np.array([2])})
+    particles = Table({
+        "rlnAngleRot": rng.uniform(0, 360, n), "rlnAngleTilt": np.degrees(np.arccos(rng.uniform(-1, 1, n))),
+        "rlnAnglePsi": rng.uniform(0, 360, n),
+        "rlnOriginXAngst": rng.uniform(-max_origin_px, max_origin_px, n) * pixel_size_A,
+        "rlnOriginYAngst": rng.uniform(-max_origin_px, max_origin_px, n) * pixel_size_A,
+        "rlnDefocusU": du, "rlnDefocusV": du - rng.uniform(0, astigmatism_A, n),
+        "rlnDefocusAngle": rng.uniform(0, 180, n),
+        "rlnRandomSubset": 1 + (np.arange(n) % 2), "rlnOpticsGroup": np.ones(n, dtype=np.int64)})
+    write_star(os.path.join(folder, "angles.star"), {"optics": optics, "particles": particles})
+    run_relion(["relion_project", "--i", "truth.mrc", "--ang", "angles.star", "--o", "proj", "--angpix",
+                pixel_size_A, "--ctf", "--add_noise", "--white_noise", noise_sigma], cwd=folder, threads=threads)
+    return os.path.join(folder, "proj.star")

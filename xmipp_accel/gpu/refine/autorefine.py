@@ -46,6 +46,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ...em.geometry import angular_distance_deg
+from ...em.masks import soft_spherical_mask  # noqa: F401  (part of this module's API)
 from ... import backend
 
 __all__ = ["RefineSettings", "RefineState", "IterationRecord", "auto_refine", "soft_spherical_mask",
@@ -157,15 +158,6 @@ class RefineResult:
 # ------------------------------------------------------------------------------------------------------------
 # Volume helpers (NumPy or CuPy, same code)
 # ------------------------------------------------------------------------------------------------------------
-
-def soft_spherical_mask(box: int, radius_px: float, edge_px: float = 3.0, xp=np):
-    """Mask (box, box, box) float32: 1 inside ``radius_px``, raised-cosine edge of ``edge_px``, 0 beyond."""
-    c = np.arange(box, dtype=np.float32) - box // 2
-    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    edge = max(float(edge_px), 1e-6)
-    t = np.clip((r - radius_px) / edge, 0.0, 1.0)
-    return xp.asarray((0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32))
-
 
 def _radial_frequency(shape, xp):
     """|k| in cycles per box of an rfftn of a cube ``shape`` (float32)."""
