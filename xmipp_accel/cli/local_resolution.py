@@ -1,14 +1,17 @@
-"""Local resolution map from two half maps (windowed local FSC on the GPU).
+"""Local resolution map from two half maps (local FSC, on the GPU where there is one).
 
-For every voxel, the FSC of the half maps inside a soft window (Gaussian, σ = window/4) is
-followed band by band; the local resolution is where it falls below the threshold (0.143).
-Writes the resolution map in Å (0 outside the mask), and optionally the slices + histogram plot
-and a ChimeraX script that colours the map surface by local resolution.
+For every voxel, the FSC of the half maps inside a soft window is followed band by band; the window
+of each band spans ``--periods`` wavelengths of it (8 × the resolution tested, in Å), and the local
+resolution is where the FSC falls below the band's threshold: 0.143, or 3σ of the FSC of noise in
+such a window where that is higher. Solvent (outside ``--mask``, or outside a soft mask made from
+the average map) reports no resolution. Writes the resolution map in Å (0 outside the mask), and
+optionally the slices + histogram plot and a ChimeraX script that colours the map surface by local
+resolution. Design: :mod:`xmipp_accel.gpu.resolution.local`.
 
 Example usage::
 
     xmipp-accel local-resolution half1.mrc half2.mrc -o locres.mrc --mask mask.mrc
-    xmipp-accel local-resolution half1.mrc half2.mrc -o locres.mrc --window 24 --plot locres.png \\
+    xmipp-accel local-resolution half1.mrc half2.mrc -o locres.mrc --plot locres.png \\
         --chimerax locres.cxc --json
     chimerax locres.cxc
 """
@@ -22,6 +25,7 @@ from ..errors import InputError
 from .. import backend
 from .common import add_common_args, emit_result, progress, resolve_devices, stopwatch
 from .fsc import read_half_maps
+from ..gpu.resolution.local import DEFAULT_PERIODS, DEFAULT_WINDOW_MIN_PX, FSC_THRESHOLD
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -33,11 +37,22 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="local resolution map to write (MRC, values in Å, 0 outside the mask)")
     g = parser.add_argument_group("local resolution options")
     g.add_argument("--mask", type=os.path.abspath, default=None,
-                   help="mask (MRC): the resolution is reported where mask > 0.5 (default: the whole box)")
-    g.add_argument("--window", type=float, default=20.0,
-                   help="local window size in pixels (Gaussian σ = window/4; like a blocres box); larger is "
-                        "less noisy but blurs spatially (default: %(default)s)")
-    g.add_argument("--threshold", type=float, default=0.143, help="local FSC threshold (default: %(default)s)")
+                   help="mask (MRC): the resolution is reported where mask > 0.5 (default: a soft mask made from "
+                        "the average of the half maps, see --no-auto-mask)")
+    g.add_argument("--no-auto-mask", action="store_true",
+                   help="without --mask, report the whole box instead of masking the solvent out")
+    g.add_argument("--periods", type=float, default=DEFAULT_PERIODS,
+                   help="window size in wavelengths of the resolution tested: at d Å the window is periods × d Å "
+                        "(Gaussian footprint σ = window/4); larger is less noisy but less local "
+                        "(default: %(default)s)")
+    g.add_argument("--window-min", type=float, default=DEFAULT_WINDOW_MIN_PX,
+                   help="smallest window, px (default: %(default)s)")
+    g.add_argument("--window-max", type=float, default=None,
+                   help="largest window, px; also sets the worst resolution measured (2 / window-max cycles/px) "
+                        "(default: half the box)")
+    g.add_argument("--threshold", type=float, default=FSC_THRESHOLD,
+                   help="local FSC threshold; each band uses the larger of this and 3σ of the FSC of noise in its "
+                        "window (default: %(default)s)")
     g.add_argument("--pixel-size", type=float, default=None,
                    help="voxel size in Å (default: from the MRC headers, which must agree)")
     o = parser.add_argument_group("outputs")
@@ -59,8 +74,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"-o {args.output}: the local resolution map is written as MRC; give a .mrc name")
     h1, h2, m, pixel = read_half_maps(args.half1, args.half2, args.mask, args.pixel_size)
     device = resolve_devices(args)[0]
-    logger.info("local resolution of %s and %s (%s px, %.4f Å/px, window %g px) on %s",
-                os.path.basename(args.half1), os.path.basename(args.half2), h1.shape[-1], pixel, args.window,
+    logger.info("local resolution of %s and %s (%s px, %.4f Å/px, window %g periods) on %s",
+                os.path.basename(args.half1), os.path.basename(args.half2), h1.shape[-1], pixel, args.periods,
                 device.describe())
     bar = {"bar": None}
 
@@ -74,8 +89,11 @@ def main(args: argparse.Namespace) -> int:
             xp = device.xp
             mask = xp.asarray(m) if m is not None else None
             result = local_resolution(xp.asarray(h1), xp.asarray(h2), pixel_size_A=pixel, mask=mask,
-                                      window_px=args.window, threshold=args.threshold, progress=on_band)
+                                      auto_mask=not args.no_auto_mask, periods=args.periods,
+                                      window_min_px=args.window_min, window_max_px=args.window_max,
+                                      threshold=args.threshold, progress=on_band)
             locres = backend.to_host(result.resolution_A)
+            shown = backend.to_host(result.mask) if result.mask is not None else None
     finally:
         if bar["bar"] is not None:
             bar["bar"].close()
@@ -85,8 +103,8 @@ def main(args: argparse.Namespace) -> int:
     outputs = {"locres": args.output}
     if args.plot:
         from ..plots import plot_local_resolution
-        plot_local_resolution(locres, args.plot, mask=m, background=0.5 * (h1 + h2),
-                              title=f"local resolution (window {args.window:g} px)")
+        plot_local_resolution(locres, args.plot, mask=shown, background=0.5 * (h1 + h2),
+                              title=f"local resolution (window {args.periods:g} periods)")
         outputs["plot"] = args.plot
     if args.chimerax:
         from ..plots import chimerax_local_resolution_script
@@ -101,11 +119,19 @@ def main(args: argparse.Namespace) -> int:
     lines = [f"local resolution: median {stats['median_A']:.2f} Å, 25-75% {stats['p25_A']:.2f}-{stats['p75_A']:.2f} Å, "
              f"5-95% {stats['p5_A']:.2f}-{stats['p95_A']:.2f} Å over {stats['n_voxels']} voxels",
              f"measurable range: {result.best_measurable_A:.2f}-{result.worst_measurable_A:.2f} Å "
-             f"({result.band_frequencies.size} bands)"]
+             f"({result.band_frequencies.size} bands, windows {result.window_px.min():.0f}-"
+             f"{result.window_px.max():.0f} px, thresholds {result.thresholds.min():.3f}-"
+             f"{result.thresholds.max():.3f})",
+             "mask: " + ("given" if m is not None else "made from the average map (solvent excluded)"
+                         if result.auto_mask else "none (the whole box)")]
     lines += [f"{kind}: {path}" for kind, path in outputs.items()]
     lines.append(f"computed in {timer['seconds']:.2f} s on {device.kind}")
-    summary = {**stats, "pixel_size_A": pixel, "box": int(h1.shape[-1]), "window_px": args.window,
-               "threshold": args.threshold, "masked": m is not None, "n_bands": int(result.band_frequencies.size),
+    summary = {**stats, "pixel_size_A": pixel, "box": int(h1.shape[-1]), "periods": args.periods,
+               "window_px_range": [float(result.window_px.min()), float(result.window_px.max())],
+               "threshold": args.threshold, "band_thresholds_range": [float(result.thresholds.min()),
+                                                                      float(result.thresholds.max())],
+               "masked": m is not None, "auto_mask": result.auto_mask,
+               "n_bands": int(result.band_frequencies.size),
                "device": device.kind, "seconds": round(timer["seconds"], 3), "outputs": outputs}
     emit_result(args, summary, lines)
     return 0

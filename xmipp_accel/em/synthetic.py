@@ -12,6 +12,8 @@ Conventions are those of :mod:`xmipp_accel.em.projection` and :mod:`xmipp_accel.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import InputError
@@ -231,3 +233,49 @@ try:  # movies are written by another module; re-export them when present
     from .synthetic_movies import *  # noqa: F401,F403,E402
 except ImportError:  # pragma: no cover
     pass
+
+
+def two_resolution_half_maps(box: int, *, pixel_size_A: float, resolutions_A=(4.0, 7.5), snr: float = 1.0,
+                             seed: int = 0):
+    """Half maps of a particle in solvent whose two sides have known, different resolutions.
+
+    The particle is :func:`phantom_volume` plus a white texture inside it (so that its spectrum
+    does not fade before the cut-offs); side A (x < box/2) keeps frequencies up to
+    ``1/resolutions_A[0]`` Å⁻¹, side B (x >= box/2) up to ``1/resolutions_A[1]`` (sharp spherical
+    cut-offs, so the true resolution of each side is its cut-off), blended over a few px at
+    x = box/2. Each half adds independent white noise over the whole box; ``snr`` is the ratio of
+    the texture's to the noise's variance per voxel inside the particle (the spectral SNR below
+    the cut-off, FSC ≈ snr/(1+snr)).
+
+    Returns
+    -------
+    half1, half2 : (box, box, box) float32, (z, y, x)
+    region : (box, box, box) int8
+        0 solvent, 1 side A, 2 side B, -1 the rest of the particle: the blend zone
+        (|x - box/2| < box/8) and the rim (radius > 0.4 box - 2 px). Truth is clear in 1 and 2.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(box)
+    body = phantom_volume(n, seed=seed)
+    support = body > 0.02
+    texture = rng.standard_normal((n, n, n)) * support
+    density = body / max(float(body[support].std()), 1e-6) + texture
+    spec = np.fft.rfftn(density)
+    axes = [np.fft.fftfreq(n)] * 2 + [np.fft.rfftfreq(n)]
+    k = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
+    k_A = k / pixel_size_A
+    side = [np.fft.irfftn(spec * (k_A <= 1.0 / d), s=(n, n, n)) for d in resolutions_A]
+    x = np.arange(n) - n / 2.0 + 0.5
+    weight_a = 0.5 - 0.5 * np.tanh(x / 2.0)
+    signal = weight_a * side[0] + (1.0 - weight_a) * side[1]
+    noise_sd = 1.0 / math.sqrt(snr)
+    h1 = (signal + noise_sd * rng.standard_normal(signal.shape)).astype(np.float32)
+    h2 = (signal + noise_sd * rng.standard_normal(signal.shape)).astype(np.float32)
+    r = np.sqrt(sum(g ** 2 for g in np.meshgrid(*[np.arange(n) - n // 2] * 3, indexing="ij")))
+    inner = r < 0.4 * n - 2
+    region = np.zeros((n, n, n), dtype=np.int8)
+    region[support] = -1
+    core = support & inner & (np.abs(x) >= n / 8.0)[None, None, :]
+    region[core & (x < 0)[None, None, :]] = 1
+    region[core & (x > 0)[None, None, :]] = 2
+    return h1, h2, region

@@ -169,18 +169,23 @@ class XmippAccelProtFSC(XmippAccelProtResolutionBase, ProtAnalysis3D):
 
 
 class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D):
-    """Local resolution from two half maps: a windowed local FSC (blocres style) computed on the GPU,
-    giving a map of resolution in Å, its histogram and a ChimeraX script colouring the map surface.
+    """Local resolution from two half maps: a local FSC whose window follows the resolution tested,
+    computed on the GPU, giving a map of resolution in Å (solvent excluded), its histogram and a
+    ChimeraX script colouring the map surface.
     """
     _label = "local resolution (GPU)"
     _possibleOutputs = {"outputResolutionVolume": emobj.Volume}
 
     def _defineParams(self, form):
         self._defineInputParams(form)
-        form.addParam("window", params.FloatParam, default=20.0,
-                      label="Window size (px)",
-                      help="Size of the soft (Gaussian, sigma = window/4) window in which the local FSC is "
-                           "measured, like a blocres box. Larger windows are less noisy but less local.")
+        form.addParam("periods", params.FloatParam, default=8.0,
+                      label="Window size (wavelengths)",
+                      help="The local FSC at resolution d Å is measured in a soft window of periods x d Å "
+                           "(Gaussian, sigma = window/4). Larger windows are less noisy but less local.")
+        form.addParam("windowMax", params.FloatParam, default=0.0, expertLevel=LEVEL_ADVANCED,
+                      label="Largest window (px)",
+                      help="Upper limit of the window in pixels; 0 = half the box. It also sets the worst "
+                           "resolution measured (window/2 px).")
         form.addParam("threshold", params.FloatParam, default=0.143, expertLevel=LEVEL_ADVANCED,
                       label="Local FSC threshold",
                       help="FSC value at which the local resolution is read (0.143 as for the global FSC).")
@@ -195,7 +200,9 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
         args = [half1, half2, "-o", os.path.abspath(self.getResolutionMapFn()),
                 "--plot", os.path.abspath(self._getExtraPath("local_resolution.png")),
                 "--chimerax", os.path.abspath(self.getChimeraScriptFn())]
-        args += ["--window", self.window.get()]
+        args += ["--periods", self.periods.get()]
+        if self.windowMax.get() > 0:
+            args += ["--window-max", self.windowMax.get()]
         if self.inputType.get() == INPUT_HALVES_OF_VOLUME:  # colour the map itself in ChimeraX
             args += ["--map", self.getMapFn()]
         if abs(self.threshold.get() - 0.143) > 1e-9:
@@ -214,11 +221,12 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
 
     def _validate(self):
         errors = self._validateInputs()
-        if self.window.get() <= 0:
-            errors.append(f"Window size must be a positive number of pixels (got {self.window.get()}).")
+        if self.periods.get() < 2:
+            errors.append(f"The window must span at least 2 wavelengths (got {self.periods.get()}).")
         ref = self._getInputMap()
-        if ref is not None and self.window.get() > 0 and ref.getXDim() and self.window.get() > ref.getXDim():
-            errors.append(f"Window size {self.window.get()} px is larger than the box ({ref.getXDim()} px).")
+        w_max = self.windowMax.get()
+        if ref is not None and w_max > 0 and ref.getXDim() and w_max > ref.getXDim():
+            errors.append(f"Largest window {w_max} px is larger than the box ({ref.getXDim()} px).")
         if not 0 < self.threshold.get() < 1:
             errors.append(f"Local FSC threshold must be between 0 and 1 (got {self.threshold.get()}).")
         return errors

@@ -123,7 +123,7 @@ def test_fsc_command_bad_input(maps, capsys, case, message):
 def test_local_resolution_command(maps, tmp_path, capsys):
     paths, h1, _, mask = maps
     out_map, png, cxc = (str(tmp_path / f) for f in ("locres.mrc", "locres.png", "locres.cxc"))
-    rc = cli(["local-resolution", paths["h1"], paths["h2"], "-o", out_map, "--mask", paths["mask"], "--window", "14",
+    rc = cli(["local-resolution", paths["h1"], paths["h2"], "-o", out_map, "--mask", paths["mask"],
               "--plot", png, "--chimerax", cxc, "--json", "--device", "cpu", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0 and "local resolution: median" in out
@@ -148,8 +148,8 @@ def test_local_resolution_map_keeps_the_half_maps_origin(maps, tmp_path, capsys)
     for key, data in (("h1", h1), ("h2", h2)):
         write_mrc(str(tmp_path / f"{key}.mrc"), data, PIXEL, origin_A=origin)
     out_map = str(tmp_path / "locres.mrc")
-    rc = cli(["local-resolution", str(tmp_path / "h1.mrc"), str(tmp_path / "h2.mrc"), "-o", out_map, "--window",
-              "14", "--chimerax", str(tmp_path / "l.cxc"), "--json", "--device", "cpu", "--quiet"])
+    rc = cli(["local-resolution", str(tmp_path / "h1.mrc"), str(tmp_path / "h2.mrc"), "-o", out_map,
+              "--periods", "8", "--chimerax", str(tmp_path / "l.cxc"), "--json", "--device", "cpu", "--quiet"])
     summary = _json_last_line(capsys.readouterr().out)
     assert rc == 0
     for path in (out_map, summary["outputs"]["average"]):
@@ -161,6 +161,26 @@ def test_local_resolution_command_errors(maps, tmp_path, capsys):
     paths = maps[0]
     assert cli(["local-resolution", paths["h1"], paths["small"], "-o", str(tmp_path / "x.mrc")]) == 2
     assert "different boxes" in capsys.readouterr().err
-    assert cli(["local-resolution", paths["h1"], paths["h2"], "-o", str(tmp_path / "x.mrc"), "--window", "100"]) == 2
-    assert "--window" in capsys.readouterr().err
+    assert cli(["local-resolution", paths["h1"], paths["h2"], "-o", str(tmp_path / "x.mrc"),
+                "--window-max", "100"]) == 2
+    assert "--window-max" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.mrc")
+
+
+def test_local_resolution_command_masks_the_solvent_itself(tmp_path, capsys):
+    """No --mask: the solvent of a particle map gets 0 and stays out of the summary and the histogram."""
+    from xmipp_accel.em.synthetic import two_resolution_half_maps
+    h1, h2, region = two_resolution_half_maps(48, pixel_size_A=1.5, resolutions_A=(4.0, 7.5), seed=2)
+    for name, data in (("a.mrc", h1), ("b.mrc", h2)):
+        write_mrc(str(tmp_path / name), data, 1.5)
+    out_map, png = str(tmp_path / "l.mrc"), str(tmp_path / "l.png")
+    assert cli(["local-resolution", str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc"), "-o", out_map, "--plot", png,
+                "--json", "--device", "cpu", "--quiet"]) == 0
+    summary = _json_last_line(capsys.readouterr().out)
+    locres, _ = read_mrc(out_map)
+    assert summary["auto_mask"] and not summary["masked"]
+    # Otsu / solvent-level masking of a phantom with faint parts: ~99.5 % of the particle core is kept,
+    # and the soft edge adds ~2 px of solvent around it (~10 % of the solvent of a 48³ box)
+    assert np.mean(locres[region > 0] > 0) > 0.98 and np.mean(locres[region == 0] == 0) > 0.85
+    assert summary["n_voxels"] == int(np.count_nonzero(locres))
+    assert summary["median_A"] == pytest.approx(float(np.median(locres[locres > 0])), rel=1e-5)

@@ -91,7 +91,7 @@ def test_plot_local_resolution_slices_histogram(tmp_path, halves):
     h1, h2, _ = halves
     mask = np.zeros(h1.shape, np.float32)
     mask[8:40, 8:40, 8:40] = 1
-    lr = local_resolution(h1, h2, pixel_size_A=1.0, mask=mask, window_px=14)
+    lr = local_resolution(h1, h2, pixel_size_A=1.0, mask=mask)
     path = str(tmp_path / "locres.png")
     info = plot_local_resolution(lr.resolution_A, path, mask=mask, background=0.5 * (h1 + h2), title="t")
     std, n_colours, _ = _image_stats(path)
@@ -102,6 +102,17 @@ def test_plot_local_resolution_slices_histogram(tmp_path, halves):
     path2 = str(tmp_path / "locres2.png")
     plot_local_resolution(lr.resolution_A, path2)
     assert _image_stats(path2)[1] > 20
+
+
+def test_plot_local_resolution_leaves_the_solvent_out_of_the_histogram(tmp_path):
+    """An automatically masked map (0 in the solvent): the histogram and colour range hold the particle only."""
+    from xmipp_accel.em.synthetic import two_resolution_half_maps
+    h1, h2, region = two_resolution_half_maps(48, pixel_size_A=1.5, resolutions_A=(4.0, 7.5), seed=0)
+    lr = local_resolution(h1, h2, pixel_size_A=1.5)
+    info = plot_local_resolution(lr.resolution_A, str(tmp_path / "auto.png"))
+    assert info["n_voxels"] == int(lr.mask.sum()) == int(np.count_nonzero(lr.resolution_A))
+    assert info["median_A"] == pytest.approx(lr.summary()["median_A"], rel=1e-5)
+    assert info["vmin_A"] >= 2 * 1.5 - 1e-6
 
 
 def test_plot_local_resolution_rejects_empty(tmp_path):

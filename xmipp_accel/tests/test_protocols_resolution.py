@@ -126,7 +126,7 @@ class TestXmippAccelResolution(BaseTest):
 
     def test_local_resolution(self):
         prot = self.newProtocol(XmippAccelProtLocalResolution, inputVolume=self.protVol.outputVolume,
-                                mask=self.protMask.outputMask, window=12, useGpu=False)
+                                mask=self.protMask.outputMask, periods=6, useGpu=False)
         self.launchProtocol(prot)
         out = prot.outputResolutionVolume
         assert out.getSamplingRate() == PIXEL
@@ -140,7 +140,7 @@ class TestXmippAccelResolution(BaseTest):
         # the protocol passed its parameters through: the same map as the command run by hand
         direct = os.path.join(self.proj.getTmpPath(), "direct_locres.mrc")
         subprocess.run([sys.executable, "-m", "xmipp_accel", "local-resolution", self.paths["half1"],
-                        self.paths["half2"], "-o", direct, "--mask", self.paths["mask"], "--window", "12",
+                        self.paths["half2"], "-o", direct, "--mask", self.paths["mask"], "--periods", "6",
                         "--device", "cpu", "--quiet"], check=True)
         np.testing.assert_allclose(locres, read_mrc(direct)[0], rtol=1e-5, atol=1e-4)
         assert "Median" in " ".join(prot.summary())
@@ -155,6 +155,6 @@ class TestXmippAccelResolution(BaseTest):
         prot = self.newProtocol(XmippAccelProtFSC, inputVolume=self.protHalf1.outputVolume, useGpu=False)
         errors = prot.validate()
         assert any("no half maps" in e for e in errors)
-        prot = self.newProtocol(XmippAccelProtLocalResolution, inputVolume=self.protVol.outputVolume, window=64,
+        prot = self.newProtocol(XmippAccelProtLocalResolution, inputVolume=self.protVol.outputVolume, windowMax=64,
                                 useGpu=False)
         assert any("larger than the box" in e for e in prot.validate())
