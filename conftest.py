@@ -21,7 +21,9 @@ for _k, _v in {"SCIPION_HOME": _home, "SCIPION_DOMAIN": "pwem",
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "shared", "data"))
+# ../shared/data next to the checkout; XMIPP_ACCEL_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED_DATA = os.path.abspath(os.environ.get("XMIPP_ACCEL_SHARED_DATA")
+                              or os.path.join(os.path.dirname(__file__), "..", "shared", "data"))
 
 
 def _gpu_ok():
@@ -55,7 +57,7 @@ def xp(request):
 
 @pytest.fixture
 def shared_data():
-    """Path of ../shared/data; skips the test when that folder is absent."""
+    """Path of ../shared/data (or $XMIPP_ACCEL_SHARED_DATA); skips the test when that folder is absent."""
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
