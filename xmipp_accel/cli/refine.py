@@ -6,7 +6,8 @@ Example usage::
     xmipp-accel refine particles.xmd --initial-volume init.mrc --diameter 180 -o out/ --max-iterations 8 --json
     xmipp-accel refine particles.star --initial-volume init.mrc --diameter 180 -o out/ --continue
 
-Writes in OUTDIR: run_data.star (RELION 3.1, with rlnRandomSubset), run_half1_class001.mrc,
+Writes in OUTDIR: run_data.star (RELION 3.1, with rlnRandomSubset; for an Xmipp ``.xmd`` input also
+run_data.xmd, Xmipp metadata with shifts in pixels), run_half1_class001.mrc,
 run_half2_class001.mrc, run_class001.mrc, run_class001_sharpened.mrc, run_fsc.star (FSC of the masked half
 maps), iterations.jsonl (one JSON object per iteration) and it###/ (particles and half maps of each iteration,
 read by ``--continue``). All particles are held in memory.
@@ -288,6 +289,9 @@ def main(args: argparse.Namespace) -> int:
     st = result.state
     paths = outputs(args.output)
     _write_particles(paths["particles"], pset, st, px)
+    if args.particles.lower().endswith(".xmd"):      # Xmipp in, Xmipp out as well
+        paths["particles_xmd"] = os.path.splitext(paths["particles"])[0] + ".xmd"
+        _write_particles(paths["particles_xmd"], pset, st, px)
     _write_mrc(paths["half1"], st.half1, px)
     _write_mrc(paths["half2"], st.half2, px)
     _write_mrc(paths["volume"], result.volume, px)
