@@ -99,7 +99,32 @@ def _initial_volume(args, box: int, px: float):
                        args.initial_volume, voxel, px)
     for note in notes:
         logger.info("%s", note)
+    _check_symmetry(args, vol, box, px, notes)
     return vol, notes
+
+
+SYMMETRY_WARNING_BELOW = 0.5   # symmetry_agreement of the 30 Å initial model (1: symmetric)
+
+
+def _check_symmetry(args, vol, box: int, px: float, notes: list) -> None:
+    """Warn (and note in the summary) when the initial model does not look like it has --symmetry.
+
+    A warning, not a refusal: an ab-initio model of a symmetric particle is only roughly symmetric, and at
+    30 Å the score of asymmetric maps overlaps that of noisy symmetric ones for low orders (c2: 0.5-0.7, see
+    :func:`~xmipp_accel.em.symmetry.symmetry_agreement`); the first reference is symmetrised anyway.
+    """
+    from ..em.symmetry import normalize_symmetry, symmetry_agreement
+    from ..gpu.refine import lowpass_volume, soft_spherical_mask
+    if normalize_symmetry(args.sym) == "c1":
+        return
+    low = lowpass_volume(vol, max(args.initial_lowpass, 2 * px), px)
+    score = symmetry_agreement(low, args.sym, mask=soft_spherical_mask(box, 0.5 * args.diameter / px))
+    if score < SYMMETRY_WARNING_BELOW:
+        note = (f"initial volume {args.initial_volume} does not look {args.sym}-symmetric (its non-spherical part "
+                f"correlates {score:.2f} with its symmetrised copy; 1 = symmetric): check --symmetry; the model is "
+                "symmetrised for the first iteration")
+        logger.warning("%s", note)
+        notes.append(note)
 
 
 def _user_mask(args, box: int):

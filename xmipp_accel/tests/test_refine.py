@@ -216,3 +216,25 @@ def test_xmipp_metadata_input_gives_the_star_result(small, tmp_path, capsys):
     np.testing.assert_allclose(back.angles_deg, x_parts.angles_deg, atol=1e-3)
     np.testing.assert_allclose(back.origins_A, x_parts.origins_A, atol=1e-3)
     assert np.array_equal(back.subset, x_parts.subset)
+
+
+def test_symmetry_the_initial_model_lacks_is_reported(small, tmp_path, capsys):
+    """--symmetry i on an asymmetric phantom: a warning naming the model and the score, in the summary too;
+    the run goes on with the symmetrised model. A model that has the symmetry passes silently."""
+    from xmipp_accel.em.symmetry import symmetrize_volume, symmetry_agreement
+    folder, (star, init, truth, _) = small
+    mask = soft_spherical_mask(32, 50 / APIX)
+    low = lowpass_volume(truth, 30.0, APIX)
+    assert symmetry_agreement(symmetrize_volume(low, "c4"), "c4", mask=mask) > 0.99   # 1 up to interpolation
+    assert symmetry_agreement(low, "i", mask=mask) < 0.5
+    code, stdout, err = run([star, "--initial-volume", init, "--diameter", 100, "-o", tmp_path / "i",
+                             "--symmetry", "i", "--max-iterations", 1, "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    assert "does not look i-symmetric" in err and init in err
+    assert any("does not look i-symmetric" in n for n in json.loads(stdout.strip().splitlines()[-1])["notes"])
+    c4 = os.path.join(folder, "init_c4.mrc")
+    write_mrc(c4, symmetrize_volume(read_mrc(init)[0], "c4"), APIX)
+    code, _, err = run([star, "--initial-volume", c4, "--diameter", 100, "-o", tmp_path / "c4", "--symmetry", "c4",
+                        "--max-iterations", 1, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "symmetric" not in err
