@@ -57,7 +57,7 @@ def xp(request):
 
 @pytest.fixture
 def shared_data():
-    """Path of ../shared/data; skips the test when that folder is absent."""
+    """Path of ../shared/data (or $XMIPP_ACCEL_SHARED_DATA); skips the test when that folder is absent."""
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pyworkflow.object as pwobj
 from pyworkflow.wizard import Wizard
 
-from .protocols import XmippAccelProtAssignAngles, XmippAccelProtReconstructFourier
+from .protocols import XmippAccelProtAssignAngles, XmippAccelProtReconstructFourier, XmippAccelProtRefine3D
 
 # (name, description) in Xmipp's naming; cN and dN are shown for common orders
 _SYMMETRY_GROUPS = (
@@ -32,7 +32,8 @@ def symmetryChoices() -> list:
 class XmippAccelSymmetryWizard(Wizard):
     """Choose the symmetry group (Xmipp/RELION naming: c1, cN, dN, t, o, i1..i4) from a list."""
     _targets = [(XmippAccelProtReconstructFourier, ["symmetryGroup"]),
-                (XmippAccelProtAssignAngles, ["symmetryGroup"])]
+                (XmippAccelProtAssignAngles, ["symmetryGroup"]),
+                (XmippAccelProtRefine3D, ["symmetryGroup"])]
 
     def show(self, form, *params):
         from pyworkflow.gui import dialog

@@ -6,7 +6,8 @@ Example usage::
     xmipp-accel refine particles.xmd --initial-volume init.mrc --diameter 180 -o out/ --max-iterations 8 --json
     xmipp-accel refine particles.star --initial-volume init.mrc --diameter 180 -o out/ --continue
 
-Writes in OUTDIR: run_data.star (RELION 3.1, with rlnRandomSubset), run_half1_class001.mrc,
+Writes in OUTDIR: run_data.star (RELION 3.1, with rlnRandomSubset; for an Xmipp ``.xmd`` input also
+run_data.xmd, Xmipp metadata with shifts in pixels), run_half1_class001.mrc,
 run_half2_class001.mrc, run_class001.mrc, run_class001_sharpened.mrc, run_fsc.star (FSC of the masked half
 maps), iterations.jsonl (one JSON object per iteration) and it###/ (particles and half maps of each iteration,
 read by ``--continue``). All particles are held in memory.
@@ -99,7 +100,32 @@ def _initial_volume(args, box: int, px: float):
                        args.initial_volume, voxel, px)
     for note in notes:
         logger.info("%s", note)
+    _check_symmetry(args, vol, box, px, notes)
     return vol, notes
+
+
+SYMMETRY_WARNING_BELOW = 0.5   # symmetry_agreement of the 30 Å initial model (1: symmetric)
+
+
+def _check_symmetry(args, vol, box: int, px: float, notes: list) -> None:
+    """Warn (and note in the summary) when the initial model does not look like it has --symmetry.
+
+    A warning, not a refusal: an ab-initio model of a symmetric particle is only roughly symmetric, and at
+    30 Å the score of asymmetric maps overlaps that of noisy symmetric ones for low orders (c2: 0.5-0.7, see
+    :func:`~xmipp_accel.em.symmetry.symmetry_agreement`); the first reference is symmetrised anyway.
+    """
+    from ..em.symmetry import normalize_symmetry, symmetry_agreement
+    from ..gpu.refine import lowpass_volume, soft_spherical_mask
+    if normalize_symmetry(args.sym) == "c1":
+        return
+    low = lowpass_volume(vol, max(args.initial_lowpass, 2 * px), px)
+    score = symmetry_agreement(low, args.sym, mask=soft_spherical_mask(box, 0.5 * args.diameter / px))
+    if score < SYMMETRY_WARNING_BELOW:
+        note = (f"initial volume {args.initial_volume} does not look {args.sym}-symmetric (its non-spherical part "
+                f"correlates {score:.2f} with its symmetrised copy; 1 = symmetric): check --symmetry; the model is "
+                "symmetrised for the first iteration")
+        logger.warning("%s", note)
+        notes.append(note)
 
 
 def _user_mask(args, box: int):
@@ -291,6 +317,9 @@ def main(args: argparse.Namespace) -> int:
     st = result.state
     paths = outputs(args.output)
     _write_particles(paths["particles"], pset, st, px, args.absolute_paths)
+    if args.particles.lower().endswith(".xmd"):      # Xmipp in, Xmipp out as well
+        paths["particles_xmd"] = os.path.splitext(paths["particles"])[0] + ".xmd"
+        _write_particles(paths["particles_xmd"], pset, st, px, args.absolute_paths)
     _write_mrc(paths["half1"], st.half1, px)
     _write_mrc(paths["half2"], st.half2, px)
     _write_mrc(paths["volume"], result.volume, px)

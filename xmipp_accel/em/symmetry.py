@@ -171,7 +171,7 @@ def symmetrize_volume(volume: np.ndarray, sym: str | np.ndarray, *, order: int =
     Returns
     -------
     ``(N, N, N)`` float32 map that satisfies ``V_s(g r) = V_s(r)`` for every ``g`` of the group
-    (up to interpolation error). CPU only: used for synthetic data and tests.
+    (up to interpolation error). CPU only: synthetic data, tests, a refinement's initial model.
     """
     from scipy.ndimage import map_coordinates
 
@@ -186,3 +186,33 @@ def symmetrize_volume(volume: np.ndarray, sym: str | np.ndarray, *, order: int =
         gx, gy, gz = g @ r
         acc += map_coordinates(vol, [gz + c, gy + c, gx + c], order=order, mode="constant", cval=0.0)
     return (acc / len(mats)).reshape(vol.shape).astype(np.float32)
+
+
+def _without_radial_average(volume: np.ndarray) -> np.ndarray:
+    """``volume`` minus its spherical average about the centre ``N // 2`` (one-voxel shells)."""
+    n = volume.shape[0]
+    c = np.arange(n) - n // 2
+    r = np.rint(np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)).astype(np.int64)
+    profile = np.bincount(r.ravel(), volume.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
+    return volume - profile[r]
+
+
+def symmetry_agreement(volume: np.ndarray, sym: str, *, mask: np.ndarray | None = None) -> float:
+    """How well a map has a symmetry: the correlation of its non-spherical part with that of its symmetrised copy.
+
+    The spherical average (identical in both, it would make any round blob look symmetric) is removed first.
+    1 for a map with the symmetry; for the asymmetric random phantoms of :mod:`.synthetic` at 30 Å, 0.5-0.7 for
+    c2, about 0.5 for c4/d2, 0.1-0.4 for t/o/i.
+
+    Parameters
+    ----------
+    volume : ``(N, N, N)`` map, centre ``N // 2``.
+    sym : group name (:func:`symmetry_matrices`).
+    mask : ``(N, N, N)`` weights (e.g. a soft sphere) applied before the comparison; None: the whole box.
+    """
+    vol = np.asarray(volume, dtype=np.float64)
+    m = np.ones_like(vol) if mask is None else np.asarray(mask, dtype=np.float64)
+    a = _without_radial_average(vol * m) * m
+    b = _without_radial_average(symmetrize_volume(vol, sym, order=1) * m) * m
+    den = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    return float(np.sum(a * b) / den) if den > 0 else 1.0

@@ -369,6 +369,19 @@ def particle_ref(particle, stack_map: Optional[Dict[str, str]] = None) -> str:
     return image_ref(index, os.path.normpath(path))
 
 
+def stack_map(part_set, star_path: str) -> Dict[str, str]:
+    """Stacks converted by :func:`write_particles_star` (original absolute path -> MRC copy), read from the STAR
+    it wrote for the enabled particles of ``part_set``, so that :func:`particle_ref` finds them again."""
+    mapping = {}
+    refs = read_star_tables(star_path)["particles"][IMAGE_NAME]
+    for particle, ref in zip((p for p in part_set.iterItems(orderBy="id") if p.isEnabled()), refs):
+        original = os.path.abspath(clean_image_path(particle.getLocation()[1]))
+        _, written = parse_image_ref(str(ref))
+        if os.path.normpath(written) != os.path.normpath(original):
+            mapping[original] = os.path.normpath(written)
+    return mapping
+
+
 def fsc_from_star(path: str) -> Tuple[np.ndarray, np.ndarray]:
     """``(frequency in 1/Å, FSC)`` from an FSC STAR written by our commands (or RELION's postprocess).
 

@@ -211,16 +211,4 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
         return self._getExtraPath("particles_aligned.star")
 
     def _readStackMap(self) -> dict:
-        """Converted stacks (original absolute path -> MRC copy) from the input STAR, so that particles
-        whose stacks were converted are found again by their image reference."""
-        stackMap = {}
-        inputSet = self.inputParticles.get()
-        starRefs = convert.read_star_tables(self._getExtraPath("input_particles.star"))["particles"][
-            convert.IMAGE_NAME]
-        for particle, ref in zip((p for p in inputSet.iterItems(orderBy="id") if p.isEnabled()), starRefs):
-            _, original = particle.getLocation()
-            original = os.path.abspath(convert.clean_image_path(original))
-            _, written = convert.parse_image_ref(str(ref))
-            if os.path.normpath(written) != os.path.normpath(original):
-                stackMap[original] = os.path.normpath(written)
-        return stackMap
+        return convert.stack_map(self.inputParticles.get(), self._getExtraPath("input_particles.star"))

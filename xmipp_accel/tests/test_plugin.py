@@ -19,7 +19,7 @@ import xmipp_accel  # noqa: E402
 pytestmark = pytest.mark.scipion
 
 PROTOCOLS = ["XmippAccelProtMovieAlign", "XmippAccelProtAssignAngles", "XmippAccelProtReconstructFourier",
-             "XmippAccelProtFSC", "XmippAccelProtLocalResolution"]
+             "XmippAccelProtFSC", "XmippAccelProtLocalResolution", "XmippAccelProtRefine3D"]
 PKG = os.path.dirname(xmipp_accel.__file__)
 
 
@@ -49,7 +49,7 @@ def test_protocols_viewers_wizards_are_registered(plugin):
     for name, found in viewers.items():
         ours = [v.__name__ for v in found if v.__module__.startswith("xmipp_accel.viewers")]
         assert ours, f"no xmipp_accel viewer for {name} (found {[v.__name__ for v in found]})"
-    for name in ("XmippAccelProtReconstructFourier", "XmippAccelProtAssignAngles"):
+    for name in ("XmippAccelProtReconstructFourier", "XmippAccelProtAssignAngles", "XmippAccelProtRefine3D"):
         wizards = Domain.findWizards(protocols[name](), DESKTOP_TKINTER)
         assert "symmetryGroup" in wizards, f"no symmetry wizard for {name}"
 

@@ -21,7 +21,8 @@ from pyworkflow.viewer import MessageView  # noqa: E402
 from xmipp_accel.io import star  # noqa: E402
 from xmipp_accel.io.mrc import write_mrc  # noqa: E402
 from xmipp_accel.protocols import (XmippAccelProtAssignAngles, XmippAccelProtFSC,  # noqa: E402
-                                   XmippAccelProtLocalResolution, XmippAccelProtMovieAlign, convert)
+                                   XmippAccelProtLocalResolution, XmippAccelProtMovieAlign, XmippAccelProtRefine3D,
+                                   convert)
 from xmipp_accel.protocols.protocol_assign_angles import SCORE_ATTR  # noqa: E402
 from xmipp_accel.viewers import (XmippAccelAssignAnglesViewer, XmippAccelFscSetViewer,  # noqa: E402
                                  XmippAccelFscViewer, XmippAccelLocalResolutionViewer, XmippAccelMovieAlignViewer)
@@ -177,6 +178,39 @@ class TestXmippAccelViewers(BaseTest):
         assert viewer._scores().size == 300
         save(viewer._showAngularDistribution(), os.path.join(self.out, "angular_distribution.png"))
         save(viewer._showScores(), os.path.join(self.out, "scores.png"))
+
+
+    def test_refine_viewers(self):
+        """The FSC viewer reads the refinement's run_fsc.star; both viewers show the refined particles."""
+        prot = self._saved(XmippAccelProtRefine3D)
+        os.makedirs(prot._getRefineFn(), exist_ok=True)
+        freq = np.arange(BOX // 2 + 1) / (BOX * PIXEL)
+        star.write_star(prot._getRefineFn("run_fsc.star"), {"fsc": {
+            "rlnSpectralIndex": np.arange(freq.size), "rlnResolution": freq,
+            "rlnFourierShellCorrelation": fsc_curve_like(freq, 0.13)}})
+        prot.outputFSC = self._fsc("refine", 0.13)
+        parts = emobj.SetOfParticles(filename=os.path.join(self.out, "refined.sqlite"))
+        parts.setSamplingRate(PIXEL)
+        parts.setAlignmentProj()
+        rng = np.random.default_rng(5)
+        for i in range(200):
+            p = emobj.Particle(location=(i + 1, os.path.join(self.out, "r.mrcs")))
+            rot, tilt, psi = rng.uniform(-180, 180), np.degrees(np.arccos(rng.uniform(-1, 1))), rng.uniform(-180, 180)
+            p.setTransform(emobj.Transform(convert.transform_from_euler(rot, tilt, psi, 0.0, 0.0)))
+            setattr(p, SCORE_ATTR, pwobj.Float(rng.normal(0.3, 0.05)))
+            parts.append(p)
+        parts.write()
+        prot.outputParticles = parts
+        viewer = XmippAccelFscViewer(project=self.proj, protocol=prot)
+        viewer.setProtocol(prot)
+        assert [c[0] for c in viewer._curves()] == ["FSC"]
+        np.testing.assert_allclose(viewer._curves()[0][2], fsc_curve_like(freq, 0.13), atol=1e-5)  # STAR text
+        save(viewer._showFsc(), os.path.join(self.out, "refine_fsc.png"))
+        save(viewer._showAngularDistribution(), os.path.join(self.out, "refine_fsc_angdist.png"))
+        angles = XmippAccelAssignAnglesViewer(project=self.proj, protocol=prot)
+        angles.setProtocol(prot)
+        assert angles._scores().size == 200
+        save(angles._showAngularDistribution(), os.path.join(self.out, "refine_angdist.png"))
 
 
 # ------------------------------------------------------------------------------------------------------

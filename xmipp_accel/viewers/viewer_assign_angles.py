@@ -5,14 +5,15 @@ import numpy as np
 import pyworkflow.protocol.params as params
 from pyworkflow.viewer import DESKTOP_TKINTER, WEB_DJANGO, ProtocolViewer
 
-from ..protocols import XmippAccelProtAssignAngles
+from ..protocols import XmippAccelProtAssignAngles, XmippAccelProtRefine3D
 from ..protocols.protocol_assign_angles import SCORE_ATTR
 
 
 class XmippAccelAssignAnglesViewer(ProtocolViewer):
-    """Angular distribution and score histogram of the particles aligned by 'assign angles (GPU)'."""
+    """Angular distribution and score histogram of the particles aligned by 'assign angles (GPU)' or refined
+    by 'refine 3D (GPU)'."""
     _label = "viewer angular assignment (xmipp_accel)"
-    _targets = [XmippAccelProtAssignAngles]
+    _targets = [XmippAccelProtAssignAngles, XmippAccelProtRefine3D]
     _environments = [DESKTOP_TKINTER, WEB_DJANGO]
 
     def _defineParams(self, form):

@@ -17,7 +17,8 @@ from pwem.viewers import LocalResolutionViewer
 
 from .. import Plugin
 from .. import constants as c
-from ..protocols import XmippAccelProtFSC, XmippAccelProtLocalResolution, XmippAccelProtReconstructFourier
+from ..protocols import (XmippAccelProtFSC, XmippAccelProtLocalResolution, XmippAccelProtReconstructFourier,
+                         XmippAccelProtRefine3D)
 from ..protocols import convert
 
 
@@ -45,9 +46,9 @@ def fsc_plotter(curves, *, thresholds=(0.143, 0.5), title="FSC", window_title="F
 
 
 class XmippAccelFscViewer(ProtocolViewer):
-    """FSC of the half maps of our reconstruction or FSC protocol."""
+    """FSC of the half maps of our reconstruction, refinement or FSC protocol."""
     _label = "viewer FSC (xmipp_accel)"
-    _targets = [XmippAccelProtReconstructFourier, XmippAccelProtFSC]
+    _targets = [XmippAccelProtReconstructFourier, XmippAccelProtRefine3D, XmippAccelProtFSC]
     _environments = [DESKTOP_TKINTER, WEB_DJANGO]
 
     def _defineParams(self, form):
@@ -64,10 +65,11 @@ class XmippAccelFscViewer(ProtocolViewer):
                       label="FSC in Scipion's FSC viewer",
                       help="The same FSC object in pwem's standard viewer (lets you create an FSC object "
                            "to compare with other protocols).")
-        if isinstance(self.protocol, XmippAccelProtReconstructFourier):
+        if isinstance(self.protocol, (XmippAccelProtReconstructFourier, XmippAccelProtRefine3D)):
             form.addParam("displayAngDist", params.LabelParam,
                           label="Angular distribution of the particles",
-                          help="Projection directions of the particles used in the reconstruction.")
+                          help="Projection directions of the particles used in the reconstruction (refined ones "
+                               "for a refinement).")
 
     def _getVisualizeDict(self):
         return {"displayFsc": self._showFsc, "displayFscScipion": self._showFscScipion,
@@ -76,6 +78,8 @@ class XmippAccelFscViewer(ProtocolViewer):
     def _fscStar(self):
         if isinstance(self.protocol, XmippAccelProtReconstructFourier):
             return self.protocol._getVolumeFn("_fsc", ".star")
+        if isinstance(self.protocol, XmippAccelProtRefine3D):
+            return self.protocol._getRefineFn("run_fsc.star")
         return self.protocol._getExtraPath("fsc.star")
 
     def _curves(self) -> list:
@@ -117,7 +121,9 @@ class XmippAccelFscViewer(ProtocolViewer):
 
     def _showAngularDistribution(self, paramName=None):
         from pwem.viewers.plotter import EmPlotter
-        particles = self.protocol.inputParticles.get() if hasattr(self.protocol, "inputParticles") else None
+        particles = getattr(self.protocol, "outputParticles", None)  # refined poses (refinement)
+        if particles is None and hasattr(self.protocol, "inputParticles"):
+            particles = self.protocol.inputParticles.get()
         if particles is None:
             return [self.errorMessage("No particles.", title="Angular distribution")]
         plotter = EmPlotter(x=1, y=1, windowTitle="Angular distribution")

@@ -3,7 +3,8 @@
 Each iteration, for each half set ``h`` (rlnRandomSubset 1 or 2) separately:
 
 1. **Reference.** Iteration 1: the initial model low-passed to ``initial_lowpass_A`` (30 Å by default),
-   the same for both halves (it carries no information about either half). Later: the half's own map of
+   the same for both halves (it carries no information about either half), symmetrised by the point group
+   (only the asymmetric unit is searched). Later: the half's own map of
    the previous iteration, weighted per shell by ``sqrt(2 FSC / (1 + FSC))`` (the FSC of the two
    previous half maps, the expected correlation of each half with the truth) and low-passed with a
    raised cosine a few shells beyond the current resolution; then a soft spherical mask of the particle
@@ -47,6 +48,7 @@ import numpy as np
 
 from ...em.geometry import angular_distance_deg
 from ...em.masks import soft_spherical_mask  # noqa: F401  (part of this module's API)
+from ...em.symmetry import symmetrize_volume, symmetry_order
 from ... import backend
 
 __all__ = ["RefineSettings", "RefineState", "IterationRecord", "auto_refine", "soft_spherical_mask",
@@ -479,6 +481,8 @@ def auto_refine(images, ctf: Optional[Mapping[str, np.ndarray]], initial, settin
         mask = soft_spherical_mask(box, settings.radius_A / px, settings.mask_edge_px)
     mask = np.asarray(mask, dtype=np.float32)
     initial = np.asarray(initial, dtype=np.float32)
+    if state is None and symmetry_order(settings.sym) > 1:     # the first reference has the searched symmetry
+        initial = symmetrize_volume(initial, settings.sym)
     if state is None:
         state = RefineState(iteration=0, matrices=np.repeat(np.eye(3)[None], n, 0), origins_px=np.zeros((n, 2)),
                             subset=np.asarray(subset, dtype=np.int64))
