@@ -14,7 +14,7 @@ from typing import Iterator
 
 from ..errors import InputError
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "check_writable"]
 
 
 @contextlib.contextmanager
@@ -63,3 +63,44 @@ def atomic_write(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = True) -> str:
+    """Check, before any work, that outputs can be written at ``path``; creates nothing.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An output folder (``folder=True``: it may not exist yet, then the nearest existing folder above
+        it must let us create it) or an output file (``folder=False``: its folder must be writable).
+
+    Returns
+    -------
+    str
+        The absolute path.
+
+    Raises
+    ------
+    InputError
+        Naming the path: it is a file where a folder is needed (or the reverse), a folder on the way is a
+        file, or the folder that would receive the outputs is not writable.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"cannot write outputs in {path}: it is a file, not a folder; give a folder name")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder; give a file name")
+    probe = path if folder else os.path.dirname(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise InputError(f"cannot write outputs in {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "the output folder" if probe == (path if folder else os.path.dirname(path)) else \
+            f"the folder {probe} that would hold it"
+        raise InputError(f"cannot write {path}: {what} is not writable (permission denied); "
+                         "choose another output folder or fix its permissions")
+    return path

@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,11 +35,18 @@ from ._fft import fast_shape, fourier_crop_rfft, irfft2, rfft2
 from .apply import correct_local_motion, power_spectrum, shift_spectra
 from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_grid
 from .dose import dose_weighted_sum
-from .global_align import GlobalAlignment, correlation_shape, estimate_global_shifts, lowpass_filter, refine_band
-from .local_align import MIN_PEAK_Z, PATCH_SIZE_A, LocalAlignment, estimate_local_shifts, patch_size_px
+from .global_align import (GlobalAlignment, correlation_pixel_size, correlation_shape, estimate_global_shifts,
+                           lowpass_filter, refine_band)
+from .local_align import (MIN_PATCH_PX, MIN_PEAK_Z, PATCH_SIZE_A, LocalAlignment, estimate_local_shifts,
+                          max_patches, patch_size_px)
 from .preprocess import check_frames, correct_dark_gain, find_hot_pixels, replace_defect_pixels
 
-__all__ = ["AlignmentOptions", "MovieAlignment", "StageTimer", "align_movie", "auto_patches"]
+__all__ = ["AlignmentOptions", "MovieAlignment", "StageTimer", "align_movie", "auto_patches", "MIN_CORRELATION_PX",
+           "correlation_frame_shape", "check_movie_options"]
+
+#: smallest side (pixels) of the coarse correlation frames that can be aligned: the smallest patch that
+#: :mod:`.local_align` correlates; below it the edge taper and the shift search have no room
+MIN_CORRELATION_PX = MIN_PATCH_PX
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +140,11 @@ class AlignmentOptions:
             raise InputError(f"--pre-exposure must not be negative (e/Å²), got {self.pre_exposure}")
         if not self.voltage_kV > 0:
             raise InputError(f"--voltage must be positive (kV), got {self.voltage_kV}")
+        if self.psd_size < 0:
+            raise InputError(f"--psd-size must be 0 (no power spectrum) or a positive size in pixels, got "
+                             f"{self.psd_size}")
+        if self.hot_pixel_sigma < 0:
+            raise InputError(f"--hot-pixel-sigma must be 0 (off) or positive, got {self.hot_pixel_sigma}")
 
 
 class StageTimer:
@@ -238,6 +250,49 @@ def auto_patches(shape_yx, pixel_size_A: float, patch_size_A: float = PATCH_SIZE
     return count(nx), count(ny)
 
 
+def _work_shape(pad_shape: Tuple[int, int], binning: float) -> Tuple[int, int]:
+    """Shape (y, x) of the (binned) frames the sums are made of, from the padded frame shape."""
+    if binning > 1.0:
+        return _even(pad_shape[0] / binning), _even(pad_shape[1] / binning)
+    return tuple(pad_shape)
+
+
+def correlation_frame_shape(frame_shape: Sequence[int], options: AlignmentOptions) -> Tuple[int, int]:
+    """Size (y, x) of the coarse frames :func:`align_movie` correlates for frames of ``frame_shape`` (y, x) px."""
+    pad = fast_shape(frame_shape)
+    work = _work_shape(pad, options.binning)
+    binning = 0.5 * (pad[0] / work[0] + pad[1] / work[1])
+    return correlation_shape(work, options.pixel_size_A * binning, options.max_res_A)
+
+
+def check_movie_options(options: AlignmentOptions, frame_shape: Sequence[int], *, name: str = "movie") -> None:
+    """Raise InputError, before any work, when ``options`` cannot align frames of ``frame_shape`` (y, x) px.
+
+    Limits: the coarse correlation frames (:func:`correlation_frame_shape`) need at least
+    :data:`MIN_CORRELATION_PX` pixels per side, and a ``--patches`` grid at most
+    :func:`~.local_align.max_patches` patches per axis of them. The message says the limit.
+    """
+    options.validate()
+    ny, nx = (int(v) for v in frame_shape)
+    cy, cx = correlation_frame_shape((ny, nx), options)
+    if min(cy, cx) < MIN_CORRELATION_PX:
+        coarse_A = max(correlation_pixel_size(options.max_res_A), options.pixel_size_A * options.binning)
+        need = int(math.ceil(MIN_CORRELATION_PX * coarse_A / options.pixel_size_A))
+        raise InputError(
+            f"{name}: frames of {nx} x {ny} px are too small to align at {options.pixel_size_A:g} Å/px, --bin "
+            f"{options.binning:g} and --max-res {options.max_res_A:g} Å: the correlation frames would be {cx} x {cy}"
+            f" px, at least {MIN_CORRELATION_PX} are needed, i.e. frames of at least {need} x {need} px (a finer "
+            "--max-res or a smaller --bin lowers the limit)")
+    if options.local and options.patches_xy is not None:
+        mx, my = max_patches(cx), max_patches(cy)
+        npx, npy = options.patches_xy
+        if npx > mx or npy > my:
+            raise InputError(
+                f"--patches {npx}x{npy} is too fine for {name} ({nx} x {ny} px): at most {mx}x{my} patches fit "
+                f"(each at least {MIN_PATCH_PX} px of the {cx} x {cy} px correlation frames at --max-res "
+                f"{options.max_res_A:g} Å, overlapping its neighbours by at most half); use a coarser grid")
+
+
 def _pad_to(frames, shape):
     """Pad frames (n, y, x) at the bottom/right with each frame's mean to ``shape`` (y, x)."""
     xp = backend.get_xp(frames)
@@ -279,11 +334,11 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
     InputError
         Too few frames, NaN/inf, empty frames, bad options.
     """
-    options.validate()
+    n, ny, nx = (int(v) for v in frames.shape)
+    check_movie_options(options, (ny, nx), name=name)
     xp = backend.get_xp(frames)
     timer = StageTimer(xp)
     warnings_: List[str] = []
-    n, ny, nx = (int(v) for v in frames.shape)
     ps = float(options.pixel_size_A)
 
     with timer("preprocess"):
@@ -303,12 +358,10 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
         del frames
 
     py, px = pad_shape
-    if options.binning > 1.0:
+    work_shape = _work_shape(pad_shape, options.binning)
+    if work_shape != tuple(pad_shape):
         with timer("bin"):
-            work_shape = (_even(py / options.binning), _even(px / options.binning))
             spec = fourier_crop_rfft(spec, pad_shape, work_shape)
-    else:
-        work_shape = pad_shape
     wy, wx = work_shape
     bin_y, bin_x = py / wy, px / wx
     binning = 0.5 * (bin_y + bin_x)
@@ -406,6 +459,7 @@ def _local_alignment(coarse, cshape, scale_yx, work_shape, work_ps, galign, opti
         npx, npy = options.patches_xy
     else:
         npx, npy = auto_patches(work_shape, work_ps, options.patch_size_A)
+        npx, npy = min(npx, max_patches(cshape[1])), min(npy, max_patches(cshape[0]))   # small frames
     size_yx = (patch_size_px(wy, npy, work_ps, patch_size_A=options.patch_size_A),
                patch_size_px(wx, npx, work_ps, patch_size_A=options.patch_size_A))
     coarse_shift = galign.shifts_px * np.array([scale_yx[1], scale_yx[0]])

@@ -30,8 +30,8 @@ from ... import backend
 from ._fft import fast_size
 from .global_align import correlate_pairs, correlation_spectra, frame_pairs, solve_relative_shifts_batched
 
-__all__ = ["PATCH_SIZE_A", "MIN_PEAK_Z", "patch_starts", "patch_size_px", "temporal_average",
-           "LocalAlignment", "estimate_local_shifts"]
+__all__ = ["PATCH_SIZE_A", "MIN_PEAK_Z", "MIN_PATCH_PX", "max_patches", "patch_starts", "patch_size_px",
+           "temporal_average", "LocalAlignment", "estimate_local_shifts"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ logger = logging.getLogger(__name__)
 PATCH_SIZE_A = 500.0
 #: median correlation peak height (standard deviations of the map) below which patches have no signal
 MIN_PEAK_Z = 6.0
+#: smallest patch side correlated (pixels of the coarse correlation frames)
+MIN_PATCH_PX = 16
+
+
+def max_patches(correlation_length: int) -> int:
+    """Most patches along an axis of ``correlation_length`` coarse pixels: patches of at least
+    :data:`MIN_PATCH_PX` whose centres are at least half of that apart (neighbours overlap by at most half)."""
+    return max(1, (int(correlation_length) - MIN_PATCH_PX) // (MIN_PATCH_PX // 2) + 1)
 
 
 def patch_starts(length: int, n_patches: int, size: int) -> List[int]:
@@ -144,8 +152,9 @@ def estimate_local_shifts(aligned_coarse, *, scale_yx: Sequence[float], n_patche
     sy, sx = (float(v) for v in scale_yx)
     npx, npy = (int(v) for v in n_patches_xy)
     # patch size on the coarse grid: even, fast for the FFT, within the frame
-    py = min(cy - cy % 2, fast_size(max(16, int(math.ceil(patch_size_px_yx[0] * sy)))))
-    px = min(cx - cx % 2, fast_size(max(16, int(math.ceil(patch_size_px_yx[1] * sx))), real=True))
+    py = min(cy - cy % 2, fast_size(max(MIN_PATCH_PX, int(math.ceil(patch_size_px_yx[0] * sy)))))
+    px = min(cx - cx % 2, fast_size(max(MIN_PATCH_PX, int(math.ceil(patch_size_px_yx[1] * sx))),
+                                       real=True))
     ys = patch_starts(cy, npy, py)
     xs = patch_starts(cx, npx, px)
     timer = timer or (lambda name: contextlib.nullcontext())
