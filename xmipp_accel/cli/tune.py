@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 #: Algorithm modules that register tunable kernels with the tuner when imported.
 KERNEL_MODULES = (
     "xmipp_accel.gpu.reconstruct.insert_tuning",   # insert
-    "xmipp_accel.gpu.movie.apply_tuning",          # movie-local-motion
+    "xmipp_accel.gpu.movie.apply",                 # movie-local-motion
 )
 
 

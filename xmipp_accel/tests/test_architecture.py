@@ -21,6 +21,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("backend", "errors", "constants", "threads", "bibtex", "__init__"),
     ("em", "io"),
     ("gpu",),
+    ("jobs",),
     ("cli", "plots"),
     ("protocols", "wizards"),
     ("viewers", "workflows"),

@@ -34,13 +34,13 @@ def tmp_cache(tmp_path, monkeypatch):
 
 
 def _store_tuned(cache, size, params):
-    from xmipp_accel.gpu.movie.apply_tuning import MOVIE_LOCAL_MOTION_KERNEL as k  # registers the kernel
+    from xmipp_accel.gpu.movie.apply import MOVIE_LOCAL_MOTION_KERNEL as k  # registers the kernel
     cache.put(k.cache_kind, k.size_class(size), {"params": dict(params), "time_s": 1e-3})
 
 
 def test_local_motion_block_is_the_default_without_a_tuned_result(tmp_cache):
     from xmipp_accel.gpu.movie.apply import LOCAL_MOTION_DEFAULT_BLOCK, local_motion_block
-    from xmipp_accel.gpu.movie.apply_tuning import MOVIE_LOCAL_MOTION_KERNEL as k  # registers the kernel
+    from xmipp_accel.gpu.movie.apply import MOVIE_LOCAL_MOTION_KERNEL as k  # registers the kernel
     assert LOCAL_MOTION_DEFAULT_BLOCK == (k.default["block_x"], k.default["block_y"])
     assert local_motion_block(MOVIE["frames"], MOVIE["height"], MOVIE["width"]) == LOCAL_MOTION_DEFAULT_BLOCK
 

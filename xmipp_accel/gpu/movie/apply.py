@@ -15,11 +15,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ... import backend
+from ..tuning.autotune import TunableKernel, register, size_class, tuned_params
 from ._fft import rfft2, rfft_freqs
 from ...em.interpolation import keys_weights, sample_keys  # noqa: F401  (keys_weights re-exported)
 
@@ -118,7 +119,7 @@ def _kernel(device_id: int):
 
 #: Launch geometry of the local-motion kernel when nothing is tuned (also the adapter's default).
 LOCAL_MOTION_DEFAULT_BLOCK = (32, 8)
-#: Name of the kernel in the autotuner's registry (registered by :mod:`.apply_tuning`).
+#: Name of the kernel in the autotuner's registry (registered at the end of this module).
 LOCAL_MOTION_KERNEL = "movie-local-motion"
 
 
@@ -141,8 +142,6 @@ def local_motion_block(n_frames: int, height: int, width: int) -> Tuple[int, int
     (int, int)
     """
     try:
-        from ..tuning.autotune import tuned_params  # noqa: PLC0415
-        from .apply_tuning import MOVIE_LOCAL_MOTION_KERNEL  # noqa: PLC0415  (it imports this module)
         params = tuned_params(MOVIE_LOCAL_MOTION_KERNEL, {"frames": int(n_frames), "height": int(height),
                                                           "width": int(width)})
         return int(params["block_x"]), int(params["block_y"])
@@ -217,3 +216,54 @@ def power_spectrum(image, *, tile: int = 512):
     ky = (-np.arange(tile)) % tile
     full[:, tile // 2 + 1:] = half[xp.asarray(ky)][:, xp.asarray(tile - kx)]
     return xp.fft.fftshift(full)
+
+
+# ------------------------------------------------------------------ the kernel described to the autotuner
+# Registered as "movie-local-motion" when this module is imported (``xmipp-accel tune`` imports it,
+# xmipp_accel.cli.tune.KERNEL_MODULES).
+
+MOVIE_LOCAL_MOTION_SPACE: Dict[str, tuple] = {"block_x": (8, 16, 32, 64, 128, 256), "block_y": (1, 2, 4, 8, 16, 32)}
+#: what movie/apply.py launches when nothing is tuned
+MOVIE_LOCAL_MOTION_DEFAULT = {"block_x": LOCAL_MOTION_DEFAULT_BLOCK[0],
+                              "block_y": LOCAL_MOTION_DEFAULT_BLOCK[1]}
+
+
+def _movie_inputs(size: Dict[str, int], xp) -> Dict[str, Any]:
+    """``frames`` frames of ``height x width`` with a 6 x 6 B-spline shift field of a few pixels."""
+    n, ny, nx = int(size["frames"]), int(size["height"]), int(size["width"])
+    rng = np.random.default_rng(0)
+    frames = xp.asarray(rng.standard_normal((n, ny, nx), dtype=np.float32))
+    ly = lx = 6
+    coef = xp.asarray((rng.standard_normal((n, 2, ly, lx)) * 2.0).astype(np.float32))
+    return {"frames": frames, "coef": coef, "spacing": (ny / (ly - 3), nx / (lx - 3)),
+            "out": xp.empty_like(frames)}
+
+
+def _movie_build(params: Dict[str, Any]):
+    cp = backend.cupy_module()
+    if cp is None:
+        raise backend.BackendError("the CUDA local-motion kernel needs a GPU")
+    kern = _kernel(cp.cuda.Device().id)
+    bx, by = int(params["block_x"]), int(params["block_y"])
+
+    def launch(inp):
+        frames, coef, out = inp["frames"], inp["coef"], inp["out"]
+        n, ny, nx = frames.shape
+        ly, lx = coef.shape[-2:]
+        hy, hx = inp["spacing"]
+        kern(((nx + bx - 1) // bx, (ny + by - 1) // by, n), (bx, by, 1),
+             (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
+              np.float32(1.0 / hx), np.float32(1.0 / hy)))
+        return out
+    return launch
+
+
+MOVIE_LOCAL_MOTION_KERNEL = register(TunableKernel(
+    name=LOCAL_MOTION_KERNEL, space=dict(MOVIE_LOCAL_MOTION_SPACE), default=dict(MOVIE_LOCAL_MOTION_DEFAULT),
+    build=_movie_build, make_inputs=_movie_inputs, run=lambda fn, inp: fn(inp),
+    constraints=(lambda p: 32 <= p["block_x"] * p["block_y"] <= 1024,),
+    size_class=lambda size: size_class({"frames": size["frames"], "pixels": size["height"] * size["width"]}),
+    sizes=({"frames": 30, "height": 4096, "width": 4096}, {"frames": 40, "height": 2048, "width": 2048},
+           {"frames": 30, "height": 4092, "width": 5760}),
+    description="movie alignment: local motion correction by B-spline shifts and Keys interpolation "
+                "(movie/apply.cu)"))

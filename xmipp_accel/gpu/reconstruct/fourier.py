@@ -37,6 +37,7 @@ from ... import backend
 from .blob import KaiserBesselBlob
 from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu,
                      symmetrize_fourier_volume)
+from .insert_tuning import replica_count  # noqa: F401  (part of this module's API)
 from .trilinear import INTERP_MODES, half_plane_values, insert_trilinear_numpy, trilinear_gridding_correction
 
 __all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "FourierAccumulator", "FourierReconstructor",
@@ -390,26 +391,6 @@ class FourierAccumulator:
     def to_host(self) -> FourierAccumulator:
         self.collapse()
         return FourierAccumulator(backend.to_host(self.data), backend.to_host(self.weight), self.count)
-
-
-def replica_count(grid: FourierGrid, *, target_threads: int = 1 << 19, budget_bytes: Optional[float] = None) -> int:
-    """Replicas of a GPU accumulator so that about ``target_threads`` columns run at once.
-
-    One thread owns a column of the half volume, ``(K+1)(2K+1)`` of them: a 64-pixel box
-    (``M = 128``) has 8 000, too few to fill a GPU; replicas multiply the threads while the
-    extra memory stays within ``budget_bytes`` (default: 4 GB or a fifth of the free memory).
-    """
-    if budget_bytes is None:
-        budget_bytes = 4.0e9
-        cp = backend.cupy_module()
-        if cp is not None:
-            budget_bytes = min(budget_bytes, 0.2 * cp.cuda.runtime.memGetInfo()[0])
-    K = grid.K
-    face = (K + 1) * (2 * K + 1)
-    want = int(math.ceil(target_threads / face))
-    vol_bytes = int(np.prod(grid.shape)) * 12
-    cap = max(1, int(budget_bytes // vol_bytes))
-    return int(max(1, min(want, cap, 64)))
 
 
 def _tuned_insert(grid: FourierGrid) -> Optional[dict]:

@@ -6,7 +6,8 @@ reconstruction imports it to look up its tuned parameters (:func:`.fourier.Fouri
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -32,7 +33,6 @@ def _insert_inputs(size: Dict[str, int], xp) -> Dict[str, Any]:
     pw = rng.random((b, m, half), dtype=np.float32)
     shape = grid.shape
     if xp is not np:   # what the reconstruction inserts into: a stack of replicas (fourier.replica_count)
-        from .fourier import replica_count  # noqa: PLC0415  (fourier imports this module)
         shape = (replica_count(grid),) + shape
     return {"data": xp.zeros(shape, np.complex64), "weight": xp.zeros(shape, np.float32),
             "proj": xp.asarray(proj), "proj_weight": xp.asarray(pw), "matrices": random_rotations(b, 0),
@@ -66,3 +66,23 @@ INSERT_KERNEL = register(TunableKernel(
     sizes=({"padded_box": 128, "images": 2000}, {"padded_box": 256, "images": 500},
            {"padded_box": 512, "images": 100}),
     description="reconstruction: gather insertion of projections into the Fourier volume (insert.cu)"))
+
+
+def replica_count(grid: FourierGrid, *, target_threads: int = 1 << 19, budget_bytes: Optional[float] = None) -> int:
+    """Replicas of a GPU accumulator so that about ``target_threads`` columns run at once.
+
+    One thread owns a column of the half volume, ``(K+1)(2K+1)`` of them: a 64-pixel box
+    (``M = 128``) has 8 000, too few to fill a GPU; replicas multiply the threads while the
+    extra memory stays within ``budget_bytes`` (default: 4 GB or a fifth of the free memory).
+    """
+    if budget_bytes is None:
+        budget_bytes = 4.0e9
+        cp = backend.cupy_module()
+        if cp is not None:
+            budget_bytes = min(budget_bytes, 0.2 * cp.cuda.runtime.memGetInfo()[0])
+    K = grid.K
+    face = (K + 1) * (2 * K + 1)
+    want = int(math.ceil(target_threads / face))
+    vol_bytes = int(np.prod(grid.shape)) * 12
+    cap = max(1, int(budget_bytes // vol_bytes))
+    return int(max(1, min(want, cap, 64)))
