@@ -9,9 +9,14 @@ XMIPP_ACCEL_CHIMERAX = "XMIPP_ACCEL_CHIMERAX"      # ChimeraX executable for the
 
 DEVICE_AUTO, DEVICE_GPU, DEVICE_CPU = "auto", "gpu", "cpu"
 
-# CTF handling in reconstruction
+# CTF vocabulary (the one set of names; em/ctf.py documents them)
+# - correction in reconstruction (--ctf): auto = wiener when the particles have CTF values, else none
 CTF_AUTO, CTF_WIENER, CTF_PHASE_FLIP, CTF_NONE = "auto", "wiener", "phase-flip", "none"
-CTF_MODES = (CTF_AUTO, CTF_WIENER, CTF_PHASE_FLIP, CTF_NONE)
+CTF_CORRECTIONS = (CTF_WIENER, CTF_PHASE_FLIP, CTF_NONE)
+CTF_MODES = (CTF_AUTO,) + CTF_CORRECTIONS
+# - what particle images already carry (RELION rlnCtfDataArePhaseFlipped, rlnCtfDataAreCtfPremultiplied)
+CTF_IMAGES_NORMAL, CTF_IMAGES_PHASE_FLIPPED, CTF_IMAGES_PREMULTIPLIED = "normal", "phase_flipped", "premultiplied"
+CTF_IMAGE_STATES = (CTF_IMAGES_NORMAL, CTF_IMAGES_PHASE_FLIPPED, CTF_IMAGES_PREMULTIPLIED)
 
 # Angular assignment methods
 METHOD_PROJMATCH, METHOD_DEEPALIGN = "projmatch", "deepalign"

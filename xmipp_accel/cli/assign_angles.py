@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..constants import CTF_IMAGES_NORMAL, CTF_IMAGES_PHASE_FLIPPED, CTF_IMAGES_PREMULTIPLIED
 from ..errors import InputError
 from .common import add_common_args, add_path_args, emit_result, progress, rank_devices, stopwatch
 
@@ -118,10 +119,10 @@ def _particles(args):
 def _ctf_mode(pset) -> str:
     flipped = pset.table.get("rlnCtfDataArePhaseFlipped")
     if pset.ctf_premultiplied:
-        return "premultiplied"
+        return CTF_IMAGES_PREMULTIPLIED
     if flipped is not None and np.any(np.asarray(flipped).astype(np.int64) != 0):
-        return "phase_flipped"
-    return "normal"
+        return CTF_IMAGES_PHASE_FLIPPED
+    return CTF_IMAGES_NORMAL
 
 
 def load_reference(path: str, *, box: int, pixel_size_A: float,

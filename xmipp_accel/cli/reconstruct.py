@@ -23,12 +23,13 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..em.geometry import euler_to_matrix
+from ..constants import CTF_AUTO, CTF_MODES, CTF_NONE, CTF_WIENER
 from ..errors import FileFormatError, InputError
 from .common import add_common_args, add_path_args, emit_result, progress, rank_devices
 
 logger = logging.getLogger("xmipp_accel.reconstruct")
 
-CTF_CHOICES = ("auto", "wiener", "phase-flip", "none")
+CTF_CHOICES = CTF_MODES   # auto, wiener, phase-flip, none
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pad", type=float, default=2.0, help="padding factor of images and volume (default: %(default)s)")
     g.add_argument("--max-res", type=float, default=None, metavar="Å",
                    help="highest resolution inserted, in Å (default: Nyquist, 2 pixels)")
-    g.add_argument("--ctf", choices=CTF_CHOICES, default="auto",
+    g.add_argument("--ctf", choices=CTF_CHOICES, default=CTF_AUTO,
                    help="CTF correction: wiener accumulates CTF·F and CTF² weights, phase-flip multiplies by the CTF "
                         "sign, none ignores it; auto is wiener when the STAR file has CTF columns, else none "
                         "(default: %(default)s)")
@@ -119,9 +120,9 @@ def _settings(args: argparse.Namespace, pixel_size_A: float, has_ctf: bool, prem
     from ..gpu.reconstruct.blob import KaiserBesselBlob
     from ..gpu.reconstruct.fourier import ReconstructionSettings
     ctf_mode = args.ctf
-    if ctf_mode == "auto":
-        ctf_mode = "wiener" if has_ctf else "none"
-    elif ctf_mode != "none" and not has_ctf:
+    if ctf_mode == CTF_AUTO:
+        ctf_mode = CTF_WIENER if has_ctf else CTF_NONE
+    elif ctf_mode != CTF_NONE and not has_ctf:
         raise InputError(f"--ctf {ctf_mode} needs CTF parameters (rlnDefocusU, ...) in {args.particles}; "
                          "use --ctf none for images without CTF information")
     if args.max_res is None:
@@ -248,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with ctx.abort_on_error():
             result = reconstruct_batches(
-                _batches(pset, mine, batch, pixel_size, subsets, settings.ctf_mode != "none"), box,
+                _batches(pset, mine, batch, pixel_size, subsets, settings.ctf_mode != CTF_NONE), box,
                 pixel_size_A=pixel_size, settings=settings, devices=devices, halves=args.halves, chunk=batch,
                 mpi=ctx, on_batch=bar.update)
     finally:

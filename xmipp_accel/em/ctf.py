@@ -18,14 +18,24 @@ Defocus U lies along ``angle`` (``defocus(angle) = dU``). Tests: ``xmipp_accel/t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from .. import constants
 from ..errors import InputError
 
-__all__ = ["CTFParams", "electron_wavelength_A", "frequency_grid", "ctf_at", "ctf_2d", "ctf_coefficients",
-           "ctf_zeros_A"]
+__all__ = ["CTFParams", "CTF_DEFAULTS", "CTF_CORRECTIONS", "CTF_IMAGE_STATES", "electron_wavelength_A",
+           "frequency_grid", "ctf_at", "ctf_2d", "ctf_coefficients", "ctf_zeros_A"]
+
+#: How a reconstruction corrects for the CTF (the names are :mod:`xmipp_accel.constants`'): ``wiener``
+#: accumulates CTF·F and CTF² weights, ``phase-flip`` multiplies by the CTF's sign, ``none`` ignores it.
+#: The command line and the protocol add ``auto`` (:data:`xmipp_accel.constants.CTF_MODES`).
+CTF_CORRECTIONS = constants.CTF_CORRECTIONS
+#: What particle images already carry: ``normal`` (the microscope's CTF), ``phase_flipped``
+#: (RELION ``rlnCtfDataArePhaseFlipped``) or ``premultiplied`` (``rlnCtfDataAreCtfPremultiplied``).
+CTF_IMAGE_STATES = constants.CTF_IMAGE_STATES
 
 
 def electron_wavelength_A(voltage_kV):
@@ -191,7 +201,10 @@ def _xp_of(a):
 
 @dataclass
 class CTFParams:
-    """CTF parameters of one particle or micrograph (RELION's names and units).
+    """CTF parameters of one particle or micrograph, or of a batch (RELION's names and units).
+
+    Each attribute is a scalar or an array ``(n,)`` (one value per particle). The defaults of the
+    microscope values are the package's (:data:`CTF_DEFAULTS`), used wherever the data do not give them.
 
     Attributes
     ----------
@@ -200,16 +213,46 @@ class CTFParams:
     voltage_kV : kV (rlnVoltage). cs_mm : mm (rlnSphericalAberration).
     amplitude_contrast : fraction (rlnAmplitudeContrast). phase_shift_deg : degrees (rlnPhaseShift).
     """
-    defocus_u_A: float
-    defocus_v_A: float
-    defocus_angle_deg: float
-    voltage_kV: float = 300.0
-    cs_mm: float = 2.7
-    amplitude_contrast: float = 0.1
-    phase_shift_deg: float = 0.0
+    defocus_u_A: Any
+    defocus_v_A: Any
+    defocus_angle_deg: Any
+    voltage_kV: Any = 300.0
+    cs_mm: Any = 2.7
+    amplitude_contrast: Any = 0.1
+    phase_shift_deg: Any = 0.0
+
+    @classmethod
+    def from_mapping(cls, ctf: Mapping[str, Any], n: Optional[int] = None) -> CTFParams:
+        """Parameters from a mapping of columns (:meth:`xmipp_accel.io.star.ParticleSet.ctf`, a particle
+        batch's ``ctf``): ``defocus_u_A`` is required; a missing (or None) ``defocus_v_A`` is U,
+        ``defocus_angle_deg`` 0 and the microscope values :data:`CTF_DEFAULTS`.
+
+        With ``n``, every attribute is a host float64 array ``(n,)`` (NumPy or CuPy values, scalars
+        broadcast); without, the values are kept as given (the defaults as scalars).
+        """
+        def value(key, default):
+            v = ctf.get(key)
+            v = default if v is None else v
+            if n is None:
+                return v
+            from .. import backend  # noqa: PLC0415
+            return np.ascontiguousarray(np.broadcast_to(np.asarray(backend.to_host(v), dtype=np.float64), (int(n),)))
+        if ctf.get("defocus_u_A") is None:
+            raise InputError("CTF parameters need defocus_u_A (rlnDefocusU)")
+        du = value("defocus_u_A", None)
+        return cls(du, value("defocus_v_A", du), value("defocus_angle_deg", 0.0),
+                   **{k: value(k, d) for k, d in CTF_DEFAULTS.items()})
+
+    def optics(self) -> Dict[str, Any]:
+        """The microscope keywords of :func:`ctf_at`, :func:`ctf_2d` and :func:`ctf_coefficients`."""
+        return {k: getattr(self, k) for k in CTF_DEFAULTS}
 
     def ctf_2d(self, box: int, pixel_size_A: float, *, xp=np, rfft: bool = True, dtype=np.float32):
         """This CTF on an FFT grid; see :func:`ctf_2d`."""
         return ctf_2d(box, pixel_size_A, self.defocus_u_A, self.defocus_v_A, self.defocus_angle_deg,
                       voltage_kV=self.voltage_kV, cs_mm=self.cs_mm, amplitude_contrast=self.amplitude_contrast,
                       phase_shift_deg=self.phase_shift_deg, xp=xp, rfft=rfft, dtype=dtype)
+
+
+#: Microscope values assumed when the data do not give them (the defaults of :class:`CTFParams`).
+CTF_DEFAULTS: Dict[str, float] = {f.name: f.default for f in fields(CTFParams) if f.default is not MISSING}

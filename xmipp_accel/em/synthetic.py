@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from .. import backend
-from .ctf import ctf_2d
+from .ctf import CTF_DEFAULTS, ctf_2d
 from .geometry import euler_to_matrix, matrix_to_euler
 from .projection import FourierProjector
 from .sampling import random_rotations
@@ -159,8 +159,9 @@ def add_noise_at_snr(images, snr: float, *, seed: int = 0):
 
 
 def make_particles(volume, n: int, *, pixel_size_A: float, snr=None, ctf: bool = True, max_shift_px: float = 0,
-                   seed: int = 0, defocus_range_A=(10000, 25000), voltage_kV: float = 300, cs_mm: float = 2.7,
-                   amplitude_contrast: float = 0.1, astigmatism_A: float = 500.0, pad: float = 2,
+                   seed: int = 0, defocus_range_A=(10000, 25000), voltage_kV: float = CTF_DEFAULTS["voltage_kV"],
+                   cs_mm: float = CTF_DEFAULTS["cs_mm"], amplitude_contrast: float = CTF_DEFAULTS["amplitude_contrast"],
+                   astigmatism_A: float = 500.0, pad: float = 2,
                    batch_size: int = 256):
     """Particle images of ``volume`` at random orientations, with CTF, shifts and noise, and their truth.
 

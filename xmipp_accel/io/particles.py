@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..em.ctf import CTF_DEFAULTS
 from ..errors import FileFormatError, InputError
 from .images import parse_image_ref, read_images
 from .mrc import mrc_info, mrc_voxel_size
@@ -416,8 +417,10 @@ def _write_xmd(path: str, optics: Table, particles: Table) -> None:
 
 def write_particles_from_arrays(path: str | os.PathLike, image_refs: Sequence[str], pixel_size_A, *,
                                 angles_deg=None, origins_A=None, ctf: Optional[Mapping[str, object]] = None,
-                                subset=None, voltage_kV: float = 300.0, cs_mm: float = 2.7,
-                                amplitude_contrast: float = 0.1, box_size: Optional[int] = None,
+                                subset=None, voltage_kV: float = CTF_DEFAULTS["voltage_kV"],
+                                cs_mm: float = CTF_DEFAULTS["cs_mm"],
+                                amplitude_contrast: float = CTF_DEFAULTS["amplitude_contrast"],
+                                box_size: Optional[int] = None,
                                 extra: Optional[Mapping[str, object]] = None, absolute_paths: bool = False) -> None:
     """Write a RELION 3.1 particle STAR file from arrays (synthetic data, demos).
 
@@ -444,7 +447,7 @@ def write_particles_from_arrays(path: str | os.PathLike, image_refs: Sequence[st
     subset : array_like (n,) of {1, 2}, optional
         rlnRandomSubset (half-set).
     voltage_kV, cs_mm, amplitude_contrast : float, optional
-        Optics values when ``ctf`` does not give them.
+        Optics values when ``ctf`` does not give them (default :data:`xmipp_accel.em.ctf.CTF_DEFAULTS`).
     box_size : int, optional
         Image side in pixels (rlnImageSize); read from the first stack when omitted.
     extra : mapping of str to array_like, optional

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+from ..em.ctf import CTF_DEFAULTS
 from ..em.geometry import euler_to_matrix, matrix_to_euler
 from ..io import images as io_images
 
@@ -172,9 +173,9 @@ def particles_to_columns(part_set, *, stack_dir: Optional[str] = None, with_alig
         "rlnImagePixelSize": np.array([pixel]),
         "rlnImageSize": np.array([box]),
         "rlnImageDimensionality": np.array([2]),
-        "rlnVoltage": np.array([float(acq.getVoltage() or 300.0)]),
-        "rlnSphericalAberration": np.array([float(acq.getSphericalAberration() or 2.7)]),
-        "rlnAmplitudeContrast": np.array([float(acq.getAmplitudeContrast() or 0.1)]),
+        "rlnVoltage": np.array([float(acq.getVoltage() or CTF_DEFAULTS["voltage_kV"])]),
+        "rlnSphericalAberration": np.array([float(acq.getSphericalAberration() or CTF_DEFAULTS["cs_mm"])]),
+        "rlnAmplitudeContrast": np.array([float(acq.getAmplitudeContrast() or CTF_DEFAULTS["amplitude_contrast"])]),
     }
     if part_set.isPhaseFlipped():
         optics["rlnCtfDataArePhaseFlipped"] = np.array([1])
@@ -314,9 +315,10 @@ def star_to_particles(star_path: str, sqlite_path: str):
     def first(name, default):
         return float(np.asarray(cols[name])[0]) if name in cols else default
 
-    acq = emobj.Acquisition(voltage=first("rlnVoltage", 300.0),
-                            sphericalAberration=first("rlnSphericalAberration", 2.7),
-                            amplitudeContrast=first("rlnAmplitudeContrast", 0.1), magnification=50000)
+    acq = emobj.Acquisition(voltage=first("rlnVoltage", CTF_DEFAULTS["voltage_kV"]),
+                            sphericalAberration=first("rlnSphericalAberration", CTF_DEFAULTS["cs_mm"]),
+                            amplitudeContrast=first("rlnAmplitudeContrast", CTF_DEFAULTS["amplitude_contrast"]),
+                            magnification=50000)
     parts = emobj.SetOfParticles(filename=sqlite_path)
     parts.setSamplingRate(float(pixel[0]) if n else 1.0)
     parts.setAcquisition(acq)

@@ -116,6 +116,38 @@ def test_dataclass_and_errors():
         ctf_2d(32, -1.0, 1e4, 1e4, 0)
 
 
+def test_params_from_columns_fill_the_one_set_of_defaults():
+    """Missing columns take defocus V = U, angle 0 and CTF_DEFAULTS; the batch equals per-particle CTFs."""
+    from xmipp_accel.em.ctf import CTF_DEFAULTS
+    assert CTF_DEFAULTS == {"voltage_kV": 300.0, "cs_mm": 2.7, "amplitude_contrast": 0.1, "phase_shift_deg": 0.0}
+    du = np.array([9000.0, 15000.0, 21000.0])
+    p = CTFParams.from_mapping({"defocus_u_A": du, "cs_mm": 1.4, "phase_shift_deg": None}, 3)
+    np.testing.assert_array_equal(p.defocus_v_A, du)
+    np.testing.assert_array_equal(p.defocus_angle_deg, np.zeros(3))
+    assert {k: v.tolist() for k, v in p.optics().items()} == {"voltage_kV": [300.0] * 3, "cs_mm": [1.4] * 3,
+                                                               "amplitude_contrast": [0.1] * 3,
+                                                               "phase_shift_deg": [0.0] * 3}
+    batch = ctf_2d(32, 1.2, p.defocus_u_A, p.defocus_v_A, p.defocus_angle_deg, **p.optics())
+    for k in range(3):
+        np.testing.assert_array_equal(batch[k], CTFParams(du[k], du[k], 0.0, cs_mm=1.4).ctf_2d(32, 1.2))
+    kept = CTFParams.from_mapping({"defocus_u_A": 1e4})            # without n: values as given
+    assert kept.defocus_v_A == 1e4 and kept.voltage_kV == 300.0
+    with pytest.raises(InputError, match="defocus_u_A"):
+        CTFParams.from_mapping({"defocus_v_A": du}, 3)
+
+
+def test_one_vocabulary_of_ctf_modes():
+    """The reconstruction, the alignment and the command line use the names of xmipp_accel.constants."""
+    from xmipp_accel import constants as c
+    from xmipp_accel.cli import reconstruct as cli_reconstruct
+    from xmipp_accel.gpu.align import projmatch
+    from xmipp_accel.gpu.reconstruct import fourier
+    assert c.CTF_MODES == (c.CTF_AUTO,) + c.CTF_CORRECTIONS
+    assert tuple(cli_reconstruct.CTF_CHOICES) == c.CTF_MODES
+    assert fourier.CTF_MODES == c.CTF_CORRECTIONS == ("wiener", "phase-flip", "none")
+    assert projmatch.CTF_MODES == c.CTF_IMAGE_STATES == ("normal", "phase_flipped", "premultiplied")
+
+
 def backend_to_numpy(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 

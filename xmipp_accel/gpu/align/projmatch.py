@@ -39,6 +39,7 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ...constants import CTF_IMAGE_STATES, CTF_IMAGES_NORMAL, CTF_IMAGES_PHASE_FLIPPED, CTF_IMAGES_PREMULTIPLIED
 from ...em.geometry import euler_to_matrix, matrix_to_euler
 from ... import backend
 from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, halfplane_points,
@@ -50,7 +51,7 @@ __all__ = ["SearchPlan", "AlignmentResult", "plan_search", "ProjectionMatcher", 
 
 logger = logging.getLogger(__name__)
 
-CTF_MODES = ("normal", "phase_flipped", "premultiplied")
+CTF_MODES = CTF_IMAGE_STATES   # normal, phase_flipped, premultiplied (xmipp_accel.constants)
 _PAD = 2
 
 
@@ -165,7 +166,7 @@ def global_search_flops(n_particles: int, n_directions: int, plan: SearchPlan) -
 # ------------------------------------------------------------------------------------------------------------
 
 def ctf_values(ctf: Optional[Mapping[str, np.ndarray]], kx, ky, *, box: int, pixel_size_A: float, xp=np,
-               mode: str = "normal"):
+               mode: str = CTF_IMAGES_NORMAL):
     """Effective CTF of each particle at frequencies ``(kx, ky)`` (cycles per box).
 
     Parameters
@@ -186,24 +187,18 @@ def ctf_values(ctf: Optional[Mapping[str, np.ndarray]], kx, ky, *, box: int, pix
         return None
     if mode not in CTF_MODES:
         raise ValueError(f"unknown CTF mode {mode!r}: choose one of {', '.join(CTF_MODES)}")
-    from ...em.ctf import ctf_at
-    du = np.asarray(ctf["defocus_u_A"], dtype=np.float64).reshape(-1)
-    n = du.size
-
-    def col(name, default):
-        v = ctf.get(name)
-        return np.ascontiguousarray(np.broadcast_to(np.asarray(default if v is None else v, np.float64), (n,)))
+    from ...em.ctf import CTFParams, ctf_at
+    n = np.asarray(ctf["defocus_u_A"]).size
+    p = CTFParams.from_mapping(ctf, n)
 
     scale = 1.0 / (box * pixel_size_A)
     fx = xp.asarray(np.asarray(backend.to_host(kx), np.float32) * scale)[None, :]
     fy = xp.asarray(np.asarray(backend.to_host(ky), np.float32) * scale)[None, :]
-    c = ctf_at(fx, fy, du, col("defocus_v_A", du), col("defocus_angle_deg", 0.0), voltage_kV=col("voltage_kV", 300.0),
-               cs_mm=col("cs_mm", 2.7), amplitude_contrast=col("amplitude_contrast", 0.1),
-               phase_shift_deg=col("phase_shift_deg", 0.0), xp=xp)
+    c = ctf_at(fx, fy, p.defocus_u_A, p.defocus_v_A, p.defocus_angle_deg, xp=xp, **p.optics())
     c = xp.asarray(c, dtype=xp.float32).reshape(n, -1)
-    if mode == "phase_flipped":
+    if mode == CTF_IMAGES_PHASE_FLIPPED:
         c = xp.abs(c)
-    elif mode == "premultiplied":
+    elif mode == CTF_IMAGES_PREMULTIPLIED:
         c = c * c
     return c
 
@@ -281,7 +276,7 @@ class ProjectionMatcher:
 
     def __init__(self, reference, *, pixel_size_A: float, sym: str = "c1", step_deg: float = 3.0,
                  max_res_A: Optional[float] = None, max_shift_px: Optional[float] = None,
-                 n_refine_levels: int = 3, n_candidates: int = 3, ctf_mode: str = "normal",
+                 n_refine_levels: int = 3, n_candidates: int = 3, ctf_mode: str = CTF_IMAGES_NORMAL,
                  directions: Optional[Tuple[np.ndarray, np.ndarray]] = None, whiten: bool = True):
         xp = backend.get_xp(reference)
         self.xp = xp

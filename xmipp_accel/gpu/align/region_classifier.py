@@ -193,7 +193,7 @@ class TrainingImages:
 
     def batch(self, n: int):
         """``n`` normalised images (n, B, B) float32 on the device and their region labels (n,) int64 (host)."""
-        from ...em.ctf import ctf_2d
+        from ...em.ctf import CTFParams, ctf_2d
         from ...em.sampling import random_rotations
         xp = self.xp
         mats = random_rotations(n, self.rng)
@@ -205,10 +205,9 @@ class TrainingImages:
         if self.ctf is not None:
             pick = self.rng.integers(0, self.ctf["defocus_u_A"].size, n)
             c = {k: v[pick] for k, v in self.ctf.items()}
-            ctf = ctf_2d(self.box, self.pixel_size_A, c["defocus_u_A"], c.get("defocus_v_A", c["defocus_u_A"]),
-                         c.get("defocus_angle_deg", np.zeros(n)), voltage_kV=c.get("voltage_kV", 300.0),
-                         cs_mm=c.get("cs_mm", 2.7), amplitude_contrast=c.get("amplitude_contrast", 0.1),
-                         phase_shift_deg=c.get("phase_shift_deg", 0.0), xp=xp)
+            p = CTFParams.from_mapping(c)
+            ctf = ctf_2d(self.box, self.pixel_size_A, p.defocus_u_A, p.defocus_v_A, p.defocus_angle_deg, xp=xp,
+                         **p.optics())
         img = self.projector.project(mats, shifts_px=shifts, ctf=ctf)
         if self.noise is not None:
             img = img * self.noise.scale + self._noise(n)

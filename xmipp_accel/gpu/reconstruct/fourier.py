@@ -32,6 +32,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ...constants import CTF_CORRECTIONS
+from ...em.ctf import CTFParams
 from ...errors import InputError
 from ... import backend
 from .blob import KaiserBesselBlob
@@ -46,9 +48,8 @@ __all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "FourierAccumulat
 
 logger = logging.getLogger(__name__)
 
-CTF_MODES = ("wiener", "phase-flip", "none")
+CTF_MODES = CTF_CORRECTIONS   # wiener, phase-flip, none (xmipp_accel.constants)
 SYM_MODES = ("volume", "expand")
-_CTF_SCALARS = (("voltage_kV", 300.0), ("cs_mm", 2.7), ("amplitude_contrast", 0.1), ("phase_shift_deg", 0.0))
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -181,12 +182,10 @@ def group_matrices(sym: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- per batch
 
 def _ctf_columns(ctf: Dict[str, np.ndarray], n: int):
-    """Per-particle CTF parameters as host float64 arrays ``(n,)``: ``(du, dv, angle, {scalar: values})``."""
-    def per_particle(key, default):
-        return np.broadcast_to(np.asarray(backend.to_host(ctf.get(key, default)), dtype=np.float64), (n,))
-    du = per_particle("defocus_u_A", 0.0)
-    return du, per_particle("defocus_v_A", du), per_particle("defocus_angle_deg", 0.0), \
-        {k: per_particle(k, d) for k, d in _CTF_SCALARS}
+    """Per-particle CTF parameters as host float64 arrays ``(n,)``: ``(du, dv, angle, {microscope: values})``
+    (missing ones at :class:`~xmipp_accel.em.ctf.CTFParams`' defaults)."""
+    p = CTFParams.from_mapping(ctf, n)
+    return p.defocus_u_A, p.defocus_v_A, p.defocus_angle_deg, p.optics()
 
 
 def _ctf_images(ctf: Dict[str, np.ndarray], n: int, M: int, pixel_size_A: float, xp):

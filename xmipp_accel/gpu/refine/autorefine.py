@@ -46,6 +46,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ...constants import CTF_IMAGES_NORMAL, CTF_NONE, CTF_WIENER
 from ...em.geometry import angular_distance_deg
 from ...em.masks import soft_spherical_mask  # noqa: F401  (part of this module's API)
 from ...em.symmetry import symmetrize_volume, symmetry_order
@@ -360,7 +361,8 @@ def _reconstruct_halves(images, mats, origins_px, ctf, subset, settings: RefineS
                         premultiplied: bool):
     from ..reconstruct.batches import reconstruct
     from ..reconstruct.fourier import ReconstructionSettings
-    rs = ReconstructionSettings(sym=settings.sym, ctf_mode="wiener" if (settings.ctf and ctf is not None) else "none",
+    rs = ReconstructionSettings(sym=settings.sym,
+                                ctf_mode=CTF_WIENER if (settings.ctf and ctf is not None) else CTF_NONE,
                                 wiener_constant=settings.wiener_constant, ctf_premultiplied=premultiplied)
     res = reconstruct(images, mats, shifts_px=origins_px, ctf=ctf if settings.ctf else None, subset=subset,
                       pixel_size_A=settings.pixel_size_A, settings=rs, devices=list(devices), halves=True)
@@ -385,7 +387,7 @@ def _pose_changes(old_m, new_m, old_o, new_o, sym: str):
 
 
 def run_iteration(state: RefineState, images, ctf, initial, mask, settings: RefineSettings, devices, *,
-                  ctf_mode: str = "normal", premultiplied: bool = False, batch: int = 128,
+                  ctf_mode: str = CTF_IMAGES_NORMAL, premultiplied: bool = False, batch: int = 128,
                   on_batch=None) -> RefineState:
     """One iteration (references, per-half alignment, reconstruction, FSC); returns the new state."""
     t0 = time.perf_counter()
@@ -450,7 +452,7 @@ def converged(history: Sequence[IterationRecord], global_iterations: int) -> boo
 
 def auto_refine(images, ctf: Optional[Mapping[str, np.ndarray]], initial, settings: RefineSettings, *,
                 subset: np.ndarray, devices, mask=None, state: Optional[RefineState] = None,
-                ctf_mode: str = "normal", premultiplied: bool = False, batch: int = 128,
+                ctf_mode: str = CTF_IMAGES_NORMAL, premultiplied: bool = False, batch: int = 128,
                 on_iteration: Optional[Callable[[RefineState], None]] = None,
                 on_batch: Optional[Callable[[int], None]] = None) -> RefineResult:
     """Refine poses and half maps until convergence, then combine and sharpen.
