@@ -27,6 +27,7 @@ movie is skipped with a warning on the rank that met it; any other failure on a 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import threading
@@ -36,8 +37,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError
+from ..io.paths import written_name
 from .. import backend
-from .common import add_common_args, emit_result, progress, rank_devices
+from .common import add_common_args, add_path_args, emit_result, progress, rank_devices
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -81,6 +83,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="exposure per frame in e/Å²; gives the dose-weighted sum <stem>_DW.mrc")
     g.add_argument("--pre-exposure", type=float, default=0.0, help="exposure before the first frame, e/Å² (0)")
     g.add_argument("--voltage", type=float, default=300.0, help="acceleration voltage in kV (%(default)s)")
+    g.add_argument("--cs", type=float, default=2.7,
+                   help="spherical aberration in mm, for the optics of corrected_micrographs.star (%(default)s)")
+    g.add_argument("--amplitude-contrast", type=float, default=0.1,
+                   help="amplitude contrast, for the optics of corrected_micrographs.star (%(default)s)")
     g = parser.add_argument_group("corrections")
     g.add_argument("--gain", default=None, help="gain reference (MRC or TIFF), multiplied with the frames")
     g.add_argument("--gain-rot", type=int, default=0, choices=(0, 1, 2, 3),
@@ -110,6 +116,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers-per-gpu", type=int, default=1,
                    help="movies aligned at once on each GPU, each on its own stream (%(default)s); 2 overlaps one "
                         "movie's copies and host work with the other's GPU work, at twice the GPU memory")
+    add_path_args(parser, datadir=False)
     add_common_args(parser)
 
 
@@ -231,11 +238,11 @@ def _star_blocks(path: str, info_shape, n_frames: int, first: int, res: dict, ar
     frames_1 = np.arange(first + 1, first + n_frames + 1)
     general = {"rlnImageSizeX": nx, "rlnImageSizeY": ny,
                "rlnImageSizeZ": int(movie_frames if movie_frames is not None else first + n_frames),
-               "rlnMicrographMovieName": os.path.abspath(path)}
+               "rlnMicrographMovieName": written_name(path, absolute=args.absolute_paths)}
     if gain_name:
         general["rlnMicrographGainName"] = gain_name
     if args.defects and args.defects.lower().endswith(_RELION_DEFECT_EXTENSIONS):
-        general["rlnMicrographDefectFile"] = os.path.abspath(args.defects)
+        general["rlnMicrographDefectFile"] = written_name(args.defects, absolute=args.absolute_paths)
     general["rlnMicrographBinning"] = float(res["binning"])
     general["rlnMicrographOriginalPixelSize"] = float(pixel_size)
     if args.dose_per_frame:  # absent = unknown to RELION (-1); 0 would be a wrong dose
@@ -278,12 +285,12 @@ def _relion_gain_name(args, gain: Optional[np.ndarray], outdir: str, *, write: b
     if not args.gain:
         return None
     if not args.gain_rot and not args.gain_flip:
-        return os.path.abspath(args.gain)
+        return written_name(args.gain, absolute=args.absolute_paths)
     from ..io.mrc import write_mrc
     path = os.path.join(outdir, "gain_oriented.mrc")
     if write:
         write_mrc(path, np.asarray(gain, dtype=np.float32), None)
-    return path
+    return written_name(path, absolute=args.absolute_paths)
 
 
 def accumulated_motion(shifts_px, first_frame: int, *, dose_per_frame: Optional[float],
@@ -310,20 +317,23 @@ def write_corrected_micrographs(path: str, movies: List[dict], args, pixel_size:
     Returns ``path``, or None when no movie was aligned.
     """
     from ..io.star import Table, write_star
+    name = functools.partial(written_name, absolute=args.absolute_paths)
     ok = [m for m in movies if m.get("status") == "ok"]
     if not ok:
         return None
     names, no_dw, meta, motion = [], [], [], []
     for m in ok:
         out = m["outputs"]
-        names.append(out.get("sum_dw") or out["sum"])
-        no_dw.append(out["sum"])
-        meta.append(out["shifts"])
+        names.append(name(out.get("sum_dw") or out["sum"]))
+        no_dw.append(name(out["sum"]))
+        meta.append(name(out["shifts"]))
         motion.append(accumulated_motion(m["shifts_px"], first_frame, dose_per_frame=args.dose_per_frame,
                                          pre_exposure=float(args.pre_exposure)))
     optics = Table({"rlnOpticsGroupName": np.array(["opticsGroup1"]), "rlnOpticsGroup": np.array([1]),
                     "rlnMicrographOriginalPixelSize": np.array([float(pixel_size)]),
                     "rlnVoltage": np.array([float(args.voltage)]),
+                    "rlnSphericalAberration": np.array([float(args.cs)]),
+                    "rlnAmplitudeContrast": np.array([float(args.amplitude_contrast)]),
                     "rlnMicrographPixelSize": np.array([float(ok[0]["pixel_size_A"])])})
     cols = {"rlnMicrographName": np.array(names)}
     if any(m["outputs"].get("sum_dw") for m in ok):
