@@ -31,7 +31,7 @@ import logging
 from typing import Optional, Tuple
 
 from ..errors import InputError
-from .common import add_common_args, emit_result, progress, rank_devices
+from .common import add_common_args, add_path_args, emit_result, progress, rank_devices
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -73,6 +73,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="exposure per frame in e/Å²; gives the dose-weighted sum <stem>_DW.mrc")
     g.add_argument("--pre-exposure", type=float, default=0.0, help="exposure before the first frame, e/Å² (0)")
     g.add_argument("--voltage", type=float, default=300.0, help="acceleration voltage in kV (%(default)s)")
+    g.add_argument("--cs", type=float, default=2.7,
+                   help="spherical aberration in mm, for the optics of corrected_micrographs.star (%(default)s)")
+    g.add_argument("--amplitude-contrast", type=float, default=0.1,
+                   help="amplitude contrast, for the optics of corrected_micrographs.star (%(default)s)")
     g = parser.add_argument_group("corrections")
     g.add_argument("--gain", default=None, help="gain reference (MRC or TIFF), multiplied with the frames")
     g.add_argument("--gain-rot", type=int, default=0, choices=(0, 1, 2, 3),
@@ -102,6 +106,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers-per-gpu", type=int, default=1,
                    help="movies aligned at once on each GPU, each on its own stream (%(default)s); 2 overlaps one "
                         "movie's copies and host work with the other's GPU work, at twice the GPU memory")
+    add_path_args(parser, datadir=False)
     add_common_args(parser)
 
 
@@ -115,7 +120,8 @@ def job_settings(args: argparse.Namespace):
                      hot_pixel_sigma=args.hot_pixel_sigma)
     return MovieJobSettings(pixel_size_A=args.pixel_size, frame_range=parse_frame_range(args.frames),
                             dose_per_frame=args.dose_per_frame, pre_exposure=args.pre_exposure,
-                            voltage_kV=args.voltage, gain=args.gain, dark=args.dark, defects=args.defects,
+                            voltage_kV=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast,
+                            absolute_paths=args.absolute_paths, gain=args.gain, dark=args.dark, defects=args.defects,
                             gain_rot=args.gain_rot, gain_flip=args.gain_flip, read_threads=args.read_threads,
                             workers_per_gpu=args.workers_per_gpu, alignment=alignment)
 

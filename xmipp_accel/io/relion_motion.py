@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..em.ctf import CTF_DEFAULTS
+from .paths import written_name
 from .star import Table, write_star
 
 __all__ = ["RELION_EARLY_DOSE", "MotionAcquisition", "BSplineMotion", "MicrographEntry", "motion_star_blocks",
@@ -57,6 +59,11 @@ class MotionAcquisition:
         Gain reference as applied (RELION applies rlnMicrographGainName as it is).
     defect_file : str or None
         Defect file RELION can read (see :func:`relion_defect_file`).
+    cs_mm, amplitude_contrast : float
+        Spherical aberration (mm) and amplitude contrast, for the optics of corrected_micrographs.star
+        (RELION's CTF estimation reads them there).
+    absolute_paths : bool
+        Name files absolutely; otherwise relative to the working directory (:func:`xmipp_accel.io.paths.written_name`).
     """
     pixel_size_A: float
     voltage_kV: float
@@ -64,6 +71,13 @@ class MotionAcquisition:
     pre_exposure: float = 0.0
     gain_name: Optional[str] = None
     defect_file: Optional[str] = None
+    cs_mm: float = CTF_DEFAULTS["cs_mm"]
+    amplitude_contrast: float = CTF_DEFAULTS["amplitude_contrast"]
+    absolute_paths: bool = False
+
+    def name(self, path: str) -> str:
+        """How ``path`` is written in the STAR files (RELION's rule, docs/conventions.md)."""
+        return written_name(path, absolute=self.absolute_paths)
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,8 @@ class BSplineMotion:
 
 
 def relion_defect_file(path: Optional[str]) -> Optional[str]:
-    """``path`` as an absolute name when RELION can read it (text or MRC/TIFF map), else None."""
+    """``path`` (absolute) when RELION can read it (text or MRC/TIFF map), else None; the STAR files name
+    it by :meth:`MotionAcquisition.name`."""
     if path and path.lower().endswith(_RELION_DEFECT_EXTENSIONS):
         return os.path.abspath(path)
     return None
@@ -128,11 +143,11 @@ def motion_star_blocks(movie_path: str, frame_shape: Sequence[int], movie_frames
     frames_1 = np.arange(first_frame + 1, first_frame + n_frames + 1)
     acq = acquisition
     general = {"rlnImageSizeX": nx, "rlnImageSizeY": ny, "rlnImageSizeZ": int(movie_frames),
-               "rlnMicrographMovieName": os.path.abspath(movie_path)}
+               "rlnMicrographMovieName": acq.name(movie_path)}
     if acq.gain_name:
-        general["rlnMicrographGainName"] = acq.gain_name
+        general["rlnMicrographGainName"] = acq.name(acq.gain_name)
     if acq.defect_file:
-        general["rlnMicrographDefectFile"] = acq.defect_file
+        general["rlnMicrographDefectFile"] = acq.name(acq.defect_file)
     general["rlnMicrographBinning"] = float(binning)
     general["rlnMicrographOriginalPixelSize"] = float(acq.pixel_size_A)
     if acq.dose_per_frame:  # absent = unknown to RELION (-1); 0 would be a wrong dose
@@ -245,11 +260,13 @@ def write_corrected_micrographs(path: str, entries: List[MicrographEntry], acqui
     optics = Table({"rlnOpticsGroupName": np.array(["opticsGroup1"]), "rlnOpticsGroup": np.array([1]),
                     "rlnMicrographOriginalPixelSize": np.array([float(acq.pixel_size_A)]),
                     "rlnVoltage": np.array([float(acq.voltage_kV)]),
+                    "rlnSphericalAberration": np.array([float(acq.cs_mm)]),
+                    "rlnAmplitudeContrast": np.array([float(acq.amplitude_contrast)]),
                     "rlnMicrographPixelSize": np.array([float(micrograph_pixel_size_A)])})
-    cols = {"rlnMicrographName": np.array([e.sum_dw or e.sum for e in entries])}
+    cols = {"rlnMicrographName": np.array([acq.name(e.sum_dw or e.sum) for e in entries])}
     if any(e.sum_dw for e in entries):
-        cols["rlnMicrographNameNoDW"] = np.array([e.sum for e in entries])
-    cols["rlnMicrographMetadata"] = np.array([e.motion_star for e in entries])
+        cols["rlnMicrographNameNoDW"] = np.array([acq.name(e.sum) for e in entries])
+    cols["rlnMicrographMetadata"] = np.array([acq.name(e.motion_star) for e in entries])
     cols["rlnOpticsGroup"] = np.ones(len(entries), dtype=np.int64)
     for key in motion[0]:
         cols[key] = np.array([mo[key] for mo in motion])

@@ -67,6 +67,9 @@ class MovieJobSettings:
     dose_per_frame: Optional[float] = None
     pre_exposure: float = 0.0
     voltage_kV: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    absolute_paths: bool = False
     gain: Optional[str] = None
     dark: Optional[str] = None
     defects: Optional[str] = None
@@ -226,7 +229,9 @@ class MovieJob:
         self.acquisition = MotionAcquisition(
             pixel_size_A=self.pixel_size_A, voltage_kV=float(settings.voltage_kV),
             dose_per_frame=settings.dose_per_frame, pre_exposure=float(settings.pre_exposure),
-            gain_name=self._gain_name(), defect_file=relion_defect_file(settings.defects))
+            gain_name=self._gain_name(), defect_file=relion_defect_file(settings.defects),
+            cs_mm=float(settings.cs_mm), amplitude_contrast=float(settings.amplitude_contrast),
+            absolute_paths=bool(settings.absolute_paths))
 
     # ------------------------------------------------------------------------------------------ setup
     def _alignment_options(self) -> AlignmentOptions:

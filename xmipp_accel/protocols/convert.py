@@ -262,7 +262,8 @@ def read_alignment_rows(path: str) -> Dict[str, dict]:
     """Per-image alignment read back from a particles STAR (e.g. ``xmipp-accel assign-angles`` output).
 
     Returns ``{rlnImageName: {"rot", "tilt", "psi", "shift_x_px", "shift_y_px", "score", "extra"}}``
-    with the image path made absolute the same way :func:`particles_to_columns` wrote it; ``score`` is
+    with the image path made absolute the same way :func:`particles_to_columns` wrote it (relative
+    names found by the rule of :mod:`xmipp_accel.io.paths`, as the command read them); ``score`` is
     the first of :data:`SCORE_COLUMNS` present (else None), ``extra`` maps the Scipion attribute names
     of :data:`EXTRA_PARTICLE_COLUMNS` present to their values.
     """
@@ -283,8 +284,9 @@ def read_alignment_rows(path: str) -> Dict[str, dict]:
     extra = {attr: np.asarray(cols[name], dtype=np.float64) for name, attr in EXTRA_PARTICLE_COLUMNS.items()
              if name in cols}
     rows = {}
-    for i, ref in enumerate(pset.image_refs):
-        rows[normalize_ref(ref, os.path.dirname(os.path.abspath(path)))] = {
+    star_dir = os.path.dirname(os.path.abspath(path))
+    for i, ref in enumerate(pset.absolute_image_refs()):
+        rows[normalize_ref(ref, star_dir)] = {
             "rot": float(pset.angles_deg[i, 0]), "tilt": float(pset.angles_deg[i, 1]),
             "psi": float(pset.angles_deg[i, 2]),
             "shift_x_px": float(shifts_px[i, 0]), "shift_y_px": float(shifts_px[i, 1]),
@@ -333,7 +335,7 @@ def star_to_particles(star_path: str, sqlite_path: str):
         transforms = transforms_from_euler(angles, shifts_px)
     parts.setHasCTF(ctf is not None)
     star_dir = os.path.dirname(os.path.abspath(star_path))
-    for i, ref in enumerate(pset.image_refs):
+    for i, ref in enumerate(pset.absolute_image_refs()):
         index, path = parse_image_ref(normalize_ref(ref, star_dir))
         particle = emobj.Particle(location=(index, path))
         particle.setAcquisition(acq.clone())

@@ -94,7 +94,7 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
         reference = os.path.abspath(convert.clean_image_path(self.inputVolume.get().getFileName()))
         args = [os.path.abspath(self._getExtraPath("input_particles.star")),
                 "--reference", reference,
-                "-o", os.path.abspath(self._getOutputStar()),
+                "-o", os.path.abspath(self._getOutputStar()), "--absolute-paths",
                 "--method", METHODS[self.method.get()],
                 "--sym", self.symmetryGroup.get().strip(),
                 "--angular-step", self.angularStep.get()]

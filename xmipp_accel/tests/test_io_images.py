@@ -83,7 +83,7 @@ def test_relative_names_fall_back_to_current_folder(stacks, monkeypatch):
     monkeypatch.chdir(folder)
     other = folder / "elsewhere"
     other.mkdir()
-    # not beside base_dir, but in the current folder (RELION's project-folder convention)
+    # not beside base_dir, but in the working directory (RELION's project-folder rule, io/paths.py)
     assert resolve_image_path("a.mrcs", str(other)) == "a.mrcs"
     np.testing.assert_array_equal(read_images(["2@a.mrcs"], base_dir=str(other))[0], a[1])
     assert stack_size("a.mrcs") == 7
