@@ -31,6 +31,7 @@ S. H. W. Scheres, "RELION", J. Struct. Biol. 180 (2012) 519, doi:10.1016/j.jsb.2
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 import os
@@ -58,12 +59,15 @@ class HalfPlane:
     flat : ndarray ``(P,)`` int64: flat indices into an ``(M, M//2+1)`` rfft2 image.
     px, py : ndarray ``(P,)`` float64: the pixels' frequencies (voxels of the padded grid).
     factor : ndarray ``(P,)`` float64: 1, and 0.5 at the origin (its own Hermitian mate).
+    row, column : ndarray ``(P,)`` int64: the pixels' row (FFT order) and column in the rfft2 image.
     """
 
     flat: np.ndarray
     px: np.ndarray
     py: np.ndarray
     factor: np.ndarray
+    row: np.ndarray
+    column: np.ndarray
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,9 +78,9 @@ def half_plane(grid: FourierGrid) -> HalfPlane:
     py, px = py.ravel(), px.ravel()
     keep = (px * px + py * py <= grid.kmax2) & ((px > 0) | (py >= 0))
     py, px = py[keep], px[keep]
-    flat = np.where(py < 0, py + M, py) * Mh + px
+    row = np.where(py < 0, py + M, py).astype(np.int64)
     factor = np.where((px == 0) & (py == 0), 0.5, 1.0)
-    return HalfPlane(flat.astype(np.int64), px.astype(np.float64), py.astype(np.float64), factor)
+    return HalfPlane(row * Mh + px, px.astype(np.float64), py.astype(np.float64), factor, row, px.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,55 @@ def _fold_kx0_plane(local: np.ndarray) -> None:
     plane += np.conj(mate) if np.iscomplexobj(local) else mate
 
 
+def _scatter_terms(A: np.ndarray, v: np.ndarray, vw: Optional[np.ndarray], hp: HalfPlane, lg: _LocalGrid):
+    """Corner indices ``(8 P E,)`` int64 into the local grid and the scattered terms ``(3, 8 P E)`` float64
+    (real part, imaginary part, weight) of entries with rotations ``A (E, 3, 3)`` and values ``v (E, P)``.
+
+    Corner-major layout (all points of corner 0, then corner 1, ...): each pass of the scatter sweeps
+    the planes in pixel order, which keeps its writes local.
+    """
+    px, py, fac = hp.px, hp.py, hp.factor
+    sy, _, sx = lg.shape
+    # k_j = px A[0, j] + py A[1, j]; points of negative kx are stored as their mates (-k, conj F)
+    kx = A[:, 0, 0, None] * px + A[:, 1, 0, None] * py
+    ky = A[:, 0, 1, None] * px + A[:, 1, 1, None] * py
+    kz = A[:, 0, 2, None] * px + A[:, 1, 2, None] * py
+    flip = np.where(kx < 0, -1.0, 1.0)
+    kx *= flip
+    ky *= flip
+    kz *= flip
+    terms = ((v.real * fac).reshape(-1), (v.imag * (flip * fac)).reshape(-1),
+             (np.broadcast_to(fac, kx.shape) if vw is None else vw * fac).reshape(-1))
+    x0 = np.floor(kx)
+    y0 = np.floor(ky)
+    z0 = np.floor(kz)
+    fx = (kx - x0).reshape(-1)
+    fy = (ky - y0).reshape(-1)
+    fz = (kz - z0).reshape(-1)
+    z0 += lg.o                       # flat index of the lower corner, in place
+    z0 *= sy
+    z0 += y0
+    z0 += lg.o
+    z0 *= sx
+    z0 += x0
+    base = z0.astype(np.int64).reshape(-1)
+    n = base.size
+    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+    zy = (gz * gy, gz * fy, fz * gy, fz * fy)
+    idx = np.empty((8, n), np.int64)
+    t = np.empty((8, n))
+    for c in range(8):               # corner c = (dz, dy, dx) bits
+        np.add(base, lg.corners[c], out=idx[c])
+        np.multiply(zy[c >> 1], fx if c & 1 else gx, out=t[c])
+    out = np.empty((3, 8, n))
+    for k in range(3):
+        np.multiply(t, terms[k], out=out[k])
+    return idx.reshape(-1), out.reshape(3, -1)
+
+
 def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndarray,
                            value_weights: Optional[np.ndarray], matrices: np.ndarray, image_index: np.ndarray,
-                           grid: FourierGrid, *, chunk_points: int = 1 << 19) -> None:
+                           grid: FourierGrid, *, chunk_points: int = 1 << 17, threads: Optional[int] = None) -> None:
     """Scatter half-plane values into ``data`` and ``weight`` in place (trilinear, see the module notes).
 
     Parameters
@@ -129,7 +179,15 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
     image_index : ndarray ``(E,)`` int: the row of ``values`` each entry inserts.
     grid : FourierGrid
     chunk_points : int
-        Points (entries x pixels) scattered at once (memory: ~200 bytes each).
+        Points (entries x pixels) scattered at once (memory: ~260 bytes each, two chunks in flight).
+    threads : int or None
+        With more than one (default: when the machine has several cores), the corners and terms of
+        the next chunk are computed in a helper thread while this one scatters (``np.bincount`` holds
+        the interpreter lock, the array arithmetic does not).
+
+    Notes
+    -----
+    The sums are done in float64 and added to the accumulators once per call.
     """
     matrices = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
     image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
@@ -140,46 +198,38 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
     hp = half_plane(grid)
     lg = _local_grid(grid)
     P = hp.flat.size
-    if values.shape[-1] != P:
+    if values.ndim != 2 or values.shape[-1] != P:
         raise ValueError(f"values must hold the {P} half-plane pixels of this grid, got shape {values.shape}")
-    sy, _, sx = lg.shape
     size = int(np.prod(lg.shape))
-    acc_re = np.zeros(size)
-    acc_im = np.zeros(size)
-    acc_w = np.zeros(size)
-    pxy = np.stack([hp.px, hp.py])                              # (2, P)
+    acc = np.zeros((3, size))
     step = max(1, chunk_points // P)
-    for start in range(0, matrices.shape[0], step):
-        A = matrices[start:start + step]
+    starts = list(range(0, matrices.shape[0], step))
+
+    def terms(start: int):
         rows = image_index[start:start + step]
-        # k_j = px A[0, j] + py A[1, j]: (E, P) per component
-        kx, ky, kz = (A[:, 0:2, j] @ pxy for j in range(3))
-        flip = np.where(kx < 0, -1.0, 1.0)
-        kx *= flip
-        ky *= flip
-        kz *= flip
-        v = values[rows]
-        re = v.real * hp.factor
-        im = v.imag * (flip * hp.factor)
-        w = hp.factor if value_weights is None else value_weights[rows] * hp.factor
-        x0 = np.floor(kx)
-        y0 = np.floor(ky)
-        z0 = np.floor(kz)
-        fx = kx - x0
-        fy = ky - y0
-        fz = kz - z0
-        base = ((z0 + lg.o) * sy + (y0 + lg.o)) * sx + x0
-        idx = (base.astype(np.int64)[..., None] + lg.corners).reshape(-1)
-        wz = np.stack([1.0 - fz, fz], axis=-1)
-        wy = np.stack([1.0 - fy, fy], axis=-1)
-        wx = np.stack([1.0 - fx, fx], axis=-1)
-        t = ((wz[..., :, None] * wy[..., None, :])[..., :, None] * wx[..., None, None, :]).reshape(kx.shape + (8,))
-        acc_re += np.bincount(idx, weights=(t * re[..., None]).reshape(-1), minlength=size)
-        acc_im += np.bincount(idx, weights=(t * im[..., None]).reshape(-1), minlength=size)
-        acc_w += np.bincount(idx, weights=(t * np.broadcast_to(w, kx.shape)[..., None]).reshape(-1),
-                             minlength=size)
-    local_d = (acc_re + 1j * acc_im).reshape(lg.shape)
-    local_w = acc_w.reshape(lg.shape)
+        return _scatter_terms(matrices[start:start + step], values[rows],
+                              None if value_weights is None else value_weights[rows], hp, lg)
+
+    def scatter(idx: np.ndarray, w: np.ndarray) -> None:
+        for k in range(3):
+            acc[k] += np.bincount(idx, weights=w[k], minlength=size)
+
+    if threads is None:
+        threads = _fft_workers()
+    if threads > 1 and len(starts) > 1:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(terms, starts[0])
+            for i in range(len(starts)):
+                done = pending.result()
+                if i + 1 < len(starts):
+                    pending = pool.submit(terms, starts[i + 1])
+                scatter(*done)
+                del done
+    else:
+        for start in starts:
+            scatter(*terms(start))
+    local_d = (acc[0] + 1j * acc[1]).reshape(lg.shape)
+    local_w = acc[2].reshape(lg.shape)
     _fold_kx0_plane(local_d)
     _fold_kx0_plane(local_w)
     d = data.reshape(-1)
@@ -216,14 +266,21 @@ def half_plane_values(images: np.ndarray, grid: FourierGrid, *, shifts_px=None, 
     import scipy.fft  # noqa: PLC0415
 
     hp = half_plane(grid)
-    M = grid.padded_box
+    M, Mh = grid.padded_box, grid.half
     n, N = int(images.shape[0]), int(images.shape[-1])
-    ft = scipy.fft.rfft2(np.asarray(images, dtype=np.float32), s=(M, M), workers=_fft_workers())
+    # zero-padded rfft2 in two passes: the x transforms of the N image rows only, then y
+    rows = scipy.fft.rfft(np.asarray(images, dtype=np.float32), n=M, axis=-1, workers=_fft_workers())
+    ft = scipy.fft.fft(rows, n=M, axis=-2, workers=_fft_workers())
     vals = ft.reshape(n, -1)[:, hp.flat]
+    # centre N//2 to the origin and the shift, as two separable phase ramps gathered at the pixels
     c = N // 2
     sh = np.zeros((n, 2)) if shifts_px is None else np.asarray(shifts_px, dtype=np.float64).reshape(n, 2)
-    phase = (-2.0 * np.pi / M) * ((sh[:, 0:1] - c) * hp.px + (sh[:, 1:2] - c) * hp.py)
-    vals *= (np.cos(phase) + 1j * np.sin(phase)).astype(np.complex64)
+    kx = np.arange(Mh, dtype=np.float64)
+    ky = np.fft.fftfreq(M, 1.0 / M)
+    phx = np.exp((-2j * np.pi / M) * (sh[:, 0:1] - c) * kx).astype(np.complex64)
+    phy = np.exp((-2j * np.pi / M) * (sh[:, 1:2] - c) * ky).astype(np.complex64)
+    vals *= np.take(phx, hp.column, axis=1)
+    vals *= np.take(phy, hp.row, axis=1)
     if mode == "none" or ctf is None:
         return vals, None
     c_ = _ctf_at_pixels(ctf, n, hp, M, pixel_size_A)
@@ -252,8 +309,8 @@ def _ctf_at_pixels(ctf: Dict, n: int, hp: HalfPlane, M: int, pixel_size_A: float
     fy = hp.py / (M * pixel_size_A)
     u2 = fx * fx + fy * fy
     basis = np.stack([u2, fx * fx - fy * fy, 2.0 * fx * fy, u2 * u2, np.ones_like(u2)])   # (5, P)
-    chi = (coef * np.array([-1.0, -1.0, -1.0, 1.0, -1.0])) @ basis
-    return (-np.sin(chi)).astype(np.float32)
+    chi = ((coef * np.array([-1.0, -1.0, -1.0, 1.0, -1.0])) @ basis).astype(np.float32)  # |chi| < 1e3 rad
+    return -np.sin(chi)
 
 
 def trilinear_gridding_correction(box: int, padded_box: int, xp=np):
