@@ -1,126 +1,117 @@
-"""Benchmark: local resolution of a two-region map (true 3.5 Å | 6.6 Å at 1 Å/px, spectral SNR 1).
+"""Benchmark: local resolution, ours against ``relion_postprocess --locres`` on the same half maps.
 
-Prints one table: our time on the GPU, the floor we count (the same sequence of FFTs measured alone:
-per band two inverse FFTs of the band-passed halves and three forward FFTs of their products on the
-band's grid, three inverse FFTs on the coarse grid), the NumPy path on the same machine, the ratios,
-and the accuracy (median resolution inside each region against the truth). The peer figure
-(torch-local-resolution, 2 CPU cores, measured by the project: 69 s at 256³, medians 4.0 / 7.0 Å)
-is quoted, not re-run.
+Half maps with known regions: a particle in solvent (``em.synthetic.two_resolution_half_maps``) whose
+side A (x < box/2) keeps detail to 4.0 Å and side B is low-passed to 7.5 Å (sharp cut-offs), 1.5 Å/px,
+spectral SNR 1. Both programs run as command lines on the same MRC files, one after the other, pinned
+to the same CPU cores (``--cores``); the table gives both wall times, their ratio, and the median
+resolution of each side (the particle's core, >= box/8 px from the plane between the sides) against
+the truth. RELION runs at its default sampling (25 Å) and, with ``--relion-sampling``, at others.
+Where CuPy is present the GPU path is timed in memory at ``--gpu-box`` (256³), with its accuracy.
 
-    python benchmarks/local_resolution.py                 # 256³ (GPU) ; NumPy at 128³ and 256³
-    python benchmarks/local_resolution.py --box 128 --numpy-boxes 128 --json out.json
+    python benchmarks/local_resolution.py                       # 96³ on all cores, + GPU 256³ if any
+    python benchmarks/local_resolution.py --box 128 --cores 2 --relion-sampling 25 15 --json out.json
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import platform
+import os
 import statistics
+import tempfile
 import time
 
 import numpy as np
 
+import side_by_side as sbs
 from xmipp_accel import backend
-from xmipp_accel.gpu.resolution import local as localmod
+from xmipp_accel.em.synthetic import two_resolution_half_maps
+from xmipp_accel.gpu.resolution.local import local_resolution
+from xmipp_accel.io.mrc import read_mrc, write_mrc
 
-TRUTH = (3.5, 6.6)
-PEER = {"name": "torch-local-resolution (2 CPU cores)", "box": 256, "seconds": 69.0, "medians_A": (4.0, 7.0)}
-
-
-def _accuracy(res: np.ndarray) -> dict:
-    n = res.shape[-1]
-    x = np.arange(n)
-    a = (x > 0.1 * n) & (x < 0.4 * n)
-    b = (x > 0.6 * n) & (x < 0.9 * n)
-    med_a, med_b = float(np.median(res[..., a])), float(np.median(res[..., b])),
-    return {"median_A_region_a": med_a, "median_A_region_b": med_b,
-            "error_a": med_a / TRUTH[0] - 1, "error_b": med_b / TRUTH[1] - 1,
-            "p10_p90_a": np.percentile(res[..., a], [10, 90]).tolist(),
-            "p10_p90_b": np.percentile(res[..., b], [10, 90]).tolist()}
+TRUTH_A = (4.0, 7.5)
+PIXEL_A = 1.5
 
 
-def _fft_floor(xp, n: int, window: float, repeats: int = 3) -> float:
-    """Time of the FFTs local_resolution performs, measured alone (same sizes, batched the same way)."""
-    centres, half_width, _ = localmod._bands(n, window)
-    m = localmod._coarse_grid_size(n, window)
-    sizes = [localmod._band_grid_size(n, f, half_width, m) for f in centres]
-    sync = (lambda: xp.cuda.get_current_stream().synchronize()) if xp is not np else (lambda: None)
-    per_size = {}
-    for size in sorted(set(sizes)):
-        a2 = xp.zeros((2, size, size, size), dtype=np.float32)
-        a3 = xp.zeros((3, size, size, size), dtype=np.float32)
-        s2 = localmod._rfftn3(a2)
-        localmod._irfftn3(s2, size), localmod._rfftn3(a3)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            localmod._irfftn3(s2, size)
-            localmod._rfftn3(a3)
-        sync()
-        per_size[size] = (time.perf_counter() - t0) / repeats
-        del a2, a3, s2
-    c3 = localmod._rfftn3(xp.zeros((3, m, m, m), dtype=np.float32))
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        localmod._irfftn3(c3, m)
-    sync()
-    t_coarse = (time.perf_counter() - t0) / repeats
-    return sum(per_size[s] for s in sizes) + len(sizes) * t_coarse
+def _sides(res: np.ndarray, region: np.ndarray) -> dict:
+    a, b = float(np.median(res[region == 1])), float(np.median(res[region == 2]))
+    return {"median_A_side_a": a, "median_A_side_b": b, "error_a": a / TRUTH_A[0] - 1, "error_b": b / TRUTH_A[1] - 1,
+            "solvent_reported": float(np.mean(res[region == 0] > 0))}
 
 
-def bench(xp, n: int, window: float, repeats: int) -> dict:
-    h1, h2, _ = localmod.synthetic_two_region_halves(n, pixel_size_A=1.0, resolutions_A=TRUTH, snr=1.0, seed=0)
-    g1, g2 = xp.asarray(h1), xp.asarray(h2)
-    sync = (lambda: xp.cuda.get_current_stream().synchronize()) if xp is not np else (lambda: None)
-    times = []
-    result = None
-    for i in range(repeats + (1 if xp is not np else 0)):  # GPU: one warm-up (kernels, FFT plans)
-        sync()
-        t0 = time.perf_counter()
-        result = localmod.local_resolution(g1, g2, pixel_size_A=1.0, window_px=window)
-        res = backend.to_host(result.resolution_A)
-        if xp is np or i > 0:
-            times.append(time.perf_counter() - t0)
-    out = {"box": n, "window_px": window, "seconds": statistics.median(times),
-           "n_bands": int(result.band_frequencies.size), **_accuracy(res)}
-    out["fft_floor_s"] = _fft_floor(xp, n, window)
+def cpu_side_by_side(box: int, cores, samplings, repeats: int) -> dict:
+    d = tempfile.mkdtemp(prefix="locres_bench_")
+    h1, h2, region = two_resolution_half_maps(box, pixel_size_A=PIXEL_A, resolutions_A=TRUTH_A, seed=0)
+    write_mrc(os.path.join(d, "half1.mrc"), h1, PIXEL_A)
+    write_mrc(os.path.join(d, "half2.mrc"), h2, PIXEL_A)
+    out = {"box": box, "cores": list(cores), "dir": d}
+    run = sbs.run_timed(sbs.ours("local-resolution", "half1.mrc", "half2.mrc", "-o", "ours.mrc"), d, cores, repeats)
+    out["ours"] = {"seconds": run["seconds"], "compute_seconds": sbs.last_json(run["stdout"])["seconds"],
+                   **_sides(read_mrc(os.path.join(d, "ours.mrc"))[0], region)}
+    out["relion"] = []
+    exe = sbs.relion("relion_postprocess")
+    for sampling in samplings if exe else []:
+        name = f"pp{sampling:g}"
+        os.makedirs(os.path.join(d, name), exist_ok=True)
+        cmd = [exe, "--i", "half1.mrc", "--i2", "half2.mrc", "--angpix", PIXEL_A, "--locres",
+               "--locres_sampling", sampling, "--o", f"{name}/postprocess"]
+        run = sbs.run_timed(cmd, d, cores, 1)
+        res = read_mrc(os.path.join(d, name, "postprocess_locres.mrc"))[0]
+        out["relion"].append({"sampling_A": sampling, "seconds": run["seconds"], **_sides(res, region)})
     return out
+
+
+def gpu_timing(box: int, repeats: int) -> dict:
+    cp = backend.cupy_module()
+    h1, h2, region = two_resolution_half_maps(box, pixel_size_A=PIXEL_A, resolutions_A=TRUTH_A, seed=0)
+    g1, g2 = cp.asarray(h1), cp.asarray(h2)
+    sync = cp.cuda.get_current_stream().synchronize
+    times, result = [], None
+    for i in range(repeats + 1):  # one warm-up (kernels, FFT plans)
+        sync()
+        t0 = time.perf_counter()
+        result = local_resolution(g1, g2, pixel_size_A=PIXEL_A)
+        res = backend.to_host(result.resolution_A)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"box": box, "device": backend.gpu_info(0)["name"], "seconds": statistics.median(times),
+            "n_bands": int(result.band_frequencies.size), **_sides(res, region)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--box", type=int, default=256)
-    p.add_argument("--window", type=float, default=20.0)
-    p.add_argument("--numpy-boxes", type=int, nargs="*", default=[128, 256])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--box", type=int, default=96, help="box of the CPU side by side (default %(default)s)")
+    p.add_argument("--cores", type=int, default=None, help="CPU cores for both programs (default: all)")
+    p.add_argument("--relion-sampling", type=float, nargs="*", default=[25.0],
+                   help="RELION --locres_sampling values, Å (default: its default, 25)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of ours (best time); RELION runs once")
+    p.add_argument("--gpu-box", type=int, default=256)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "versions": backend.versions(), "peer": PEER, "numpy": []}
-    cp = backend.cupy_module()
-    if cp is not None:
-        result["gpu"] = bench(cp, args.box, args.window, args.repeats)
-        result["gpu"]["device"] = backend.gpu_info(0)["name"]
-    for n in args.numpy_boxes:
-        result["numpy"].append(bench(np, n, args.window, 1))
-    print(f"local resolution benchmark: two regions, truth {TRUTH[0]} | {TRUTH[1]} Å, window {args.window:g} px")
-    print(f"{'run':34s} {'box':>4s} {'ours (s)':>9s} {'FFT floor (s)':>13s} {'ours/floor':>10s} "
-          f"{'median A (Å)':>12s} {'median B (Å)':>12s}")
-    runs = ([("GPU " + result["gpu"]["device"], result["gpu"])] if "gpu" in result else []) + \
-        [("NumPy (this machine's CPU)", r) for r in result["numpy"]]
-    for name, r in runs:
-        print(f"{name:34s} {r['box']:4d} {r['seconds']:9.3f} {r['fft_floor_s']:13.3f} "
-              f"{r['seconds'] / r['fft_floor_s']:10.2f} {r['median_A_region_a']:12.2f} {r['median_A_region_b']:12.2f}")
-    print(f"{'peer: ' + PEER['name']:34s} {PEER['box']:4d} {PEER['seconds']:9.1f} {'-':>13s} {'-':>10s} "
-          f"{PEER['medians_A'][0]:12.2f} {PEER['medians_A'][1]:12.2f}")
+    cores = sbs.cores_to_use(args.cores)
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": sbs.cpu_name(),
+              "versions": backend.versions(), "truth_A": TRUTH_A, "pixel_A": PIXEL_A,
+              "cpu_side_by_side": cpu_side_by_side(args.box, cores, args.relion_sampling, args.repeats)}
+    if backend.gpu_available():
+        result["gpu"] = gpu_timing(args.gpu_box, 3)
+    c = result["cpu_side_by_side"]
+    print(f"local resolution, {c['box']}³ at {PIXEL_A} Å/px, truth {TRUTH_A[0]} Å | {TRUTH_A[1]} Å; "
+          f"{len(cores)} cores of {result['cpu']}")
+    print(f"{'program':44s} {'wall (s)':>9s} {'RELION/ours':>11s} {'side A (Å)':>10s} {'side B (Å)':>10s} "
+          f"{'solvent':>8s}")
+    o = c["ours"]
+    rows = [(f"ours: xmipp-accel local-resolution (compute {o['compute_seconds']:.2f} s)", o)]
+    rows += [(f"relion_postprocess --locres (sampling {r['sampling_A']:g} Å)", r) for r in c["relion"]]
+    for name, r in rows:
+        ratio = r["seconds"] / o["seconds"]
+        print(f"{name:44s} {r['seconds']:9.2f} {ratio:11.1f} {r['median_A_side_a']:10.2f} "
+              f"{r['median_A_side_b']:10.2f} {100 * r['solvent_reported']:7.0f}%")
+    if not c["relion"]:
+        print("relion_postprocess not found: RELION rows skipped")
     if "gpu" in result:
-        same = [r for r in result["numpy"] if r["box"] == result["gpu"]["box"]]
-        if same:
-            speedup = same[0]["seconds"] / result["gpu"]["seconds"]
-            print(f"GPU speed-up over NumPy at {same[0]['box']}³: {speedup:.1f}×; "
-                  f"over the peer: {PEER['seconds'] / result['gpu']['seconds']:.0f}×")
+        g = result["gpu"]
+        print(f"GPU {g['device']}, {g['box']}³ in memory: {g['seconds']:.3f} s ({g['n_bands']} bands), "
+              f"sides {g['median_A_side_a']:.2f} | {g['median_A_side_b']:.2f} Å")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -78,6 +78,18 @@ def test_gpu_equals_cpu(two_region):
     assert float(np.median(gpu)) == pytest.approx(float(np.median(cpu)), rel=1e-3)
 
 
+@pytest.mark.gpu
+def test_gpu_equals_cpu_with_the_automatic_mask(particle):
+    cp = backend.cupy_module()
+    h1, h2, _ = particle
+    cpu = local_resolution(h1, h2, pixel_size_A=1.5)
+    gpu = local_resolution(cp.asarray(h1), cp.asarray(h2), pixel_size_A=1.5)
+    assert gpu.auto_mask and float(np.mean(cp.asnumpy(gpu.mask) == cpu.mask)) > 0.999  # float32 FFT rounding
+    both = cp.asnumpy(gpu.mask) & cpu.mask
+    g, c = cp.asnumpy(gpu.resolution_A)[both], cpu.resolution_A[both]
+    assert np.mean(np.abs(g - c) <= 1e-3 * c) > 0.99
+
+
 def test_fourier_crop_equals_spectrum_of_subsampled_band_limited_map():
     n, m = 24, 12
     rng = np.random.default_rng(3)

@@ -265,20 +265,21 @@ def _window_px(f: float, periods: float, w_min: float, w_max: float) -> float:
 
 
 #: The noise floor is computed for a window of this σ (px): it depends only on f·σ_W.
-_NOISE_SIGMA_W = 8.0
+_NOISE_SIGMA_W = 6.0
 
 
 @functools.lru_cache(maxsize=512)
-def noise_fsc_sigma(f_sigma_w: float, band_share: float = 0.5) -> float:
+def noise_fsc_sigma(f_sigma_w: float, band_share: float = 0.75) -> float:
     """σ of the local FSC of two independent white-noise maps, for a band f and window σ_W with
     f · σ_W = ``f_sigma_w`` (the σ depends on that product only: the band σ_k and the smoothing σ_s
-    follow σ_W, and scaling space by a factor scales k by its inverse).
+    follow σ_W, and scaling space by a factor scales k by its inverse); ``band_share`` as
+    :data:`BAND_SHARE`.
 
-    Evaluated on a periodic grid of 12 σ_W with σ_W = 8 px: the two halves are white noise filtered
-    by exp(-(|k| - f)² / 2σ_k²), weighted by a Gaussian window of σ_s. For large windows
-    FSC ≈ N / D with D = C(0) Σ s and Var N = Σ_y Σ_y' s(y) s(y') C(y - y')² (Isserlis' theorem,
-    independent halves), C the autocovariance of the filtered noise (inverse transform of the band
-    squared); the double sum is Σ_q |Ŝ(q)|² FT[C²](q) / size³ (Parseval) with
+    Evaluated on a periodic grid of 10 σ_W with σ_W = 6 px (the same σ to 4 decimals as 12 σ_W of 8 px):
+    the two halves are white noise filtered by exp(-(|k| - f)² / 2σ_k²), weighted by a Gaussian window
+    of σ_s. For large windows FSC ≈ N / D with D = C(0) Σ s and Var N = Σ_y Σ_y' s(y) s(y') C(y - y')²
+    (Isserlis' theorem, independent halves), C the autocovariance of the filtered noise (inverse
+    transform of the band squared); the double sum is Σ_q |Ŝ(q)|² FT[C²](q) / size³ (Parseval) with
     Ŝ(q) = exp(-2π² σ_s² q²) (Σ s = 1).
     """
     import scipy.fft
@@ -286,7 +287,7 @@ def noise_fsc_sigma(f_sigma_w: float, band_share: float = 0.5) -> float:
     f = f_sigma_w / sigma_w
     sigma_s = sigma_w * math.sqrt(1.0 - band_share)
     sigma_k = 1.0 / (2.0 * math.pi * sigma_w * math.sqrt(band_share))
-    size = _fast_even(math.ceil(12.0 * sigma_w))
+    size = _fast_even(math.ceil(10.0 * sigma_w))
     r = _radius_rfft(size, np, np.float64)
     band2 = np.exp(-((r - f) / sigma_k) ** 2)
     cov = scipy.fft.irfftn(band2, s=(size,) * 3)
