@@ -127,3 +127,16 @@ class TestXmippAccelRefine3D(BaseTest):
             assert message in errors, (message, errors)
         ok = self.newProtocol(XmippAccelProtRefine3D, inputParticles=parts, inputVolume=vol, useGpu=False)
         assert ok.validate() == [] and ok._warnings() == []
+        # particles without CTF: refused while CTF correction is on, accepted without it
+        import pwem.objects as emobj
+        bare = emobj.SetOfParticles(filename=os.path.abspath(self.proj.getTmpPath("bare.sqlite")))
+        bare.setSamplingRate(PIXEL)
+        bare.setHasCTF(False)
+        for i in range(4):
+            bare.append(emobj.Particle(location=(i + 1, "bare.mrcs")))
+        bare.write()
+        noctf = self.newProtocol(XmippAccelProtRefine3D, inputVolume=vol, useGpu=False)
+        noctf.inputParticles.set(bare)
+        assert any("no CTF" in e for e in noctf.validate())
+        noctf.doCTF.set(False)
+        assert not any("CTF" in e for e in noctf.validate())

@@ -226,7 +226,7 @@ from pyworkflow.project import Manager
 from pyworkflow.protocol import getProtocolFromDb
 from PIL import ImageGrab
 from xmipp_accel.protocols import (XmippAccelProtAssignAngles, XmippAccelProtFSC, XmippAccelProtLocalResolution,
-                                   XmippAccelProtMovieAlign, XmippAccelProtReconstructFourier)
+                                   XmippAccelProtMovieAlign, XmippAccelProtReconstructFourier, XmippAccelProtRefine3D)
 from xmipp_accel.viewers import XmippAccelFscViewer
 
 path = Manager().getProjectPath(project_name)
@@ -314,7 +314,7 @@ def viewer_form_and_plot():
 
 steps += [project_window]
 for cls in (XmippAccelProtMovieAlign, XmippAccelProtAssignAngles, XmippAccelProtReconstructFourier,
-            XmippAccelProtFSC, XmippAccelProtLocalResolution):
+            XmippAccelProtFSC, XmippAccelProtLocalResolution, XmippAccelProtRefine3D):
     steps.append(open_form(cls, f"gui_form_{cls.__name__}.png"))
 steps += [run_from_gui, open_viewer, viewer_form_and_plot]
 root.after(3000, run_next)
@@ -332,7 +332,7 @@ def _free_display() -> str:
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (apt-get install xvfb)")
 class TestXmippAccelGui(BaseTest):
-    """Project window, our five protocol forms, a protocol run launched with the form's Execute button,
+    """Project window, our six protocol forms, a protocol run launched with the form's Execute button,
     and our FSC viewer (form and plot window), screenshotted under Xvfb (copies kept in
     $XMIPP_ACCEL_SCREENSHOTS when set)."""
 
@@ -376,7 +376,7 @@ class TestXmippAccelGui(BaseTest):
         names = ["gui_project.png", "gui_form_fsc_filled.png", "gui_project_after_run.png", "gui_viewer_form.png",
                  "gui_viewer_fsc.png"] + [f"gui_form_{c}.png" for c in (
                      "XmippAccelProtMovieAlign", "XmippAccelProtAssignAngles", "XmippAccelProtReconstructFourier",
-                     "XmippAccelProtFSC", "XmippAccelProtLocalResolution")]
+                     "XmippAccelProtFSC", "XmippAccelProtLocalResolution", "XmippAccelProtRefine3D")]
         for name in names:
             assert_png_not_blank(os.path.join(out, name))
         keep = os.environ.get("XMIPP_ACCEL_SCREENSHOTS")  # e.g. docs/screenshots: keep a copy
