@@ -75,7 +75,8 @@ def test_corrupt_tiff_and_unsupported_formats(tmp_path, frames):
         f.truncate(200)
     with pytest.raises(FileFormatError, match="bad.tif"):
         read_movie(path)
-    with pytest.raises(FileFormatError, match="EER"):
+    tifffile.imwrite(str(tmp_path / "x.eer"), frames.astype(np.uint8))   # a plain TIFF named .eer
+    with pytest.raises(FileFormatError, match="x.eer: TIFF compression 1 is not EER"):
         movie_info(str(tmp_path / "x.eer"))
     with pytest.raises(FileFormatError, match="not found"):
         movie_info(str(tmp_path / "missing.mrc"))
