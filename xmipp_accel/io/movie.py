@@ -31,11 +31,16 @@ from . import eer
 from .mrc import mrc_info, read_mrc, unpack_4bit
 
 __all__ = ["MovieInfo", "movie_info", "read_movie", "read_movie_raw", "read_reference", "read_defects",
-           "parse_defect_rectangles", "MOVIE_EXTENSIONS"]
+           "parse_defect_rectangles", "MOVIE_EXTENSIONS", "TIFF_ROW_ORDER"]
 
 logger = logging.getLogger(__name__)
 
 MOVIE_EXTENSIONS = (".mrc", ".mrcs", ".st", ".tif", ".tiff", ".eer")
+#: TIFF movies, gain, dark and defect images are read upside down (last stored row first), as IMOD, RELION
+#: and MotionCor2 read them, so that --gain-rot/--gain-flip values and defect coordinates that work there
+#: work here and the frames (hence shifts) match RELION's; EPU's EER ``.gain`` files are not (RELION's
+#: loadEERGain reverts its TIFF flip for them), nor are EER frames (raster order from the first pixel).
+TIFF_ROW_ORDER = "bottom-up"
 _CHUNK_BYTES = 64 << 20
 
 
@@ -272,8 +277,21 @@ def _read_mrc_4bit(info: MovieInfo, start: int, stop: int, out: np.ndarray, work
     return out
 
 
+def _flip_rows(out: np.ndarray, workers: int) -> None:
+    """Reverse the rows of every frame of ``out`` in place (NumPy buffers the overlapping copy)."""
+    def one(i: int) -> None:
+        out[i] = out[i, ::-1]
+    if workers <= 1 or len(out) == 1:
+        for i in range(len(out)):
+            one(i)
+    else:
+        with ThreadPoolExecutor(min(workers, len(out))) as pool:
+            list(pool.map(one, range(len(out))))
+
+
 def _read_tiff(path: str, start: int, stop: int, out: np.ndarray, workers: int) -> np.ndarray:
-    """TIFF pages ``start:stop`` decoded by tifffile straight into ``out``, one page per thread."""
+    """TIFF pages ``start:stop`` decoded by tifffile straight into ``out``, one page per thread, then turned
+    upside down (TIFF_ROW_ORDER)."""
     import tifffile
     try:
         with tifffile.TiffFile(path) as tif:
@@ -283,6 +301,7 @@ def _read_tiff(path: str, start: int, stop: int, out: np.ndarray, workers: int) 
                 tif.asarray(key=range(start, stop), out=out, maxworkers=max(1, workers))
     except Exception as exc:  # damaged LZW streams, short files... from tifffile/imagecodecs
         raise _tiff_error(path, exc) from None
+    _flip_rows(out, workers)
     return out
 
 
@@ -310,9 +329,10 @@ def read_movie(path: str | os.PathLike, frames: Optional[Tuple[int, int]] = None
 
 
 def read_reference(path: str | os.PathLike, *, what: str = "gain") -> np.ndarray:
-    """Read a gain or dark reference (MRC or TIFF) as a float32 image (y, x).
+    """Read a gain or dark reference (MRC, TIFF, or EPU's EER ``.gain`` TIFF) as a float32 image (y, x).
 
-    A file with several frames/pages is accepted only when it has one.
+    A file with several frames is accepted only when it has one (TIFF: the first page is read). TIFF
+    images are turned upside down as the movies are (:data:`TIFF_ROW_ORDER`), ``.gain`` files are not.
     """
     path = os.fspath(path)
     low = path.lower()
@@ -321,12 +341,15 @@ def read_reference(path: str | os.PathLike, *, what: str = "gain") -> np.ndarray
                               "(e.g. with IMOD's dm2mrc or e2proc2d.py) and check its orientation")
     if not os.path.isfile(path):
         raise FileFormatError(f"{what} reference not found: {path}")
-    if low.endswith((".tif", ".tiff")):
+    if low.endswith((".tif", ".tiff", ".gain")):
         import tifffile
         try:
-            data = np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tif:   # the first page (EPU's .gain files may hold more)
+                data = np.asarray(tif.pages[0].asarray())
         except Exception as exc:
             raise _tiff_error(path, exc) from None
+        if not low.endswith(".gain"):
+            data = data[..., ::-1, :]            # TIFF_ROW_ORDER
     else:
         data, _ = read_mrc(path)
     data = np.squeeze(data)
