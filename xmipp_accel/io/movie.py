@@ -1,10 +1,14 @@
-"""Movie files: MRC/MRCS and TIFF (incl. LZW) frames, gain and dark references, defect files.
+"""Movie files: MRC/MRCS, TIFF and EER frames, gain and dark references, defect files.
 
-Reading is built for throughput: an MRC movie is read with ``os.preadv`` by several threads straight
-into the caller's buffer (a pinned buffer, so the copy to the GPU runs at full PCIe speed), in the
-file's own dtype; converting to float32 is left to the device. TIFF movies are decoded by tifffile
-with several workers. Truncated or corrupt files raise :class:`~xmipp_accel.errors.FileFormatError`
-naming the file (the MRC header is checked against the file size by :func:`xmipp_accel.io.mrc.mrc_info`).
+Reading is built for throughput: every format is decoded by several threads straight into the caller's
+buffer (a pinned buffer, so the copy to the GPU runs at full PCIe speed), in the file's own integer or
+float dtype; converting to float32 is left to the device. MRC modes 0, 1, 2, 6, 12 are read with
+``os.preadv`` in 64 MiB chunks; mode 101 (4-bit, two pixels per byte) is read and unpacked frame by
+frame to uint8; TIFF pages (none, LZW, deflate...) are decoded by tifffile/imagecodecs one page per
+thread; EER raw frames are decoded by imagecodecs and summed into fractions of ``eer_fractions`` raw
+frames, one fraction per thread, on the 4K or 8K grid (:mod:`xmipp_accel.io.eer`). Truncated or corrupt
+files raise :class:`~xmipp_accel.errors.FileFormatError` naming the file (the MRC header is checked
+against the file size by :func:`xmipp_accel.io.mrc.mrc_info`).
 
 Frame ranges are ``(start, stop)``, 0-based, ``stop`` excluded (Python slices); the command line's
 ``--frames A:B`` is 1-based and inclusive.
@@ -23,14 +27,20 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import FileFormatError, InputError
-from .mrc import mrc_info, read_mrc
+from . import eer
+from .mrc import mrc_info, read_mrc, unpack_4bit
 
 __all__ = ["MovieInfo", "movie_info", "read_movie", "read_movie_raw", "read_reference", "read_defects",
-           "parse_defect_rectangles", "MOVIE_EXTENSIONS"]
+           "parse_defect_rectangles", "MOVIE_EXTENSIONS", "TIFF_ROW_ORDER"]
 
 logger = logging.getLogger(__name__)
 
-MOVIE_EXTENSIONS = (".mrc", ".mrcs", ".st", ".tif", ".tiff")
+MOVIE_EXTENSIONS = (".mrc", ".mrcs", ".st", ".tif", ".tiff", ".eer")
+#: TIFF movies, gain, dark and defect images are read upside down (last stored row first), as IMOD, RELION
+#: and MotionCor2 read them, so that --gain-rot/--gain-flip values and defect coordinates that work there
+#: work here and the frames (hence shifts) match RELION's; EPU's EER ``.gain`` files are not (RELION's
+#: loadEERGain reverts its TIFF flip for them), nor are EER frames (raster order from the first pixel).
+TIFF_ROW_ORDER = "bottom-up"
 _CHUNK_BYTES = 64 << 20
 
 
@@ -41,14 +51,23 @@ class MovieInfo:
     Attributes
     ----------
     path : str
-    format : ``"mrc"`` or ``"tiff"``
+    format : ``"mrc"``, ``"tiff"`` or ``"eer"``
     n_frames, ny, nx : int
+        Frames as read: for EER the fractions (``raw_frames // eer_fractions``) and the rendered grid
+        (physical pixels times ``eer_upsampling``).
     dtype : numpy.dtype
-        Stored data type (native byte order for TIFF; the file's for MRC).
+        Data type of the frames as read: stored type (native byte order for TIFF; the file's for MRC);
+        uint8 for MRC mode 101 (unpacked) and EER fractions of up to 255 raw frames, else uint16.
     pixel_size_A : float or None
-        From the MRC header (None when unset or for TIFF).
+        From the MRC header (None when unset, for TIFF and EER).
     data_offset : int
         Byte offset of the first frame (MRC only).
+    packed4bit : bool
+        MRC mode 101.
+    raw_frames : int or None
+        EER raw frames in the file.
+    eer_fractions, eer_upsampling : int
+        EER grouping and grid (0 and 1 for other formats).
     """
     path: str
     format: str
@@ -58,6 +77,10 @@ class MovieInfo:
     dtype: np.dtype
     pixel_size_A: Optional[float]
     data_offset: int = 0
+    packed4bit: bool = False
+    raw_frames: Optional[int] = None
+    eer_fractions: int = 0
+    eer_upsampling: int = 1
 
     @property
     def frame_shape(self) -> Tuple[int, int]:
@@ -76,8 +99,7 @@ def _format_of(path: str) -> str:
     if low.endswith((".mrc", ".mrcs", ".st", ".map")):
         return "mrc"
     if low.endswith(".eer"):
-        raise FileFormatError(f"{path}: EER movies are not supported yet; convert them to TIFF "
-                              "(e.g. relion_convert_to_tiff) or MRC first")
+        return "eer"
     raise FileFormatError(f"{path}: unknown movie format (expected {', '.join(MOVIE_EXTENSIONS)})")
 
 
@@ -86,13 +108,35 @@ def _tiff_error(path: str, exc: BaseException) -> FileFormatError:
                            f"{type(exc).__name__}: {exc}")
 
 
-def movie_info(path: str | os.PathLike) -> MovieInfo:
+def _eer_info(path: str, fractions: int, upsampling: int) -> MovieInfo:
+    layout = eer.eer_layout(path)
+    n = eer.grouped_frames(layout.n_raw, fractions, path)
+    u = eer.check_upsampling(upsampling)
+    if layout.n_raw % fractions:
+        logger.info("%s: %d raw EER frames in %d fractions of %d; the last %d raw frames are not used", path,
+                    layout.n_raw, n, fractions, layout.n_raw % fractions)
+    dtype = np.dtype(np.uint8 if fractions <= 255 else np.uint16)
+    return MovieInfo(path, "eer", n, layout.ny * u, layout.nx * u, dtype, None, raw_frames=layout.n_raw,
+                     eer_fractions=int(fractions), eer_upsampling=u)
+
+
+def movie_info(path: str | os.PathLike, *, eer_fractions: int = eer.DEFAULT_EER_FRACTIONS,
+               eer_upsampling: int = 1) -> MovieInfo:
     """Header of a movie: frames, size, dtype, pixel size.
+
+    Parameters
+    ----------
+    path : str
+        MRC/MRCS/ST (modes 0, 1, 2, 6, 12, 101), TIFF or EER movie.
+    eer_fractions : int
+        EER only: raw frames summed into each frame read (RELION's --eer_grouping; default 40).
+    eer_upsampling : {1, 2}
+        EER only: 1 renders the physical 4K grid, 2 the 8K grid.
 
     Raises
     ------
     FileFormatError
-        Missing, unknown format, truncated MRC, unreadable TIFF.
+        Missing, unknown format, truncated MRC, unreadable TIFF or EER.
     """
     path = os.fspath(path)
     fmt = _format_of(path)
@@ -102,17 +146,23 @@ def movie_info(path: str | os.PathLike) -> MovieInfo:
         info = mrc_info(path)
         if info.dtype.kind == "c":
             raise FileFormatError(f"{path} holds complex values; a movie must hold real frames")
-        return MovieInfo(path, "mrc", info.nz, info.ny, info.nx, info.dtype, info.voxel_size_A, info.data_offset)
+        return MovieInfo(path, "mrc", info.nz, info.ny, info.nx, info.dtype, info.voxel_size_A, info.data_offset,
+                         packed4bit=info.packed4bit)
+    if fmt == "eer":
+        return _eer_info(path, eer_fractions, eer_upsampling)
     import tifffile
     try:
         with tifffile.TiffFile(path) as tif:
             pages = tif.pages
-            n = len(pages)
             first = pages[0]
+            compression = int(first.compression)
             shape = first.shape
             dtype = np.dtype(first.dtype)
+            n = len(pages) if not eer.is_eer_compression(compression) else 0
     except Exception as exc:  # tifffile raises many types for damaged files
         raise _tiff_error(path, exc) from None
+    if eer.is_eer_compression(compression):  # an EER movie named .tif
+        return _eer_info(path, eer_fractions, eer_upsampling)
     if len(shape) != 2:
         raise FileFormatError(f"{path}: TIFF pages of shape {shape}; expected one 2D frame per page")
     return MovieInfo(path, "tiff", n, int(shape[0]), int(shape[1]), dtype, None)
@@ -151,7 +201,8 @@ def read_movie_raw(path: str | os.PathLike, frames: Optional[Tuple[int, int]] = 
     out : ndarray, optional
         Destination of shape (stop - start, ny, nx) and the stored dtype (e.g. a pinned buffer).
     workers : int
-        Reader threads (MRC: parallel ``preadv`` of 64 MiB chunks; TIFF: tifffile decoders).
+        Reader threads (MRC: parallel ``preadv`` of 64 MiB chunks, or 4-bit frames; TIFF: pages; EER:
+        fractions).
     info : MovieInfo, optional
         Header already read.
 
@@ -168,60 +219,120 @@ def read_movie_raw(path: str | os.PathLike, frames: Optional[Tuple[int, int]] = 
         out = np.empty(shape, dtype=dtype)
     elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(f"buffer of shape {out.shape} {out.dtype} does not fit frames {shape} {dtype}")
-    if info.format == "mrc":
-        frame_bytes = info.ny * info.nx * info.dtype.itemsize
-        offset = info.data_offset + start * frame_bytes
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        nbytes = len(view)
-        chunks = [(o, min(_CHUNK_BYTES, nbytes - o)) for o in range(0, nbytes, _CHUNK_BYTES)]
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if workers <= 1 or len(chunks) == 1:
-                _pread_into(fd, view, offset, path)
-            else:
-                with ThreadPoolExecutor(min(workers, len(chunks))) as pool:
-                    list(pool.map(lambda c: _pread_into(fd, view[c[0]:c[0] + c[1]], offset + c[0], path), chunks))
-        except OSError as exc:
-            raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
-        finally:
-            os.close(fd)
-        if not info.dtype.isnative:
-            out.byteswap(inplace=True)
-        return out
-    import tifffile
+    if info.format == "eer":
+        return eer.read_eer(path, info.eer_fractions, info.eer_upsampling, (start, stop), out, workers=workers)
+    if info.format == "tiff":
+        return _read_tiff(path, start, stop, out, workers)
+    if info.packed4bit:
+        return _read_mrc_4bit(info, start, stop, out, workers)
+    return _read_mrc(info, start, out, workers)
+
+
+def _read_mrc(info: MovieInfo, start: int, out: np.ndarray, workers: int) -> np.ndarray:
+    """Modes 0, 1, 2, 6, 12: parallel ``preadv`` of 64 MiB chunks into ``out``, then byte swap if needed."""
+    path = info.path
+    frame_bytes = info.ny * info.nx * info.dtype.itemsize
+    offset = info.data_offset + start * frame_bytes
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    nbytes = len(view)
+    chunks = [(o, min(_CHUNK_BYTES, nbytes - o)) for o in range(0, nbytes, _CHUNK_BYTES)]
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with tifffile.TiffFile(path) as tif:
-            data = tif.asarray(key=range(start, stop), maxworkers=max(1, workers))
-    except Exception as exc:  # damaged LZW streams, short files... from tifffile/imagecodecs
-        raise _tiff_error(path, exc) from None
-    data = np.asarray(data).reshape(shape)
-    np.copyto(out, data, casting="no")
+        if workers <= 1 or len(chunks) == 1:
+            _pread_into(fd, view, offset, path)
+        else:
+            with ThreadPoolExecutor(min(workers, len(chunks))) as pool:
+                list(pool.map(lambda c: _pread_into(fd, view[c[0]:c[0] + c[1]], offset + c[0], path), chunks))
+    except OSError as exc:
+        raise FileFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if not info.dtype.isnative:
+        out.byteswap(inplace=True)
     return out
 
 
-def read_movie(path: str | os.PathLike, frames: Optional[Tuple[int, int]] = None, *, workers: int = 8) -> np.ndarray:
+def _read_mrc_4bit(info: MovieInfo, start: int, stop: int, out: np.ndarray, workers: int) -> np.ndarray:
+    """Mode 101: each thread reads whole packed frames and unpacks them into ``out``."""
+    row = (info.nx + 1) // 2
+    frame_bytes = row * info.ny
+    fd = os.open(info.path, os.O_RDONLY)
+
+    def one(i: int) -> None:
+        packed = np.empty((info.ny, row), dtype=np.uint8)
+        _pread_into(fd, memoryview(packed.reshape(-1)), info.data_offset + (start + i) * frame_bytes, info.path)
+        unpack_4bit(packed, info.nx, out=out[i])
+
+    try:
+        if workers <= 1 or stop - start == 1:
+            for i in range(stop - start):
+                one(i)
+        else:
+            with ThreadPoolExecutor(min(workers, stop - start)) as pool:
+                list(pool.map(one, range(stop - start)))
+    except OSError as exc:
+        raise FileFormatError(f"cannot read {info.path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return out
+
+
+def _flip_rows(out: np.ndarray, workers: int) -> None:
+    """Reverse the rows of every frame of ``out`` in place (NumPy buffers the overlapping copy)."""
+    def one(i: int) -> None:
+        out[i] = out[i, ::-1]
+    if workers <= 1 or len(out) == 1:
+        for i in range(len(out)):
+            one(i)
+    else:
+        with ThreadPoolExecutor(min(workers, len(out))) as pool:
+            list(pool.map(one, range(len(out))))
+
+
+def _read_tiff(path: str, start: int, stop: int, out: np.ndarray, workers: int) -> np.ndarray:
+    """TIFF pages ``start:stop`` decoded by tifffile straight into ``out``, one page per thread, then turned
+    upside down (TIFF_ROW_ORDER)."""
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if stop - start == 1:
+                tif.pages[start].asarray(out=out[0], maxworkers=max(1, workers))
+            else:
+                tif.asarray(key=range(start, stop), out=out, maxworkers=max(1, workers))
+    except Exception as exc:  # damaged LZW streams, short files... from tifffile/imagecodecs
+        raise _tiff_error(path, exc) from None
+    _flip_rows(out, workers)
+    return out
+
+
+def read_movie(path: str | os.PathLike, frames: Optional[Tuple[int, int]] = None, *, workers: int = 8,
+               eer_fractions: int = eer.DEFAULT_EER_FRACTIONS, eer_upsampling: int = 1) -> np.ndarray:
     """Read a movie as float32 frames (n, ny, nx).
 
     Parameters
     ----------
     path : str
-        MRC/MRCS/ST or TIFF (LZW, deflate, uncompressed) movie.
+        MRC/MRCS/ST (modes 0, 1, 2, 6, 12, 101), TIFF (LZW, deflate, uncompressed) or EER movie.
     frames : (start, stop), optional
-        0-based range, stop excluded.
+        0-based range, stop excluded (EER: in fractions).
+    eer_fractions, eer_upsampling : int
+        EER grouping and grid (see :func:`movie_info`).
 
     Raises
     ------
     FileFormatError
         Missing, truncated or corrupt file (the message names it).
     """
-    raw = read_movie_raw(path, frames, workers=workers)
+    info = movie_info(path, eer_fractions=eer_fractions, eer_upsampling=eer_upsampling)
+    raw = read_movie_raw(path, frames, workers=workers, info=info)
     return raw if raw.dtype == np.float32 else raw.astype(np.float32)
 
 
 def read_reference(path: str | os.PathLike, *, what: str = "gain") -> np.ndarray:
-    """Read a gain or dark reference (MRC or TIFF) as a float32 image (y, x).
+    """Read a gain or dark reference (MRC, TIFF, or EPU's EER ``.gain`` TIFF) as a float32 image (y, x).
 
-    A file with several frames/pages is accepted only when it has one.
+    A file with several frames is accepted only when it has one (TIFF: the first page is read). TIFF
+    images are turned upside down as the movies are (:data:`TIFF_ROW_ORDER`), ``.gain`` files are not.
     """
     path = os.fspath(path)
     low = path.lower()
@@ -230,12 +341,15 @@ def read_reference(path: str | os.PathLike, *, what: str = "gain") -> np.ndarray
                               "(e.g. with IMOD's dm2mrc or e2proc2d.py) and check its orientation")
     if not os.path.isfile(path):
         raise FileFormatError(f"{what} reference not found: {path}")
-    if low.endswith((".tif", ".tiff")):
+    if low.endswith((".tif", ".tiff", ".gain")):
         import tifffile
         try:
-            data = np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tif:   # the first page (EPU's .gain files may hold more)
+                data = np.asarray(tif.pages[0].asarray())
         except Exception as exc:
             raise _tiff_error(path, exc) from None
+        if not low.endswith(".gain"):
+            data = data[..., ::-1, :]            # TIFF_ROW_ORDER
     else:
         data, _ = read_mrc(path)
     data = np.squeeze(data)

@@ -29,7 +29,7 @@ from ..errors import FileFormatError, InputError
 from .atomic import atomic_write
 
 __all__ = ["MrcInfo", "read_mrc", "write_mrc", "mrc_shape", "mrc_voxel_size", "mrc_info", "open_stack",
-           "check_finite"]
+           "check_finite", "unpack_4bit", "MODE_4BIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ _WRITE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8), 
                  np.dtype(np.uint16), np.dtype(np.complex64))
 _MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 3: "complex int16", 4: "complex64", 6: "uint16",
                12: "float16", 101: "4-bit packed"}
+_SUPPORTED = "0 int8, 1 int16, 2 float32, 4 complex64, 6 uint16, 12 float16, 101 4-bit packed"
+#: SerialEM/IMOD's packed 4-bit mode: two pixels per byte, the first (lower x) in the low 4 bits, each row
+#: padded to a whole byte when nx is odd (IMOD's mrc_format.txt: "Each line has int((nx + 1) / 2) bytes").
+MODE_4BIT = 101
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,12 @@ class MrcInfo:
     is_stack: bool
     data_offset: int
     origin_A: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    packed4bit: bool = False
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one stored row: ``nx * itemsize``, or ``(nx + 1) // 2`` for mode 101."""
+        return (self.nx + 1) // 2 if self.packed4bit else self.nx * self.dtype.itemsize
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -79,8 +89,8 @@ class MrcInfo:
 
     @property
     def data_nbytes(self) -> int:
-        """Bytes of data the header announces."""
-        return self.nx * self.ny * self.nz * self.dtype.itemsize
+        """Bytes of data the header announces (as stored: packed for mode 101)."""
+        return self.row_nbytes * self.ny * self.nz
 
 
 def _import_mrcfile():
@@ -115,10 +125,10 @@ def _plausible(header, size: int) -> bool:
         nsymbt = int(header.nsymbt)
     except (ValueError, OverflowError):
         return False
-    if mode not in (0, 1, 2, 4, 6, 12) or min(nx, ny, nz) < 1 or max(nx, ny, nz) > 10**6 or nsymbt < 0:
+    if mode not in (0, 1, 2, 4, 6, 12, MODE_4BIT) or min(nx, ny, nz) < 1 or max(nx, ny, nz) > 10**6 or nsymbt < 0:
         return False
-    itemsize = {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}[mode]
-    return size == _HEADER_BYTES + nsymbt + nx * ny * nz * itemsize
+    row = (nx + 1) // 2 if mode == MODE_4BIT else nx * {0: 1, 1: 2, 2: 4, 4: 8, 6: 2, 12: 2}[mode]
+    return size == _HEADER_BYTES + nsymbt + row * ny * nz
 
 
 def _read_header(path: str, size: int):
@@ -151,7 +161,7 @@ def _read_header(path: str, size: int):
         mode = -1
     if "mode" in reason.lower() or mode not in _MODE_NAMES:
         raise FileFormatError(f"{path} has an unsupported MRC data mode {mode} ({reason}); supported modes: "
-                              "0 int8, 1 int16, 2 float32, 4 complex64, 6 uint16, 12 float16")
+                              f"{_SUPPORTED}")
     raise FileFormatError(f"{path} has an invalid MRC header: {reason}")
 
 
@@ -178,13 +188,13 @@ def mrc_info(path: str | os.PathLike) -> MrcInfo:
     size = _check_exists(path)
     header = _read_header(path, size)
     mrcfile = _import_mrcfile()
+    packed = int(header.mode) == MODE_4BIT
     try:
-        dtype = mrcfile.utils.data_dtype_from_header(header)
+        dtype = np.dtype(np.uint8) if packed else mrcfile.utils.data_dtype_from_header(header)
     except ValueError:
         mode = int(header.mode)
         raise FileFormatError(f"{path} has an unsupported MRC data mode {mode} "
-                              f"({_MODE_NAMES.get(mode, 'unknown')}); supported modes: 0 int8, 1 int16, "
-                              "2 float32, 4 complex64, 6 uint16, 12 float16") from None
+                              f"({_MODE_NAMES.get(mode, 'unknown')}); supported modes: {_SUPPORTED}") from None
     nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
     if min(nx, ny, nz) < 1:
         raise FileFormatError(f"{path} has an invalid MRC header: dimensions nx={nx}, ny={ny}, nz={nz} "
@@ -192,11 +202,12 @@ def mrc_info(path: str | os.PathLike) -> MrcInfo:
     offset = _HEADER_BYTES + int(header.nsymbt)
     info = MrcInfo(path=path, nx=nx, ny=ny, nz=nz, dtype=dtype, voxel_size_A=_voxel_size_from_header(header),
                    is_stack=(int(header.ispg) == 0 and nz > 1) or path.lower().endswith(".mrcs"),
-                   data_offset=offset, origin_A=_origin_from_header(header))
+                   data_offset=offset, origin_A=_origin_from_header(header), packed4bit=packed)
     have = size - offset
     if have < info.data_nbytes:
+        kind = "4-bit" if packed else dtype.name
         raise FileFormatError(
-            f"{path} is truncated: the header says {nx}x{ny}x{nz} {dtype.name} values ({info.data_nbytes} bytes "
+            f"{path} is truncated: the header says {nx}x{ny}x{nz} {kind} values ({info.data_nbytes} bytes "
             f"of data after the {offset}-byte header) but the file has {max(have, 0)} bytes of data; "
             "the copy or the export was interrupted: copy or write it again")
     if have > info.data_nbytes:
@@ -250,14 +261,44 @@ def open_stack(path: str | os.PathLike) -> np.memmap:
         A single image gives n = 1; a volume gives its z slices.
     """
     info = mrc_info(path)
+    if info.packed4bit:  # cannot be mapped unpacked
+        return unpack_4bit(_memmap(info, (info.nz, info.ny, info.row_nbytes)), info.nx)
     return _memmap(info, (info.nz, info.ny, info.nx))
 
 
 def _memmap(info: MrcInfo, shape) -> np.memmap:
     try:
-        return np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.data_offset, shape=shape)
+        dtype = np.uint8 if info.packed4bit else info.dtype
+        return np.memmap(info.path, dtype=dtype, mode="r", offset=info.data_offset, shape=shape)
     except (OSError, ValueError) as exc:
         raise FileFormatError(f"cannot memory-map {info.path}: {exc}") from None
+
+
+def unpack_4bit(packed: np.ndarray, nx: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Unpack MRC mode-101 data (two 4-bit pixels per byte) into one uint8 per pixel.
+
+    Parameters
+    ----------
+    packed : uint8 array (..., ny, (nx + 1) // 2)
+        Stored rows; in each byte the first pixel (lower x) is in the low 4 bits, the second in the
+        high 4 bits; with an odd ``nx`` the high 4 bits of each row's last byte are padding.
+    nx : int
+        Pixels per row.
+    out : uint8 array (..., ny, nx), optional
+        Destination (e.g. a pinned buffer).
+
+    Returns
+    -------
+    uint8 array (..., ny, nx), values 0 to 15.
+    """
+    packed = np.asarray(packed)
+    if packed.shape[-1] != (nx + 1) // 2:
+        raise ValueError(f"4-bit rows of {packed.shape[-1]} bytes do not hold {nx} pixels")
+    if out is None:
+        out = np.empty(packed.shape[:-1] + (nx,), dtype=np.uint8)
+    np.bitwise_and(packed, 0x0F, out=out[..., 0::2])
+    np.right_shift(packed[..., :nx // 2], 4, out=out[..., 1::2])
+    return out
 
 
 def read_mrc(path: str | os.PathLike, *, mmap: bool = False) -> Tuple[np.ndarray, Optional[float]]:
@@ -291,6 +332,9 @@ def read_mrc(path: str | os.PathLike, *, mmap: bool = False) -> Tuple[np.ndarray
     mrcfile.open, mrcfile.mmap
     """
     info = mrc_info(path)
+    if info.packed4bit:
+        data = open_stack(path).reshape(info.shape)
+        return (data if mmap else data.astype(np.float32)), info.voxel_size_A
     data = _memmap(info, info.shape)
     if mmap:
         return data, info.voxel_size_A

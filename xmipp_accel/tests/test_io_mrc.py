@@ -149,9 +149,9 @@ def test_unsupported_mode(tmp_path):
     path = tmp_path / "mode.mrc"
     write_mrc(path, np.ones((2, 4, 4), np.float32), 1.0)
     raw = bytearray(path.read_bytes())
-    raw[12:16] = np.array([101], dtype="<i4").tobytes()  # mode 101: 4-bit packed, not supported
+    raw[12:16] = np.array([16], dtype="<i4").tobytes()  # mode 16: RGB, not supported (101 is: test_movie_formats)
     path.write_bytes(bytes(raw))
-    with pytest.raises(FileFormatError, match=r"mode.mrc has an unsupported MRC data mode 101"):
+    with pytest.raises(FileFormatError, match=r"mode.mrc has an unsupported MRC data mode 16"):
         read_mrc(path)
 
 
