@@ -39,7 +39,8 @@ import numpy as np
 from xmipp_accel.em.geometry import angular_distance_deg
 from xmipp_accel.em.synthetic import make_particles, phantom_volume
 from xmipp_accel import backend
-from xmipp_accel.gpu.align.projmatch import ProjectionMatcher, global_search_flops
+from xmipp_accel.gpu.align.projmatch import ProjectionMatcher
+from xmipp_accel.gpu.align.search_plan import global_search_flops
 
 CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amplitude_contrast")
 SETUPS = {128: dict(pixel_size_A=2.0, max_res_A=6.0), 300: dict(pixel_size_A=1.0, max_res_A=4.0)}

@@ -43,7 +43,8 @@ from xmipp_accel.gpu.refine import lowpass_volume, soft_spherical_mask  # noqa: 
 from xmipp_accel.gpu.resolution.fsc import fsc, resolution_at  # noqa: E402
 from xmipp_accel.io.images import write_stack  # noqa: E402
 from xmipp_accel.io.mrc import read_mrc, write_mrc  # noqa: E402
-from xmipp_accel.io.star import read_particles, read_star, write_particles_from_arrays  # noqa: E402
+from xmipp_accel.io.particles import read_particles, write_particles_from_arrays  # noqa: E402
+from xmipp_accel.io.star import read_star  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ data

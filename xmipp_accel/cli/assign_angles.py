@@ -362,7 +362,7 @@ def _batch_size(args, box: int, devices) -> int:
             raise InputError(f"--batch must be at least 1, got {args.batch}")
         return int(args.batch)
     from ..em.sampling import sphere_sampling
-    from ..gpu.align.projmatch import default_batch_size
+    from ..gpu.align.search_plan import default_batch_size
     n_dir = len(sphere_sampling(args.angular_step, args.sym)[0])
     with devices[0]:
         return default_batch_size(box, n_dir, devices[0].xp)

@@ -113,7 +113,7 @@ def test_gpu_correct_local_motion_same_result_for_any_block(tmp_cache):
 
 def test_angular_search_sizes_come_from_the_fft_advisor():
     from xmipp_accel.gpu.align.polar import CentralSlicer, good_size
-    from xmipp_accel.gpu.align.projmatch import plan_search
+    from xmipp_accel.gpu.align.search_plan import plan_search
     for n in (16, 22, 70, 130, 187, 361):
         assert good_size(n) == good_fft_size(n, multiple_of=2)
         assert good_size(n) >= n and good_size(n) % 2 == 0 and is_smooth(good_size(n))

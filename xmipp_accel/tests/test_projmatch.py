@@ -12,7 +12,8 @@ from xmipp_accel.em.synthetic import make_particles, phantom_volume
 from xmipp_accel import backend
 from xmipp_accel.gpu.align.polar import (CentralSlicer, centred_rfft2, fourier_crop, halfplane_points,
                                          oversampled_spectrum, polar_points, sample_rfft, shift_phases)
-from xmipp_accel.gpu.align.projmatch import ProjectionMatcher, ctf_values, global_search_flops, plan_search
+from xmipp_accel.gpu.align.projmatch import ProjectionMatcher
+from xmipp_accel.gpu.align.search_plan import ctf_values, global_search_flops, plan_search
 from xmipp_accel.gpu.align.refine import local_rotations, refine_candidates, RefineLevel
 
 CTF_KEYS = ("defocus_u_A", "defocus_v_A", "defocus_angle_deg", "voltage_kV", "cs_mm", "amplitude_contrast")

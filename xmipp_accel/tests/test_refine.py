@@ -195,7 +195,7 @@ def test_real_trpv1_particles(shared_data, tmp_path, capsys):
 def test_xmipp_metadata_input_gives_the_star_result(small, tmp_path, capsys):
     """The same particles as Xmipp .xmd (shifts in px, Xmipp labels) refine exactly as from the STAR file, and
     the refined particles come back as .xmd too."""
-    from xmipp_accel.io.star import write_particles
+    from xmipp_accel.io.particles import write_particles
     folder, (star, init, _, _) = small
     xmd = os.path.join(folder, "parts.xmd")
     write_particles(xmd, read_particles(star))

@@ -20,7 +20,8 @@ from xmipp_accel.gpu.align.polar import fourier_crop
 from xmipp_accel.gpu.refine import lowpass_volume, soft_spherical_mask
 from xmipp_accel.io.images import write_stack
 from xmipp_accel.io.mrc import read_mrc, write_mrc
-from xmipp_accel.io.star import read_particles, read_star, write_star
+from xmipp_accel.io.particles import read_particles
+from xmipp_accel.io.star import read_star, write_star
 
 CROP = 4
 SETS = {  # name: (STAR under star-variants/, particle diameter in Å)

@@ -28,7 +28,8 @@ import numpy as np
 
 from ... import backend
 from ._fft import fast_size
-from .global_align import correlate_pairs, correlation_spectra, frame_pairs, solve_relative_shifts_batched
+from .global_align import correlate_pairs, correlation_spectra, frame_pairs
+from .shift_solver import solve_relative_shifts_batched
 
 __all__ = ["PATCH_SIZE_A", "MIN_PEAK_Z", "MIN_PATCH_PX", "max_patches", "patch_starts", "patch_size_px",
            "temporal_average", "LocalAlignment", "estimate_local_shifts"]
