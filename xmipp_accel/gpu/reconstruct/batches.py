@@ -22,7 +22,8 @@ import numpy as np
 from ... import backend
 from ...errors import InputError
 from ..runtime.pipeline import Pipeline, WorkerContext
-from .fourier import FourierAccumulator, FourierReconstructor, ReconstructionSettings, fourier_grid, packed_projections
+from . import fourier
+from .fourier import FourierAccumulator, FourierReconstructor, ReconstructionSettings, fourier_grid
 from .insert import packed_width
 
 __all__ = ["ParticleBatch", "ReconstructionResult", "batches_from_arrays", "default_batch_size", "reconstruct",
@@ -183,9 +184,9 @@ class _DeviceState:
         if self.check_finite:   # on the device, read back once at the end
             self.finite_checks.append((part.first_index, cp.isfinite(images).all(axis=(1, 2))))
         settings = self.rec.settings
-        packed = packed_projections(images, self.rec.grid, shifts_px=part.shifts_px, ctf=part.ctf,
-                                    pixel_size_A=self.rec.pixel_size_A, ctf_mode=settings.ctf_mode,
-                                    ctf_premultiplied=settings.ctf_premultiplied, blob=settings.blob)
+        packed = fourier.packed_projections(images, self.rec.grid, shifts_px=part.shifts_px, ctf=part.ctf,
+                                            pixel_size_A=self.rec.pixel_size_A, ctf_mode=settings.ctf_mode,
+                                            ctf_premultiplied=settings.ctf_premultiplied, blob=settings.blob)
         try:
             self.rec.insert_transforms(packed, None, part.matrices, part.subset, packed=True)
         except Exception as exc:  # past this point a retry would insert twice
