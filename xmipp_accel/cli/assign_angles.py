@@ -228,8 +228,11 @@ def _check_deep_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..em.symmetry import symmetry_matrices
     from ..gpu.runtime.mpi import mpi_context
+    from ..io.atomic import check_outputs
     from ..io.particles import write_particles
     symmetry_matrices(args.sym)  # unknown names fail here, before any work
+    check_outputs([args.output], folders=[args.model_dir or _default_model_dir(args.output)]
+                  if args.method == "deepalign" else ())
     if not 0 < args.angular_step <= 90:
         raise InputError(f"--angular-step must be in (0, 90] degrees, got {args.angular_step}")
     if args.method == "deepalign":

@@ -224,8 +224,10 @@ def resolutions_of(result, pixel_size_A: float, sym_order: int = 1) -> Tuple[Dic
 
 def main(args: argparse.Namespace) -> int:
     from ..gpu.resolution.fsc import fsc, masked_fsc_corrected, resolution_at
+    from ..io.atomic import check_outputs
 
     sym_order = symmetry_order(args.sym)
+    check_outputs([p for p in (args.output, args.xml, args.plot) if p])   # before any work
     h1, h2, m, pixel = read_half_maps(args.half1, args.half2, args.mask, args.pixel_size)
     device = resolve_devices(args)[0]
     logger.info("FSC of %s and %s (%s, %.4f Å/px) on %s", os.path.basename(args.half1), os.path.basename(args.half2),

@@ -66,12 +66,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
 
 
+def _average_map_name(output: str) -> str:
+    """Where the average of the half maps goes when the ChimeraX script needs a surface map."""
+    return os.path.splitext(output)[0] + "_halves_average.mrc"
+
+
 def main(args: argparse.Namespace) -> int:
     from ..gpu.resolution.local import local_resolution
+    from ..io.atomic import check_outputs
     from ..io.mrc import mrc_info, write_mrc
 
     if not args.output.lower().endswith((".mrc", ".map")):
         raise InputError(f"-o {args.output}: the local resolution map is written as MRC; give a .mrc name")
+    check_outputs([p for p in (args.output, args.plot, args.chimerax,
+                               args.chimerax and not args.map and _average_map_name(args.output)) if p])
     h1, h2, m, pixel = read_half_maps(args.half1, args.half2, args.mask, args.pixel_size)
     device = resolve_devices(args)[0]
     logger.info("local resolution of %s and %s (%s px, %.4f Å/px, window %g periods) on %s",
@@ -110,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
         from ..plots import chimerax_local_resolution_script
         surface_map = args.map
         if surface_map is None:
-            surface_map = os.path.splitext(args.output)[0] + "_halves_average.mrc"
+            surface_map = _average_map_name(args.output)
             write_mrc(surface_map, 0.5 * (h1 + h2), pixel, origin_A=origin)
             outputs["average"] = surface_map
         chimerax_local_resolution_script(surface_map, args.output, args.chimerax,

@@ -168,29 +168,17 @@ def _batches(pset, indices: np.ndarray, batch: int, pixel_size_A: float, subsets
 
 
 def _write_outputs(paths: dict, result, pixel_size_A: float, fsc_table) -> None:
-    """Write every output under a temporary name first, then rename them all (nothing half-written)."""
+    """Write the maps and the FSC all or nothing (:func:`xmipp_accel.io.atomic.write_outputs`)."""
+    from ..io.atomic import write_outputs
     from ..io.mrc import write_mrc
     from ..io.star import write_star
-    tmp = {}
-    try:
-        for key, path in paths.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            stem, ext = os.path.splitext(os.path.basename(path))
-            tmp[key] = os.path.join(folder, f".{stem}.partial-{os.getpid()}{ext}")
-            if key == "fsc":
-                write_star(tmp[key], {"fsc": fsc_table})
-            else:
-                data = {"volume": result.volume, "half1": result.half1, "half2": result.half2}[key]
-                write_mrc(tmp[key], data, pixel_size_A)
-        for key, path in paths.items():
-            os.replace(tmp[key], path)
-    except OSError as exc:
-        raise InputError(f"cannot write the outputs ({exc}); nothing was written") from None
-    finally:
-        for t in tmp.values():
-            if os.path.exists(t):
-                os.remove(t)
+    maps = {"volume": result.volume, "half1": result.half1, "half2": result.half2}
+
+    def writer(key):
+        if key == "fsc":
+            return lambda tmp: write_star(tmp, {"fsc": fsc_table})
+        return lambda tmp: write_mrc(tmp, maps[key], pixel_size_A)
+    write_outputs({path: writer(key) for key, path in paths.items()})
 
 
 def fsc_table(half1: np.ndarray, half2: np.ndarray, pixel_size_A: float):
@@ -217,6 +205,7 @@ def main(args: argparse.Namespace) -> int:
     from ..gpu.reconstruct.batches import default_batch_size, reconstruct_batches
     from ..gpu.reconstruct.fourier import group_matrices, resolve_interp
     from ..gpu.runtime.mpi import mpi_context
+    from ..io.atomic import check_outputs
     t_start = time.perf_counter()
     ctx = mpi_context()
     group_matrices(args.sym)                 # an unknown symmetry fails before any reading
@@ -228,6 +217,7 @@ def main(args: argparse.Namespace) -> int:
     if box < 8:
         raise InputError(f"{args.particles}: box size {box} px is too small to reconstruct (need >= 8)")
     paths = output_paths(args.output, args.halves)
+    check_outputs(paths.values())             # before any work (io.atomic: the one way to write outputs)
     subsets = None
     if args.halves:
         subsets = pset.subset

@@ -275,6 +275,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pset, px, box = _load(args)
     _check_args(args, box, px)
+    from ..io.atomic import check_outputs
+    check_outputs(folders=[args.output])       # before any work
     ctf = _ctf(pset, args)
     initial, notes = _initial_volume(args, box, px)
     mask = _user_mask(args, box)

@@ -4,17 +4,25 @@ Every writer in :mod:`xmipp_accel.io` goes through :func:`atomic_write`, so an
 interrupted or failed write never leaves a half-written output under the final
 name (a reader, or Scipion polling the folder, sees either the old file or the
 complete new one).
+
+The one way a command writes its outputs:
+
+1. :func:`check_outputs` before any work: every output file (and folder) can be written, or an
+   :class:`~xmipp_accel.errors.InputError` names the path and the fix (no pose is computed, no map
+   reconstructed, for a file that cannot be saved);
+2. :func:`write_outputs` after the work: each output written under a temporary name, then all renamed;
+   a failure removes the temporary files and says that nothing was written.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import uuid
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from ..errors import InputError
 
-__all__ = ["atomic_write", "check_writable"]
+__all__ = ["atomic_write", "check_writable", "check_outputs", "write_outputs"]
 
 
 @contextlib.contextmanager
@@ -104,3 +112,49 @@ def check_writable(path: str | os.PathLike, *, folder: bool = True) -> str:
         raise InputError(f"cannot write {path}: {what} is not writable (permission denied); "
                          "choose another output folder or fix its permissions")
     return path
+
+
+def check_outputs(files: Iterable[str | os.PathLike] = (), folders: Iterable[str | os.PathLike] = ()) -> None:
+    """Check, before any work, that each output file and output folder can be written; creates nothing.
+
+    Raises :class:`~xmipp_accel.errors.InputError` naming the first path that cannot be written
+    (:func:`check_writable`).
+    """
+    for path in files:
+        check_writable(path, folder=False)
+    for path in folders:
+        check_writable(path, folder=True)
+
+
+def write_outputs(writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Write several outputs all or nothing: each under a temporary name, then all renamed.
+
+    Parameters
+    ----------
+    writers : mapping of final path -> function writing that output to the path it is given
+        (a temporary name beside the final one, with the same extension).
+
+    Raises
+    ------
+    InputError
+        When a file cannot be written (permissions, disk full): the temporary files are removed and
+        the message says that nothing was written; outputs of an earlier run are left as they were.
+    """
+    temporary = {}
+    try:
+        for path in writers:
+            path = os.fspath(path)
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            stem, ext = os.path.splitext(os.path.basename(path))
+            temporary[path] = os.path.join(folder, f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
+        for path, write in writers.items():
+            write(temporary[os.fspath(path)])
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"cannot write the outputs ({exc}); nothing was written") from None
+    finally:
+        for tmp in temporary.values():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
