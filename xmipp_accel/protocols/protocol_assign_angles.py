@@ -167,14 +167,7 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
         return errors
 
     def _warnings(self):
-        warnings = []
-        particles, volume = self.inputParticles.get(), self.inputVolume.get()
-        if particles is not None and volume is not None:
-            ps, vs = particles.getSamplingRate(), volume.getSamplingRate()
-            if abs(ps - vs) > 0.01 * ps or particles.getXDim() != volume.getXDim():
-                warnings.append(f"The reference ({volume.getXDim()} px, {vs:.3f} Å/px) differs from the "
-                                f"particles ({particles.getXDim()} px, {ps:.3f} Å/px): it will be resampled.")
-        return warnings
+        return self._resamplingWarnings(self.inputParticles.get(), self.inputVolume.get(), "The reference")
 
     def _summary(self):
         if not self.hasAttribute("outputParticles"):

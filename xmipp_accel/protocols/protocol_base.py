@@ -153,6 +153,17 @@ class XmippAccelProtBase:
         return f"{float(fsc.calculateResolution(threshold, 4)):.2f} Å"
 
     @staticmethod
+    def _resamplingWarnings(particles, volume, what: str = "The reference") -> list:
+        """A warning when a map's box or pixel size differs from the particles' (the CLI resamples it)."""
+        if particles is None or volume is None:
+            return []
+        ps, vs = particles.getSamplingRate(), volume.getSamplingRate()
+        if abs(ps - vs) > 0.01 * ps or particles.getXDim() != volume.getXDim():
+            return [f"{what} ({volume.getXDim()} px, {vs:.3f} Å/px) differs from the particles "
+                    f"({particles.getXDim()} px, {ps:.3f} Å/px): it will be resampled."]
+        return []
+
+    @staticmethod
     def _readJson(path: str) -> dict:
         if not os.path.exists(path):
             return {}

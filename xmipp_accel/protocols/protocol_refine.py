@@ -201,14 +201,7 @@ class XmippAccelProtRefine3D(XmippAccelProtBase, ProtRefine3D):
         return errors
 
     def _warnings(self):
-        warnings = []
-        particles, volume = self.inputParticles.get(), self.inputVolume.get()
-        if particles is not None and volume is not None:
-            ps, vs = particles.getSamplingRate(), volume.getSamplingRate()
-            if abs(ps - vs) > 0.01 * ps or particles.getXDim() != volume.getXDim():
-                warnings.append(f"The initial model ({volume.getXDim()} px, {vs:.3f} Å/px) differs from the "
-                                f"particles ({particles.getXDim()} px, {ps:.3f} Å/px): it will be resampled.")
-        return warnings
+        return self._resamplingWarnings(self.inputParticles.get(), self.inputVolume.get(), "The initial model")
 
     def _summary(self):
         if not self.hasAttribute("outputVolume"):

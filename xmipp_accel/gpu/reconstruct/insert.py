@@ -185,6 +185,15 @@ def _blob_lookup(blob: KaiserBesselBlob, blob_mode: str, table_size: int):
     return lookup
 
 
+
+def insertion_entries(matrices, image_index) -> tuple:
+    """``(n, 3, 3)`` float64 rotations and ``(n,)`` int64 image indices of the entries to insert, checked."""
+    matrices = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
+    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+    if matrices.shape[0] != image_index.shape[0]:
+        raise ValueError(f"{matrices.shape[0]} matrices but {image_index.shape[0]} image indices")
+    return matrices, image_index
+
 def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, proj_weight: Optional[np.ndarray],
                         matrices: np.ndarray, image_index: np.ndarray, grid: FourierGrid,
                         blob: KaiserBesselBlob = KaiserBesselBlob(), *, blob_mode: str = "table",
@@ -215,10 +224,7 @@ def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, 
     """
     if blob_mode not in BLOB_MODES:
         raise ValueError(f"blob_mode must be one of {BLOB_MODES}, got {blob_mode!r}")
-    matrices = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
-    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
-    if matrices.shape[0] != image_index.shape[0]:
-        raise ValueError(f"{matrices.shape[0]} matrices but {image_index.shape[0]} image indices")
+    matrices, image_index = insertion_entries(matrices, image_index)
     if matrices.shape[0] == 0:
         return
     M, Mh = grid.padded_box, grid.half

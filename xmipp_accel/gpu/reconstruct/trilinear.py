@@ -40,7 +40,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .insert import FourierGrid
+from .insert import FourierGrid, insertion_entries
 
 __all__ = ["HalfPlane", "half_plane", "half_plane_values", "insert_trilinear_numpy",
            "trilinear_gridding_correction", "INTERP_MODES"]
@@ -189,10 +189,7 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
     -----
     The sums are done in float64 and added to the accumulators once per call.
     """
-    matrices = np.asarray(matrices, dtype=np.float64).reshape(-1, 3, 3)
-    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
-    if matrices.shape[0] != image_index.shape[0]:
-        raise ValueError(f"{matrices.shape[0]} matrices but {image_index.shape[0]} image indices")
+    matrices, image_index = insertion_entries(matrices, image_index)
     if matrices.shape[0] == 0:
         return
     hp = half_plane(grid)
