@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import InputError
-from .common import add_common_args, emit_result, resolve_devices
+from .common import add_common_args, add_path_args, emit_result, resolve_devices
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -46,6 +46,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--scipion", action="store_true",
                         help="run the chain as a scripted Scipion project (needs scipion-em)")
+    add_path_args(parser, datadir=False)
     add_common_args(parser)
 
 
@@ -74,7 +75,8 @@ def _make_dataset(args, box: int, n: int, outdir: str, xp) -> dict:
         angles_deg=np.stack([truth["rot"], truth["tilt"], truth["psi"]], axis=1),
         origins_A=np.stack([truth["origin_x_A"], truth["origin_y_A"]], axis=1),
         ctf=ctf, voltage_kV=truth["voltage_kV"], cs_mm=truth["cs_mm"],
-        amplitude_contrast=truth["amplitude_contrast"], subset=truth["subset"])
+        amplitude_contrast=truth["amplitude_contrast"], subset=truth["subset"],
+        absolute_paths=args.absolute_paths)
     return {"truth_map": truth_path, "particles": star_path, "stack": stack_path}
 
 
