@@ -49,7 +49,7 @@ def side_by_side(box: int, cores, repeats: int) -> dict:
                         d, cores, repeats)
     summary = sbs.last_json(run["stdout"])
     out = {"box": box, "dir": d,
-           "ours": {"seconds": run["seconds"], "compute_seconds": summary["seconds"],
+           "ours": {"seconds": run["seconds"], "cpu_seconds": run["cpu_seconds"], "compute_seconds": summary["seconds"],
                     "resolution_A": summary["resolution_A"],
                     "resolution_A_relion_rule": summary["resolution_A_relion_rule"]}}
     exe = sbs.relion("relion_postprocess")
@@ -60,7 +60,8 @@ def side_by_side(box: int, cores, repeats: int) -> dict:
         general = read_star(os.path.join(d, "pp", "postprocess.star"))["general"]
         value = general["rlnFinalResolution"]
         value = value[0] if isinstance(value, (list, tuple, np.ndarray)) else value
-        out["relion"] = {"seconds": run["seconds"], "resolution_A_relion_rule": float(value)}
+        out["relion"] = {"seconds": run["seconds"], "cpu_seconds": run["cpu_seconds"],
+                         "resolution_A_relion_rule": float(value)}
     return out
 
 
@@ -77,13 +78,14 @@ def main() -> None:
               "runs": [side_by_side(n, cores, args.repeats) for n in args.boxes]}
     print(f"masked + phase-randomised FSC, {len(cores)} cores of {result['cpu']}")
     print(f"{'box':>4s} {'ours (s)':>9s} {'(compute)':>9s} {'RELION (s)':>10s} {'RELION/ours':>11s} "
-          f"{'ours 0.143 (Å)':>14s} {'ours, RELION rule':>17s} {'RELION (Å)':>10s}")
+          f"{'CPU s ours | RELION':>20s} {'ours 0.143 (Å)':>14s} {'ours, RELION rule':>17s} {'RELION (Å)':>10s}")
     for r in result["runs"]:
         o, rel = r["ours"], r.get("relion")
         rel_s = f"{rel['seconds']:10.2f}" if rel else f"{'-':>10s}"
         ratio = f"{rel['seconds'] / o['seconds']:11.1f}" if rel else f"{'-':>11s}"
         rel_a = f"{rel['resolution_A_relion_rule']:10.3f}" if rel else f"{'-':>10s}"
-        print(f"{r['box']:4d} {o['seconds']:9.2f} {o['compute_seconds']:9.2f} {rel_s} {ratio} "
+        cpu = f"{o['cpu_seconds']:9.2f} | {rel['cpu_seconds']:8.2f}" if rel else f"{o['cpu_seconds']:9.2f} | {'-':>8s}"
+        print(f"{r['box']:4d} {o['seconds']:9.2f} {o['compute_seconds']:9.2f} {rel_s} {ratio} {cpu:>20s} "
               f"{o['resolution_A']:14.3f} {o['resolution_A_relion_rule']:17.3f} {rel_a}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -341,7 +341,17 @@ def _host_shell_index_and_count(shape: Tuple[int, int, int]) -> Tuple[np.ndarray
     """NumPy shell index (flat, intp) and per-shell voxel counts (Hermitian-weighted) of an unconed shape,
     memoised: the masked, corrected FSC sums the same shells three times."""
     nshell = _n_ref(shape) // 2 + 1
-    idx = _shell_index(shape, np).ravel().astype(np.intp)
+    if len(set(shape)) == 1:
+        # cubic: the scaled frequencies are integers, so round(sqrt(k²)) is a table lookup on the integer
+        # k² (the same float64 sqrt of the same exact values as _shell_index, so the same indices)
+        k = np.arange(shape[0])
+        k = np.where(2 * k < shape[0], k, k - shape[0]).astype(np.int32)
+        kx = np.arange(shape[2] // 2 + 1, dtype=np.int32)
+        r2 = (k[:, None, None] ** 2 + k[None, :, None] ** 2) + kx[None, None, :] ** 2
+        table = np.floor(np.sqrt(np.arange(int(r2.max()) + 1, dtype=np.float64)) + 0.5).astype(np.intp)
+        idx = np.minimum(table, nshell)[r2].ravel()
+    else:
+        idx = _shell_index(shape, np).ravel().astype(np.intp)
     w = _hermitian_weight(shape, np, np.float64)
     weights = np.broadcast_to(w[None, None, :], _rfft_shape(shape)).ravel()
     count = np.bincount(idx, weights=weights, minlength=nshell + 1)[:nshell]
