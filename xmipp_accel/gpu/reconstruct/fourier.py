@@ -40,7 +40,8 @@ from .blob import KaiserBesselBlob
 from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu,
                      symmetrize_fourier_volume)
 from .insert_tuning import replica_count  # noqa: F401  (part of this module's API)
-from .trilinear import INTERP_MODES, half_plane_values, insert_trilinear_numpy, trilinear_gridding_correction
+from .trilinear import (INTERP_MODES, TrilinearSums, half_plane_values, insert_trilinear_numpy,
+                        trilinear_gridding_correction)
 
 __all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "FourierAccumulator", "FourierReconstructor",
            "padded_box", "fourier_grid", "projection_transforms", "finish_volume", "group_matrices", "replica_count",
@@ -346,12 +347,15 @@ class FourierAccumulator:
     count : int, particles inserted.
     replicas : (data, weight) stacks ``(R, M, M, M//2+1)`` whose first element is ``data``/``weight``,
         or None. The GPU kernel inserts into all ``R`` in parallel; :meth:`collapse` sums them.
+    pending : .trilinear.TrilinearSums or None
+        Trilinear scatter sums not yet added (CPU); :meth:`collapse` adds them.
     """
 
     data: object
     weight: object
     count: int = 0
     replicas: Optional[tuple] = None
+    pending: Optional[TrilinearSums] = None
 
     @classmethod
     def zeros(cls, grid: FourierGrid, xp, replicas: int = 1) -> FourierAccumulator:
@@ -367,7 +371,9 @@ class FourierAccumulator:
         return self.replicas if self.replicas is not None else (self.data, self.weight)
 
     def collapse(self) -> None:
-        """Add the replicas into ``data``/``weight`` and clear them (no-op without replicas)."""
+        """Add the replicas (and pending trilinear sums) into ``data``/``weight`` and clear them."""
+        if self.pending is not None:
+            self.pending.flush(self.data, self.weight)
         if self.replicas is None:
             return
         d, w = self.replicas
@@ -476,7 +482,10 @@ class FourierReconstructor:
                 insert_packed_gpu(target_d, target_w, ft, mats[sel], idx[sel], self.grid, self.settings.blob,
                                   blob_mode=self.settings.blob_mode, tuning=self.tuning)
             elif self.settings.interp == "trilinear":
-                insert_trilinear_numpy(target_d, target_w, ft, weight, mats[sel], idx[sel], self.grid)
+                if acc.pending is None:
+                    acc.pending = TrilinearSums(self.grid)
+                insert_trilinear_numpy(target_d, target_w, ft, weight, mats[sel], idx[sel], self.grid,
+                                       sums=acc.pending)
             else:
                 insert_gather(target_d, target_w, ft, weight, mats[sel], idx[sel], self.grid, self.settings.blob,
                               blob_mode=self.settings.blob_mode, tuning=self.tuning)

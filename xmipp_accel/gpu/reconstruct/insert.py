@@ -329,34 +329,44 @@ def symmetrize_fourier_volume_numpy(data: np.ndarray, weight: np.ndarray, sym_ma
     (data, weight) : new arrays of the inputs' dtypes; trilinear interpolation, Hermitian
     mates read for points of negative x, zero outside the voxels that take part.
     """
-    M, Mh, K = grid.padded_box, grid.half, grid.K
+    M, K = grid.padded_box, grid.K
     syms = np.asarray(sym_matrices, dtype=np.float64).reshape(-1, 3, 3)
     flat, k = _sphere_voxels(grid)
-    d_in = data.ravel()
-    w_in = weight.ravel()
+    # the voxels with every component within K, copied into a zero-padded grid [-o, o]² x [0, o] (z, y, x) so
+    # that the taps need no bounds tests: rotated points have |p| <= kmax <= K + 1, taps reach K + 2
+    o = K + 2
+    side, sx = 2 * o + 1, o + 1
+    f = np.fft.fftfreq(M, 1.0 / M).round().astype(np.int64)
+    rows = np.nonzero(np.abs(f) <= K)[0]
+    pad_d = np.zeros((side, side, sx), dtype=data.dtype)
+    pad_w = np.zeros((side, side, sx), dtype=weight.dtype)
+    sel = np.ix_(rows, rows, np.arange(K + 1))
+    dst = np.ix_(f[rows] + o, f[rows] + o, np.arange(K + 1))
+    pad_d[dst] = data[sel]
+    pad_w[dst] = weight[sel]
+    d_in = pad_d.ravel()
+    w_in = pad_w.ravel()
     acc_d = np.zeros(flat.size, dtype=np.complex128)
     acc_w = np.zeros(flat.size, dtype=np.float64)
     kf = k.astype(np.float64)
+    offsets = [dz * side * sx + dy * sx + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
     for g in syms:
         p = kf @ g.T
         neg = p[:, 0] < 0
         p[neg] *= -1.0
         p0 = np.floor(p)
         t = p - p0
-        p0 = p0.astype(np.int64)
-        for dz in (0, 1):
-            for dy in (0, 1):
-                for dx in (0, 1):
-                    cx, cy, cz = p0[:, 0] + dx, p0[:, 1] + dy, p0[:, 2] + dz
-                    w = ((t[:, 0] if dx else 1 - t[:, 0]) * (t[:, 1] if dy else 1 - t[:, 1])
-                         * (t[:, 2] if dz else 1 - t[:, 2]))
-                    ok = (cx <= K) & (np.abs(cy) <= K) & (np.abs(cz) <= K)
-                    j = (np.where(cz < 0, cz + M, cz) * M + np.where(cy < 0, cy + M, cy)) * Mh + cx
-                    j = np.where(ok, j, 0)
-                    w = np.where(ok, w, 0.0)
-                    d = d_in[j]
-                    acc_d += w * np.where(neg, np.conj(d), d)
-                    acc_w += w * w_in[j]
+        u = 1.0 - t
+        base = (((p0[:, 2] + o) * side + (p0[:, 1] + o)) * sx + p0[:, 0]).astype(np.int64)
+        zy = (u[:, 2] * u[:, 1], u[:, 2] * t[:, 1], t[:, 2] * u[:, 1], t[:, 2] * t[:, 1])
+        sd = np.zeros(flat.size, dtype=np.complex128)
+        for c, off in enumerate(offsets):   # corner c = (dz, dy, dx) bits
+            j = base + off
+            w = zy[c >> 1] * (t[:, 0] if c & 1 else u[:, 0])
+            sd += w * d_in[j]
+            acc_w += w * w_in[j]
+        np.conjugate(sd, out=sd, where=neg)
+        acc_d += sd
     out_d = np.zeros_like(data)
     out_w = np.zeros_like(weight)
     out_d.ravel()[flat] = acc_d
