@@ -119,6 +119,13 @@ def output_names(paths: Sequence[str], options: AlignmentOptions) -> Dict[str, s
     folder common to all movies. Raises InputError when the outputs still clash (a movie given twice, or
     ``m.mrcs`` beside ``m_DW.mrcs`` with dose weighting), naming the movies.
     """
+    seen = set()
+    for p in paths:
+        key = os.path.normcase(os.path.realpath(p))
+        if key in seen:
+            raise InputError(f"{p} is given twice: movies would overwrite each other's outputs ("
+                             f"{movie_stem(p)}.mrc...); give each movie once")
+        seen.add(key)
     names = {p: movie_stem(p) for p in paths}
     if not _clashes(names, options):
         return names
@@ -289,12 +296,14 @@ class MovieJob:
 
     def _read(self, path: str, alloc: Callable[..., np.ndarray]) -> dict:
         """Read a movie's frames in their stored dtype into a buffer of the pipeline (pinned on GPUs)."""
+        t0 = time.perf_counter()
         info = movie_info(path)
         start, stop = self._check_movie(info)
         dtype = info.dtype.newbyteorder("=") if info.format == "mrc" else info.dtype
         out = alloc((stop - start, info.ny, info.nx), dtype)
         raw = read_movie_raw(path, (start, stop), out=out, workers=self.settings.read_threads, info=info)
-        return {"raw": raw, "path": path, "frame_shape": info.frame_shape, "movie_frames": info.n_frames}
+        return {"raw": raw, "path": path, "frame_shape": info.frame_shape, "movie_frames": info.n_frames,
+                "read_ms": 1e3 * (time.perf_counter() - t0)}
 
     @staticmethod
     def _setup_refs(refs):
@@ -303,16 +312,22 @@ class MovieJob:
         return setup
 
     def _compute(self, data: dict, ctx) -> dict:
+        t0 = time.perf_counter()
         raw = data.pop("raw")  # the pipeline keeps `data`: drop its reference so device memory can be freed
         result = align_movie(raw, self.options, gain=ctx.state["gain"], dark=ctx.state["dark"],
                              defect_mask=ctx.state["defects"], name=data["path"])
         del raw
+        if ctx.is_gpu:
+            ctx.stream.synchronize()  # the pipeline waits here too: the time is the movie's
         out = _result_dict(result)
+        out["compute_ms"] = 1e3 * (time.perf_counter() - t0)
         out["frame_shape"] = data["frame_shape"]
         out["movie_frames"] = data["movie_frames"]
+        out["read_ms"] = data["read_ms"]
         return out
 
     def _write(self, path: str, res: dict) -> dict:
+        t0 = time.perf_counter()
         ps = float(res["pixel_size_A"])
         files = self.outputs(path)
         written = {}
@@ -333,7 +348,9 @@ class MovieJob:
                 "shifts_px": np.round(np.asarray(res["shifts_px"]), 4).tolist(),
                 "reference_frame": self.first_frame + 1 + int(res["reference_frame"]),
                 "local": bspline is not None, "pixel_size_A": ps, "warnings": res["warnings"],
-                "timings_ms": {k: round(v, 2) for k, v in res["timings_ms"].items()}}
+                "timings_ms": {k: round(v, 2) for k, v in res["timings_ms"].items()},
+                "read_ms": round(res["read_ms"], 2), "compute_ms": round(res["compute_ms"], 2),
+                "write_ms": round(1e3 * (time.perf_counter() - t0), 2)}
 
     # ------------------------------------------------------------------------------------------ run
     def align(self, devices: Sequence[Any], *, ctx: Optional[MPIContext] = None,

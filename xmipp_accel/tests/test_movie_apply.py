@@ -45,6 +45,27 @@ def test_local_correction_of_a_smooth_image_by_a_fractional_shift():
     assert np.abs(out - expect)[4:-4, 4:-4].max() < 5e-3
 
 
+def test_numpy_twin_equals_keys_sampling_with_clamped_indices():
+    """The padded, offset-view gathers of the twin against plain per-pixel Keys sampling (``sample_keys``,
+    indices clamped at every tap) of the same field: shifts up to ~5 px reach past the frame's edges."""
+    from xmipp_accel.em.interpolation import sample_keys
+    from xmipp_accel.gpu.movie.bspline import basis_matrix
+    rng = np.random.default_rng(3)
+    frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
+    m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.0, (4, 4, 5, 2)))
+    hx, hy, _ = m.spacing
+    coef = rng.normal(0, 4.0, m.frame_coefficients().shape).astype(np.float32)   # (N, 2, Ly, Lx), px
+    out = correct_local_motion_reference(frames, coef, (hy, hx), rows_per_chunk=16, workers=2)
+    bx = basis_matrix(np.arange(90.0), coef.shape[-1], hx).astype(np.float32)
+    by = basis_matrix(np.arange(70.0), coef.shape[-2], hy).astype(np.float32)
+    y, x = np.mgrid[0:70, 0:90].astype(np.float32)
+    for f in range(3):
+        sx, sy = by @ (coef[f, 0] @ bx.T), by @ (coef[f, 1] @ bx.T)
+        assert np.abs(sx).max() > 2                                  # the test reaches past the edges
+        expect = sample_keys(frames[f], y - sy, x - sx)
+        np.testing.assert_allclose(out[f], expect, rtol=0, atol=1e-5)   # float32 sums in another order
+
+
 @pytest.mark.gpu
 def test_gpu_kernel_matches_numpy_twin():
     cp = backend.cupy_module()

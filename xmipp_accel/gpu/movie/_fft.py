@@ -15,7 +15,7 @@ from ... import backend
 
 __all__ = ["rfft2", "irfft2", "fast_size", "fast_shape", "rfft_freqs", "fourier_crop_rfft"]
 
-_WORKERS = max(1, os.cpu_count() or 1)
+_WORKERS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def rfft2(x):

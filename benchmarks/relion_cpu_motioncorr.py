@@ -1,0 +1,154 @@
+"""CPU movie alignment side by side: ``xmipp-accel align-movies --device cpu`` and ``relion_run_motioncorr --use_own``.
+
+Both align the same files (``--movies`` distinct synthetic movies from :mod:`xmipp_accel.em.synthetic_movies`,
+default 5 × 1024² × 24 frames, 1 Å/px, 1 e⁻/px per frame, drift ~35 px, doming 2 px, written as float32
+MRC in a project folder), with 3 × 3 patches and dose weighting, on the same ``--cores`` (both pinned with
+``taskset``; RELION ``--j`` threads, ours ``OMP_NUM_THREADS`` and SciPy FFT workers). Per movie:
+
+* ours: read, compute and write time (ms, from ``--json``), and the run's wall per movie including the
+  process start (imports) amortised over the batch;
+* RELION: per-movie time from the modification times of its per-movie STAR files (RELION reports no stage
+  times: read and compute are not separated), and the run's wall per movie;
+* RMS error of the global shifts against the truth (px, each set relative to its mean).
+
+Ours runs twice: with its default correlation resolution (``--max-res 30``, FlexAlign's) and with
+``--max-res 10`` (high frequencies, as RELION's B-factor weighting uses). Prints one table and, with
+``--results FILE``, appends it to FILE (Markdown) with the date, machine and commit.
+
+Usage::
+
+    python benchmarks/relion_cpu_motioncorr.py [--movies 5] [--size 1024] [--frames 24] [--cores 0,1]
+                                               [--workdir /tmp/relion_cpu_mc] [--results benchmarks/results_movie.md]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from xmipp_accel.em.synthetic_movies import make_movie
+from xmipp_accel.io.mrc import write_mrc
+from xmipp_accel.io.relion_motion import read_global_shifts
+from xmipp_accel.io.star import Table, read_star, write_star
+
+PIXEL_A, DOSE, KV = 1.0, 1.0, 300.0
+
+
+def make_project(d: str, n_movies: int, size: int, frames: int) -> list:
+    """Movies/m<i>.mrcs and movies.star in ``d``; returns the true global shifts (px) per movie."""
+    os.makedirs(os.path.join(d, "Movies"), exist_ok=True)
+    truths = []
+    for i in range(n_movies):
+        f, t = make_movie((size, size), frames, dose_per_pixel=DOSE, drift_scale=2.0, doming_px=2.0, seed=11 + i)
+        write_mrc(os.path.join(d, "Movies", f"m{i}.mrcs"), f.astype(np.float32), PIXEL_A)
+        truths.append(t["global_shifts_px"])
+    optics = Table({"rlnOpticsGroupName": np.array(["opticsGroup1"]), "rlnOpticsGroup": np.array([1]),
+                    "rlnMicrographOriginalPixelSize": np.array([PIXEL_A]), "rlnVoltage": np.array([KV]),
+                    "rlnSphericalAberration": np.array([2.7]), "rlnAmplitudeContrast": np.array([0.1])})
+    names = np.array([f"Movies/m{i}.mrcs" for i in range(n_movies)])
+    write_star(os.path.join(d, "movies.star"), {"optics": optics, "movies": Table(
+        {"rlnMicrographMovieName": names, "rlnOpticsGroup": np.ones(n_movies, np.int64)})})
+    return truths
+
+
+def rms_error(shifts: np.ndarray, truth: np.ndarray) -> float:
+    err = (shifts - shifts.mean(0)) - (truth - truth.mean(0))
+    return float(np.sqrt((err ** 2).sum(axis=1).mean()))
+
+
+def _env(cores: str) -> dict:
+    n = len(cores.split(","))
+    return dict(os.environ, OMP_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+
+
+def run_relion(d: str, n_movies: int, cores: str) -> dict:
+    out = os.path.join(d, "MotionCorr")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["taskset", "-c", cores, "relion_run_motioncorr", "--i", "movies.star", "--o", "MotionCorr/", "--use_own",
+           "--j", str(len(cores.split(","))), "--patch_x", "3", "--patch_y", "3", "--bin_factor", "1",
+           "--bfactor", "150", "--dose_weighting", "--dose_per_frame", str(DOSE), "--voltage", str(KV)]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=d, env=_env(cores), check=True, capture_output=True)
+    wall = time.time() - t0
+    stars = [os.path.join(out, "Movies", f"m{i}.star") for i in range(n_movies)]
+    done = [os.path.getmtime(s) for s in stars]
+    per = np.diff([t0] + done)   # movies are processed in order, one after the other
+    return {"wall_s": wall, "per_movie_s": per.tolist(),
+            "shifts": [read_global_shifts(read_star(s))[1] for s in stars]}
+
+
+def run_ours(d: str, n_movies: int, cores: str, max_res: float) -> dict:
+    out = os.path.join(d, f"Ours_{max_res:g}")
+    shutil.rmtree(out, ignore_errors=True)
+    movies = sorted(glob.glob(os.path.join(d, "Movies", "m*.mrcs")), key=lambda p: int(os.path.basename(p)[1:-5]))
+    cmd = ["taskset", "-c", cores, sys.executable, "-m", "xmipp_accel", "align-movies", *movies, "-o", out,
+           "--patches", "3x3", "--dose-per-frame", str(DOSE), "--voltage", str(KV), "--max-res", str(max_res),
+           "--device", "cpu", "--json", "-q"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=d, env=_env(cores), check=True, capture_output=True, text=True)
+    wall = time.time() - t0
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    ms = summary["movies"]
+    return {"wall_s": wall, "read_s": [m["read_ms"] / 1e3 for m in ms],
+            "compute_s": [m["compute_ms"] / 1e3 for m in ms], "write_s": [m["write_ms"] / 1e3 for m in ms],
+            "pipeline_s": summary["pipeline_seconds"],
+            "shifts": [np.asarray(m["shifts_px"]) for m in ms]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--movies", type=int, default=5)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--cores", default="0,1", help="CPU cores for both programs (taskset list)")
+    ap.add_argument("--workdir", default="/tmp/relion_cpu_mc")
+    ap.add_argument("--results", default=None, help="append the table to this Markdown file")
+    args = ap.parse_args(argv)
+    d = os.path.abspath(args.workdir)
+    truths = make_project(d, args.movies, args.size, args.frames)
+    relion = run_relion(d, args.movies, args.cores)
+    ours = {r: run_ours(d, args.movies, args.cores, r) for r in (30.0, 10.0)}
+    n = args.movies
+    lines = [f"CPU movie alignment, {n} movies {args.size}² × {args.frames} (1 Å/px, 3×3 patches, dose weighting), "
+             f"cores {args.cores}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
+             f"commit {_commit()}", "",
+             "| program | read s/movie | compute s/movie | write s/movie | wall s/movie (whole run / n) | "
+             "RMS error px (mean, max over movies) |", "|---|---|---|---|---|---|"]
+    rel_err = [rms_error(s, t) for s, t in zip(relion["shifts"], truths)]
+    lines.append(f"| relion_run_motioncorr --use_own --j {len(args.cores.split(','))} | – | – (per movie "
+                 f"{np.median(relion['per_movie_s']):.2f}, read included) | – | {relion['wall_s'] / n:.2f} | "
+                 f"{np.mean(rel_err):.3f}, {np.max(rel_err):.3f} |")
+    for r, o in ours.items():
+        err = [rms_error(s, t) for s, t in zip(o["shifts"], truths)]
+        lines.append(f"| xmipp-accel align-movies --device cpu --max-res {r:g} | {np.median(o['read_s']):.3f} | "
+                     f"{np.median(o['compute_s']):.2f} | {np.median(o['write_s']):.3f} | {o['wall_s'] / n:.2f} "
+                     f"(pipeline {o['pipeline_s'] / n:.2f}) | {np.mean(err):.3f}, {np.max(err):.3f} |")
+    for r, o in ours.items():
+        lines.append("")
+        lines.append(f"ratio RELION / ours (--max-res {r:g}), wall per movie: {relion['wall_s'] / o['wall_s']:.2f}×")
+    text = "\n".join(lines)
+    print(text)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n\n" + text + "\n")
+    return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
