@@ -72,7 +72,9 @@ def parse_frame_range(spec: Optional[str]) -> Optional[Tuple[int, Optional[int]]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("movies", nargs="+", metavar="MOVIE", help="movie files (MRC, MRCS, TIFF incl. LZW)")
+    parser.add_argument("movies", nargs="+", metavar="MOVIE",
+                        help="movie files: MRC/MRCS (modes 0, 1, 2, 6, 12 and 101 = 4-bit packed), TIFF (none, LZW, "
+                             "deflate; read upside down as RELION, IMOD and MotionCor2 do) or EER")
     parser.add_argument("-o", "--output-dir", required=True, help="output folder (created if missing)")
     g = parser.add_argument_group("acquisition")
     g.add_argument("--pixel-size", type=float, default=None,
@@ -81,6 +83,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="exposure per frame in e/Å²; gives the dose-weighted sum <stem>_DW.mrc")
     g.add_argument("--pre-exposure", type=float, default=0.0, help="exposure before the first frame, e/Å² (0)")
     g.add_argument("--voltage", type=float, default=300.0, help="acceleration voltage in kV (%(default)s)")
+    g.add_argument("--eer-fractions", type=int, default=40, metavar="N",
+                   help="EER movies: raw frames summed into each frame that is aligned (RELION's --eer_grouping; "
+                        "%(default)s); raw frames left over at the end are not used. --frames and "
+                        "--dose-per-frame count these fractions")
+    g.add_argument("--eer-upsampling", type=int, default=1, choices=(1, 2),
+                   help="EER movies: 1 renders the detector's 4K pixels, 2 the 8K grid of half pixels from the "
+                        "sub-pixel positions (RELION's --eer_upsampling; %(default)s); --pixel-size is that of the "
+                        "rendered grid (half the physical pixel with 2) and a 4K gain is repeated over 2x2")
     g = parser.add_argument_group("corrections")
     g.add_argument("--gain", default=None, help="gain reference (MRC or TIFF), multiplied with the frames")
     g.add_argument("--gain-rot", type=int, default=0, choices=(0, 1, 2, 3),
@@ -182,11 +192,16 @@ def _options(args: argparse.Namespace, pixel_size: float, first_frame: int):
     return opts
 
 
-def _first_readable_info(paths: List[str]):
+def _reader_options(args: argparse.Namespace) -> Dict[str, int]:
+    """How movie_info reads EER movies (ignored for the other formats)."""
+    return {"eer_fractions": int(args.eer_fractions), "eer_upsampling": int(args.eer_upsampling)}
+
+
+def _first_readable_info(paths: List[str], args: argparse.Namespace):
     from ..io.movie import movie_info
     for p in paths:
         try:
-            return movie_info(p)
+            return movie_info(p, **_reader_options(args))
         except InputError:
             continue
     return None
@@ -195,11 +210,13 @@ def _first_readable_info(paths: List[str]):
 def _references(args, frame_shape) -> Dict[str, Optional[np.ndarray]]:
     """Gain, dark (oriented) and defect mask on the host, checked against the frame shape."""
     from ..gpu.movie.preprocess import check_reference_shape, orient_reference
-    from ..io.movie import read_defects, read_reference
+    from ..io.movie import read_defects, read_reference, upsample_eer_reference
     refs: Dict[str, Optional[np.ndarray]] = {"gain": None, "dark": None, "defects": None}
     for key, path in (("gain", args.gain), ("dark", args.dark)):
         if path:
             img = orient_reference(read_reference(path, what=key), rotation=args.gain_rot, flip=args.gain_flip)
+            if args.eer_upsampling == 2:
+                img = upsample_eer_reference(img, frame_shape)
             check_reference_shape(img.shape, frame_shape, what=f"{key} reference", path=path)
             refs[key] = img
     if args.defects:
@@ -352,7 +369,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--read-threads must be at least 1, got {args.read_threads}")
     if args.workers_per_gpu < 1:
         raise InputError(f"--workers-per-gpu must be at least 1, got {args.workers_per_gpu}")
-    first_info = _first_readable_info(paths)
+    first_info = _first_readable_info(paths, args)
     if first_info is None:
         raise InputError(f"none of the {len(paths)} movie(s) can be read (first: {paths[0]}); "
                          "check the paths and formats")
@@ -374,7 +391,7 @@ def main(args: argparse.Namespace) -> int:
     buffers = _PinnedBuffers(limit=2 + n_workers) if on_gpu else None
 
     def read(path):
-        info = movie_info(path)
+        info = movie_info(path, **_reader_options(args))
         if info.frame_shape != first_info.frame_shape and any(v is not None for v in refs.values()):
             raise InputError(f"{path} has frames of {info.nx} x {info.ny} pixels but the gain/dark/defect "
                              f"references are {first_info.nx} x {first_info.ny}")
@@ -441,8 +458,9 @@ def main(args: argparse.Namespace) -> int:
             write_mrc(outputs["psd"], res["psd"], ps)
         n_frames = int(np.asarray(res["shifts_px"]).shape[0])
         outputs["shifts"] = os.path.join(outdir, f"{stem}_shifts.star")
+        movie_frames = movie_info(path, **_reader_options(args)).n_frames
         write_star(outputs["shifts"], _star_blocks(path, res["frame_shape"], n_frames, first, res, args,
-                                                  float(pixel_size), movie_frames=movie_info(path).n_frames,
+                                                  float(pixel_size), movie_frames=movie_frames,
                                                   gain_name=gain_name))
         return {"movie": path, "status": "ok", "outputs": outputs,
                 "shifts_px": np.round(np.asarray(res["shifts_px"]), 4).tolist(),
