@@ -38,25 +38,18 @@ def eer_stream(ny: int, nx: int, frame: Frame, rlebits: int = 7) -> bytes:
     order = np.argsort(pix)
     assert np.unique(pix).size == pix.size, "one electron per pixel per raw frame"
     skip = (1 << rlebits) - 1
-    values: List[int] = []
-    widths: List[int] = []
-    pos = 0
-    for p, sx, sy in zip(pix[order], sub_x[order], sub_y[order]):
-        gap = int(p) - pos
-        while gap >= skip:
-            values.append(skip)
-            widths.append(rlebits)
-            gap -= skip
-        values.append(gap | ((int(sx) ^ 2) << rlebits) | ((int(sy) ^ 2) << (rlebits + 2)))
-        widths.append(rlebits + 4)
-        pos = int(p) + 1
-    gap = ny * nx - pos
-    while gap >= skip:
-        values.append(skip)
-        widths.append(rlebits)
-        gap -= skip
-    values.append(gap)
-    widths.append(rlebits)
+    p, sx, sy = pix[order], sub_x[order], sub_y[order]
+    gaps = np.diff(p, prepend=-1) - 1                      # empty pixels before each electron
+    nskip = gaps // skip                                    # "skip" codes first, then the electron's code
+    count = nskip + 1
+    ends = np.cumsum(count) - 1
+    values = np.full(int(count.sum()), skip, np.int64)
+    widths = np.full(values.size, rlebits, np.int64)
+    values[ends] = (gaps - nskip * skip) | ((sx ^ 2) << rlebits) | ((sy ^ 2) << (rlebits + 2))
+    widths[ends] = rlebits + 4
+    tail = ny * nx - (int(p[-1]) + 1 if p.size else 0)      # the last run reaches the last pixel
+    values = np.concatenate([values, np.full(tail // skip, skip), [tail % skip]])
+    widths = np.concatenate([widths, np.full(tail // skip + 1, rlebits)])
     return pack_bits(values, widths)
 
 
