@@ -64,7 +64,9 @@ def parse_frame_range(spec: Optional[str]) -> Optional[Tuple[int, Optional[int]]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("movies", nargs="+", metavar="MOVIE", help="movie files (MRC, MRCS, TIFF incl. LZW)")
+    parser.add_argument("movies", nargs="+", metavar="MOVIE",
+                        help="movie files: MRC/MRCS (modes 0, 1, 2, 6, 12 and 101 = 4-bit packed), TIFF (none, LZW, "
+                             "deflate; read upside down as RELION, IMOD and MotionCor2 do) or EER")
     parser.add_argument("-o", "--output-dir", required=True, help="output folder (created if missing)")
     g = parser.add_argument_group("acquisition")
     g.add_argument("--pixel-size", type=float, default=None,
@@ -77,6 +79,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="spherical aberration in mm, for the optics of corrected_micrographs.star (%(default)s)")
     g.add_argument("--amplitude-contrast", type=float, default=0.1,
                    help="amplitude contrast, for the optics of corrected_micrographs.star (%(default)s)")
+    g.add_argument("--eer-fractions", type=int, default=40, metavar="N",
+                   help="EER movies: raw frames summed into each frame that is aligned (RELION's --eer_grouping; "
+                        "%(default)s); raw frames left over at the end are not used. --frames and "
+                        "--dose-per-frame count these fractions")
+    g.add_argument("--eer-upsampling", type=int, default=1, choices=(1, 2),
+                   help="EER movies: 1 renders the detector's 4K pixels, 2 the 8K grid of half pixels from the "
+                        "sub-pixel positions (RELION's --eer_upsampling; %(default)s); --pixel-size is that of the "
+                        "rendered grid (half the physical pixel with 2) and a 4K gain is repeated over 2x2")
     g = parser.add_argument_group("corrections")
     g.add_argument("--gain", default=None, help="gain reference (MRC or TIFF), multiplied with the frames")
     g.add_argument("--gain-rot", type=int, default=0, choices=(0, 1, 2, 3),
@@ -123,7 +133,8 @@ def job_settings(args: argparse.Namespace):
                             voltage_kV=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast,
                             absolute_paths=args.absolute_paths, gain=args.gain, dark=args.dark, defects=args.defects,
                             gain_rot=args.gain_rot, gain_flip=args.gain_flip, read_threads=args.read_threads,
-                            workers_per_gpu=args.workers_per_gpu, alignment=alignment)
+                            workers_per_gpu=args.workers_per_gpu, eer_fractions=args.eer_fractions,
+                            eer_upsampling=args.eer_upsampling, alignment=alignment)
 
 
 def main(args: argparse.Namespace) -> int:

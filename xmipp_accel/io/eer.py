@@ -138,23 +138,22 @@ def eer_event_subpixels(stream: bytes, events: np.ndarray, rlebits: int, horzbit
     """
     events = np.asarray(events, dtype=np.int64)
     if events.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
     skip = (1 << rlebits) - 1
-    gaps = np.diff(events, prepend=-1) - 1                   # empty pixels before each electron
+    gaps = (np.diff(events, prepend=-1) - 1).astype(np.int32)     # empty pixels before each electron
     code_bits = rlebits + horzbits + vertbits
-    ends = np.cumsum((gaps // skip) * rlebits + code_bits)   # bit after each electron's code
-    sub_start = ends - horzbits - vertbits
+    lengths = (gaps // skip) * rlebits + code_bits                # skip codes, then the electron's code
+    sub_start = np.cumsum(lengths, dtype=np.int64) - (horzbits + vertbits)
     data = np.frombuffer(stream, dtype=np.uint8)
-    last = int(sub_start[-1] + horzbits + vertbits + 7) // 8
-    if last > data.size:
-        raise FileFormatError(f"EER stream of {data.size} bytes is shorter than its electrons need ({last})")
-    data = np.concatenate([data, np.zeros(2, np.uint8)])
-    byte = sub_start >> 3
-    word = (data[byte].astype(np.uint32) | (data[byte + 1].astype(np.uint32) << 8)
-            | (data[byte + 2].astype(np.uint32) << 16)) >> (sub_start & 7).astype(np.uint32)
-    sub_x = (word & ((1 << horzbits) - 1)) ^ (1 << (horzbits - 1))
-    sub_y = ((word >> horzbits) & ((1 << vertbits) - 1)) ^ (1 << (vertbits - 1))
-    return sub_x.astype(np.int64), sub_y.astype(np.int64)
+    need = int(sub_start[-1] + horzbits + vertbits + 7) // 8
+    if need > data.size:
+        raise FileFormatError(f"EER stream of {data.size} bytes is shorter than its electrons need ({need})")
+    padded = np.concatenate([data, np.zeros(1, np.uint8)]).astype(np.uint16)
+    words = padded[:-1] | (padded[1:] << 8)                      # 16 bits from every byte: shift + bits <= 16
+    sub = words[sub_start >> 3] >> (sub_start & 7).astype(np.uint16)
+    sub_x = ((sub & ((1 << horzbits) - 1)) ^ (1 << (horzbits - 1))).astype(np.int32)
+    sub_y = (((sub >> horzbits) & ((1 << vertbits) - 1)) ^ (1 << (vertbits - 1))).astype(np.int32)
+    return sub_x, sub_y
 
 
 class _FrameDecoder:
@@ -194,10 +193,10 @@ class _FrameDecoder:
             return
         events = np.flatnonzero(scratch)
         sub_x, sub_y = eer_event_subpixels(data, events, lay.rlebits, lay.horzbits, lay.vertbits)
-        y, x = np.divmod(events, lay.nx)
-        y8 = 2 * y + (sub_y >> (lay.vertbits - 1))
-        x8 = 2 * x + (sub_x >> (lay.horzbits - 1))
-        acc.reshape(-1)[y8 * (2 * lay.nx) + x8] += 1   # one electron per 4K pixel: no index repeats
+        y, x = np.divmod(events.astype(np.int32), np.int32(lay.nx))
+        index = (2 * y + (sub_y >> (lay.vertbits - 1))) * np.int32(2 * lay.nx) + 2 * x + (sub_x >> (lay.horzbits - 1))
+        flat = acc.reshape(-1)
+        flat[index] += 1                                 # one electron per 4K pixel: no index repeats
 
 
 def grouped_frames(n_raw: int, fractions: int, path: str = "") -> int:

@@ -31,7 +31,7 @@ from . import eer
 from .mrc import mrc_info, read_mrc, unpack_4bit
 
 __all__ = ["MovieInfo", "movie_info", "read_movie", "read_movie_raw", "read_reference", "read_defects",
-           "parse_defect_rectangles", "MOVIE_EXTENSIONS", "TIFF_ROW_ORDER"]
+           "parse_defect_rectangles", "MOVIE_EXTENSIONS", "TIFF_ROW_ORDER", "upsample_eer_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +359,14 @@ def read_reference(path: str | os.PathLike, *, what: str = "gain") -> np.ndarray
     if not np.isfinite(data).all():
         raise FileFormatError(f"{what} reference {path} contains NaN or infinite values")
     return data
+
+
+def upsample_eer_reference(image: np.ndarray, frame_shape: Sequence[int]) -> np.ndarray:
+    """A 4K reference for 8K EER frames (``--eer-upsampling 2``): each pixel repeated over 2 x 2, as RELION's
+    ``loadEERGain`` does; a reference of any other size is returned as it is (and checked by the caller)."""
+    if tuple(2 * s for s in image.shape) != tuple(int(s) for s in frame_shape[-2:]):
+        return image
+    return np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
 
 
 def parse_defect_rectangles(text: str, source: str = "<text>") -> List[Tuple[int, int, int, int]]:

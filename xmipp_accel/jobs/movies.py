@@ -31,7 +31,9 @@ from ..gpu.movie.preprocess import check_reference_shape, orient_reference
 from ..gpu.runtime.mpi import MPIContext, mpi_context
 from ..gpu.runtime.pipeline import Pipeline
 from ..io.atomic import check_writable
-from ..io.movie import MovieInfo, movie_info, read_defects, read_movie_raw, read_reference
+from ..io.eer import DEFAULT_EER_FRACTIONS
+from ..io.movie import (MovieInfo, movie_info, read_defects, read_movie_raw, read_reference,
+                        upsample_eer_reference)
 from ..io.mrc import write_mrc
 from ..io.relion_motion import (BSplineMotion, MicrographEntry, MotionAcquisition, motion_star_blocks,
                                 relion_defect_file, write_corrected_micrographs, write_motion_star)
@@ -77,7 +79,13 @@ class MovieJobSettings:
     gain_flip: int = 0
     read_threads: int = 8
     workers_per_gpu: int = 1
+    eer_fractions: int = DEFAULT_EER_FRACTIONS
+    eer_upsampling: int = 1
     alignment: Dict[str, Any] = field(default_factory=dict)
+
+    def reader_options(self) -> Dict[str, int]:
+        """How EER movies are read (raw frames per fraction, 4K or 8K grid); ignored for other formats."""
+        return {"eer_fractions": int(self.eer_fractions), "eer_upsampling": int(self.eer_upsampling)}
 
     def check(self) -> None:
         """Raise InputError naming the option when a value is out of range (before reading anything)."""
@@ -87,6 +95,10 @@ class MovieJobSettings:
             raise InputError(f"--read-threads must be at least 1, got {self.read_threads}")
         if self.workers_per_gpu < 1:
             raise InputError(f"--workers-per-gpu must be at least 1, got {self.workers_per_gpu}")
+        if self.eer_fractions < 1:
+            raise InputError(f"--eer-fractions must be at least 1 raw frame per fraction, got {self.eer_fractions}")
+        if self.eer_upsampling not in (1, 2):
+            raise InputError(f"--eer-upsampling must be 1 (4K) or 2 (8K), got {self.eer_upsampling}")
 
 
 def _output_files(name: str, options: AlignmentOptions) -> Dict[str, str]:
@@ -140,10 +152,10 @@ def output_names(paths: Sequence[str], options: AlignmentOptions) -> Dict[str, s
     return names
 
 
-def _first_readable_info(paths: Sequence[str]) -> Optional[MovieInfo]:
+def _first_readable_info(paths: Sequence[str], reader: Dict[str, int]) -> Optional[MovieInfo]:
     for p in paths:
         try:
-            return movie_info(p)
+            return movie_info(p, **reader)
         except InputError:
             continue
     return None
@@ -220,7 +232,7 @@ class MovieJob:
         self.settings = settings
         settings.check()
         check_writable(self.output_dir)
-        self.first_info = _first_readable_info(self.paths)
+        self.first_info = _first_readable_info(self.paths, settings.reader_options())
         if self.first_info is None:
             raise InputError(f"none of the {len(self.paths)} movie(s) can be read (first: {self.paths[0]}); "
                              "check the paths and formats")
@@ -258,6 +270,8 @@ class MovieJob:
         for key, path in (("gain", s.gain), ("dark", s.dark)):
             if path:
                 img = orient_reference(read_reference(path, what=key), rotation=s.gain_rot, flip=s.gain_flip)
+                if s.eer_upsampling == 2:
+                    img = upsample_eer_reference(img, frame_shape)
                 check_reference_shape(img.shape, frame_shape, what=f"{key} reference", path=path)
                 refs[key] = img
         if s.defects:
@@ -297,7 +311,7 @@ class MovieJob:
     def _read(self, path: str, alloc: Callable[..., np.ndarray]) -> dict:
         """Read a movie's frames in their stored dtype into a buffer of the pipeline (pinned on GPUs)."""
         t0 = time.perf_counter()
-        info = movie_info(path)
+        info = movie_info(path, **self.settings.reader_options())
         start, stop = self._check_movie(info)
         dtype = info.dtype.newbyteorder("=") if info.format == "mrc" else info.dtype
         out = alloc((stop - start, info.ny, info.nx), dtype)
