@@ -191,7 +191,7 @@ _INSERT_CACHE: dict = {}
 def _numpy_symmetrize_s(sym: str) -> float:
     """Seconds of the NumPy symmetrisation on the 32-px box (M = 64, kmax 32), measured once per group."""
     if sym not in _SYM_CACHE:
-        from xmipp_accel.gpu.reconstruct.insert import symmetrize_fourier_volume_numpy
+        from xmipp_accel.gpu.reconstruct.symmetrize import symmetrize_fourier_volume_numpy
         g = fr.fourier_grid(32, fr.ReconstructionSettings())
         acc = fr.FourierAccumulator.zeros(g, np)
         t0 = time.perf_counter()

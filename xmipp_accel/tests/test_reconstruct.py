@@ -19,7 +19,8 @@ from xmipp_accel.gpu.reconstruct import batches as rb
 from xmipp_accel.gpu.reconstruct.batches import reconstruct
 from xmipp_accel.gpu.reconstruct.blob import KaiserBesselBlob, bessel_i
 from xmipp_accel.gpu.reconstruct.fourier import FourierAccumulator, FourierReconstructor, ReconstructionSettings
-from xmipp_accel.gpu.reconstruct.insert import (FourierGrid, insert_gather_numpy, symmetrize_fourier_volume_numpy)
+from xmipp_accel.gpu.reconstruct.insert import FourierGrid, insert_gather_numpy
+from xmipp_accel.gpu.reconstruct.symmetrize import symmetrize_fourier_volume_numpy
 from xmipp_accel.gpu.resolution.fsc import fsc
 
 

@@ -12,6 +12,7 @@ from xmipp_accel import backend
 from xmipp_accel.gpu.reconstruct import batches as rb
 from xmipp_accel.gpu.reconstruct import fourier as fr
 from xmipp_accel.gpu.reconstruct import insert as ins
+from xmipp_accel.gpu.reconstruct import symmetrize as sym
 from xmipp_accel.gpu.reconstruct.blob import KaiserBesselBlob
 from xmipp_accel.gpu.reconstruct.insert import FourierGrid
 from xmipp_accel.tests.test_reconstruct import (APIX, apply_ctf, blob_projections, blob_volume, gaussian_blobs,
@@ -131,8 +132,8 @@ def test_symmetrize_kernel_matches_numpy_twin(cp, grid):
     w = np.zeros(grid.shape, np.float32)
     ins.insert_gather_numpy(d, w, proj, pw, random_rotations(6, 9), [0, 1, 0, 1, 0, 1], grid)
     syms = symmetry_matrices("d7")
-    ds, ws = ins.symmetrize_fourier_volume_numpy(d, w, syms, grid)
-    dg, wg = ins.symmetrize_fourier_volume_gpu(cp.asarray(d), cp.asarray(w), syms, grid)
+    ds, ws = sym.symmetrize_fourier_volume_numpy(d, w, syms, grid)
+    dg, wg = sym.symmetrize_fourier_volume_gpu(cp.asarray(d), cp.asarray(w), syms, grid)
     assert rel(dg, ds) < 1e-5 and rel(wg, ws) < 1e-5
 
 

@@ -32,8 +32,8 @@ from .insert import (
     FourierGrid,
     insert_gather,
     insert_gather_numpy,
-    symmetrize_fourier_volume,
 )
+from .symmetrize import symmetrize_fourier_volume
 
 __all__ = ["KaiserBesselBlob", "CTF_MODES", "SYM_MODES", "FourierAccumulator", "FourierReconstructor",
            "ParticleBatch", "ReconstructionResult", "ReconstructionSettings", "batches_from_arrays", "finish_volume",

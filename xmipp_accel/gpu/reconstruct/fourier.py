@@ -37,8 +37,8 @@ from ...em.ctf import CTFParams
 from ...errors import InputError
 from ... import backend
 from .blob import KaiserBesselBlob
-from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu,
-                     symmetrize_fourier_volume)
+from .insert import BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu
+from .symmetrize import symmetrize_fourier_volume
 from .insert_tuning import replica_count  # noqa: F401  (part of this module's API)
 from .trilinear import (INTERP_MODES, TrilinearSums, half_plane_values, insert_trilinear_numpy,
                         trilinear_gridding_correction)
