@@ -261,7 +261,7 @@ def test_gain_rot_is_clockwise_as_displayed():
     np.testing.assert_array_equal(orient_reference(g, rotation=1, flip=1), [[6, 3], [5, 2], [4, 1]])
 
 
-def test_native_8k_probe_expects_what_the_format_says():
+def test_native_8k_probe_expects_what_the_format_says(tmp_path, monkeypatch):
     """The frame that decides whether imagecodecs renders 8K itself is decoded by our sub-pixel reader to
     the 8K pixels the probe expects; with a new enough imagecodecs both paths must agree on a movie."""
     from xmipp_accel.io import eer
@@ -273,3 +273,8 @@ def test_native_8k_probe_expects_what_the_format_says():
     assert list(zip(2 * y + (sub_y >> 1), 2 * x + (sub_x >> 1))) == [(0, 3), (3, 0)]
     if not eer.native_8k():
         pytest.skip(f"imagecodecs {imagecodecs.__version__} does not render 8K EER itself (fallback tested above)")
+    path = str(tmp_path / "m.eer")
+    eer_synth.write_eer(path, 32, 48, eer_synth.random_frames(RNG, 4, 32, 48, electrons=400))
+    native = read_movie(path, eer_fractions=2, eer_upsampling=2)
+    monkeypatch.setattr(eer, "native_8k", lambda: False)
+    np.testing.assert_array_equal(read_movie(path, eer_fractions=2, eer_upsampling=2), native)
