@@ -278,3 +278,10 @@ def test_native_8k_probe_expects_what_the_format_says(tmp_path, monkeypatch):
     native = read_movie(path, eer_fractions=2, eer_upsampling=2)
     monkeypatch.setattr(eer, "native_8k", lambda: False)
     np.testing.assert_array_equal(read_movie(path, eer_fractions=2, eer_upsampling=2), native)
+
+
+def test_multipage_tiff_gain_is_refused(tmp_path):
+    tifffile.imwrite(str(tmp_path / "g.tif"), np.ones((2, 8, 8), np.float32), photometric="minisblack",
+                     metadata=None)
+    with pytest.raises(FileFormatError, match="g.tif has 2 TIFF pages"):
+        read_reference(str(tmp_path / "g.tif"))
