@@ -92,7 +92,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "sub-pixel positions (RELION's --eer_upsampling; %(default)s); --pixel-size is that of the "
                         "rendered grid (half the physical pixel with 2) and a 4K gain is repeated over 2x2")
     g = parser.add_argument_group("corrections")
-    g.add_argument("--gain", default=None, help="gain reference (MRC or TIFF), multiplied with the frames")
+    g.add_argument("--gain", default=None,
+                   help="gain reference (MRC, TIFF or EPU's EER .gain), multiplied with the frames")
     g.add_argument("--gain-rot", type=int, default=0, choices=(0, 1, 2, 3),
                    help="rotate the gain by this many 90° clockwise turns (MotionCor2 -RotGain)")
     g.add_argument("--gain-flip", type=int, default=0, choices=(0, 1, 2),
@@ -195,6 +196,12 @@ def _options(args: argparse.Namespace, pixel_size: float, first_frame: int):
 def _reader_options(args: argparse.Namespace) -> Dict[str, int]:
     """How movie_info reads EER movies (ignored for the other formats)."""
     return {"eer_fractions": int(args.eer_fractions), "eer_upsampling": int(args.eer_upsampling)}
+
+
+def _movie_frames(path: str, args: argparse.Namespace) -> int:
+    """Frames of the movie as aligned (EER: fractions)."""
+    from ..io.movie import movie_info
+    return movie_info(path, **_reader_options(args)).n_frames
 
 
 def _first_readable_info(paths: List[str], args: argparse.Namespace):
@@ -458,9 +465,8 @@ def main(args: argparse.Namespace) -> int:
             write_mrc(outputs["psd"], res["psd"], ps)
         n_frames = int(np.asarray(res["shifts_px"]).shape[0])
         outputs["shifts"] = os.path.join(outdir, f"{stem}_shifts.star")
-        movie_frames = movie_info(path, **_reader_options(args)).n_frames
         write_star(outputs["shifts"], _star_blocks(path, res["frame_shape"], n_frames, first, res, args,
-                                                  float(pixel_size), movie_frames=movie_frames,
+                                                  float(pixel_size), movie_frames=_movie_frames(path, args),
                                                   gain_name=gain_name))
         return {"movie": path, "status": "ok", "outputs": outputs,
                 "shifts_px": np.round(np.asarray(res["shifts_px"]), 4).tolist(),
