@@ -88,7 +88,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "sub-pixel positions (RELION's --eer_upsampling; %(default)s); --pixel-size is that of the "
                         "rendered grid (half the physical pixel with 2) and a 4K gain is repeated over 2x2")
     g = parser.add_argument_group("corrections")
-    g.add_argument("--gain", default=None, help="gain reference (MRC or TIFF), multiplied with the frames")
+    g.add_argument("--gain", default=None,
+                   help="gain reference (MRC, TIFF or EPU's EER .gain), multiplied with the frames")
     g.add_argument("--gain-rot", type=int, default=0, choices=(0, 1, 2, 3),
                    help="rotate the gain by this many 90° clockwise turns (MotionCor2 -RotGain)")
     g.add_argument("--gain-flip", type=int, default=0, choices=(0, 1, 2),

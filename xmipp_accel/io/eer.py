@@ -20,10 +20,13 @@ Decoding: imagecodecs decodes each raw frame at 4K (in C, without the GIL, so th
 parallel); for 8K the sub-pixel bits are read straight from the stream at offsets computed from the 4K
 events (a gap of ``g`` empty pixels before an electron is always coded as ``g // (2**rlebits - 1)``
 skip codes and one electron code, so each electron's code position follows from the gaps alone). This
-does not depend on imagecodecs' own super-resolution mode, whose sub-pixel order changed in 2025.
+does not depend on imagecodecs' own super-resolution mode, whose sub-pixel order changed in 2025; where
+:func:`native_8k` finds a decoder that renders 8K correctly (imagecodecs >= 2025.11.11) that is used
+instead (all in C, without the GIL).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -36,7 +39,7 @@ import numpy as np
 from ..errors import FileFormatError, InputError
 
 __all__ = ["EER_COMPRESSIONS", "EerLayout", "eer_layout", "read_eer", "eer_event_subpixels",
-           "DEFAULT_EER_FRACTIONS"]
+           "DEFAULT_EER_FRACTIONS", "native_8k"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +159,33 @@ def eer_event_subpixels(stream: bytes, events: np.ndarray, rlebits: int, horzbit
     return sub_x, sub_y
 
 
+def _pack_codes(codes: List[Tuple[int, int]]) -> bytes:
+    """(value, bits) codes as an LSB-first stream padded to 8 bytes."""
+    word, nbits = 0, 0
+    for value, bits in codes:
+        word |= value << nbits
+        nbits += bits
+    return word.to_bytes(max(8, (nbits + 63) // 64 * 8), "little")
+
+
+@functools.lru_cache(maxsize=None)
+def native_8k() -> bool:
+    """True when imagecodecs itself renders the 8K grid as the format says (``superres=1``, imagecodecs
+    >= 2025.11.11): checked on a 2 x 2 pixel frame with electrons at (y 0, x 1, sub-pixel x 3, y 1) and
+    (y 1, x 0, sub x 0, y 2), which land on 8K pixels (0, 3) and (3, 0). Older versions take
+    ``superres`` as a flag for the 16K grid with x and y swapped; then the sub-pixel bits are read here."""
+    import imagecodecs
+    stream = _pack_codes([(1 | ((3 ^ 2) << 7) | ((1 ^ 2) << 9), 11), (0 | ((0 ^ 2) << 7) | ((2 ^ 2) << 9), 11),
+                          (1, 7)])
+    try:
+        got = imagecodecs.eer_decode(stream, (4, 4), 7, 2, 2, superres=1)
+    except Exception:  # old decoders reject the shape or overrun: not usable
+        return False
+    expect = np.zeros((4, 4), bool)
+    expect[0, 3] = expect[3, 0] = True
+    return bool(np.array_equal(np.asarray(got, bool), expect))
+
+
 class _FrameDecoder:
     """Reads and decodes the raw frames of one EER file; one scratch frame per thread."""
 
@@ -190,6 +220,13 @@ class _FrameDecoder:
                                   f"({type(exc).__name__}: {exc})") from None
         if self.upsampling == 1:
             np.add(acc, scratch.view(np.uint8), out=acc)
+            return
+        if native_8k():
+            fine = getattr(self._local, "fine", None)
+            if fine is None:
+                fine = self._local.fine = np.empty(acc.shape, dtype=np.bool_)
+            self.codec.eer_decode(data, acc.shape, lay.rlebits, lay.horzbits, lay.vertbits, superres=1, out=fine)
+            np.add(acc, fine.view(np.uint8), out=acc)
             return
         events = np.flatnonzero(scratch)
         sub_x, sub_y = eer_event_subpixels(data, events, lay.rlebits, lay.horzbits, lay.vertbits)

@@ -345,9 +345,12 @@ def read_reference(path: str | os.PathLike, *, what: str = "gain") -> np.ndarray
         import tifffile
         try:
             with tifffile.TiffFile(path) as tif:   # the first page (EPU's .gain files may hold more)
+                pages = 1 if low.endswith(".gain") else len(tif.pages)
                 data = np.asarray(tif.pages[0].asarray())
         except Exception as exc:
             raise _tiff_error(path, exc) from None
+        if pages != 1:
+            raise FileFormatError(f"{what} reference {path} has {pages} TIFF pages; expected a single 2D image")
         if not low.endswith(".gain"):
             data = data[..., ::-1, :]            # TIFF_ROW_ORDER
     else:

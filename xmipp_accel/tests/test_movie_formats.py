@@ -259,3 +259,29 @@ def test_gain_rot_is_clockwise_as_displayed():
     g = np.array([[1, 2, 3], [4, 5, 6]])
     np.testing.assert_array_equal(orient_reference(g, rotation=1), [[4, 1], [5, 2], [6, 3]])
     np.testing.assert_array_equal(orient_reference(g, rotation=1, flip=1), [[6, 3], [5, 2], [4, 1]])
+
+
+def test_native_8k_probe_expects_what_the_format_says(tmp_path, monkeypatch):
+    """The frame that decides whether imagecodecs renders 8K itself is decoded by our sub-pixel reader to
+    the 8K pixels the probe expects; with a new enough imagecodecs both paths must agree on a movie."""
+    from xmipp_accel.io import eer
+    stream = eer._pack_codes([(1 | ((3 ^ 2) << 7) | ((1 ^ 2) << 9), 11), (0 | ((0 ^ 2) << 7) | ((2 ^ 2) << 9), 11),
+                              (1, 7)])
+    events = np.flatnonzero(imagecodecs.eer_decode(stream, (2, 2), 7, 2, 2))
+    sub_x, sub_y = eer.eer_event_subpixels(stream, events, 7, 2, 2)
+    y, x = np.divmod(events, 2)
+    assert list(zip(2 * y + (sub_y >> 1), 2 * x + (sub_x >> 1))) == [(0, 3), (3, 0)]
+    if not eer.native_8k():
+        pytest.skip(f"imagecodecs {imagecodecs.__version__} does not render 8K EER itself (fallback tested above)")
+    path = str(tmp_path / "m.eer")
+    eer_synth.write_eer(path, 32, 48, eer_synth.random_frames(RNG, 4, 32, 48, electrons=400))
+    native = read_movie(path, eer_fractions=2, eer_upsampling=2)
+    monkeypatch.setattr(eer, "native_8k", lambda: False)
+    np.testing.assert_array_equal(read_movie(path, eer_fractions=2, eer_upsampling=2), native)
+
+
+def test_multipage_tiff_gain_is_refused(tmp_path):
+    tifffile.imwrite(str(tmp_path / "g.tif"), np.ones((2, 8, 8), np.float32), photometric="minisblack",
+                     metadata=None)
+    with pytest.raises(FileFormatError, match="g.tif has 2 TIFF pages"):
+        read_reference(str(tmp_path / "g.tif"))
