@@ -109,7 +109,8 @@ def relion_defect_file(path: Optional[str]) -> Optional[str]:
 def motion_star_blocks(movie_path: str, frame_shape: Sequence[int], movie_frames: int, first_frame: int,
                        shifts_px, acquisition: MotionAcquisition, *, binning: float = 1.0,
                        patch_centres_px=None, patch_shifts_px=None,
-                       bspline: Optional[BSplineMotion] = None) -> Dict[str, Table]:
+                       bspline: Optional[BSplineMotion] = None,
+                       eer: Optional[Tuple[int, int]] = None) -> Dict[str, Table]:
     """Blocks of one movie's motion STAR (see the module docstring for the layout and units).
 
     Parameters
@@ -133,6 +134,8 @@ def motion_star_blocks(movie_path: str, frame_shape: Sequence[int], movie_frames
         Per-patch shifts left after the global ones, input px.
     bspline : BSplineMotion, optional
 
+    eer : (int, int), optional
+        For EER movies: raw frames per fraction and upsampling (rlnEERGrouping, rlnEERUpsampling).
     Returns
     -------
     dict of block name -> Table
@@ -155,6 +158,9 @@ def motion_star_blocks(movie_path: str, frame_shape: Sequence[int], movie_frames
     general["rlnMicrographPreExposure"] = float(acq.pre_exposure)
     general["rlnVoltage"] = float(acq.voltage_kV)
     general["rlnMicrographStartFrame"] = first_frame + 1
+    if eer is not None:   # RELION's polishing re-reads EER movies with the same grouping and upsampling
+        general["rlnEERGrouping"] = int(eer[0])
+        general["rlnEERUpsampling"] = int(eer[1])
     general["rlnMotionModelVersion"] = 0
     blocks = {
         "general": Table(general, loop=False),

@@ -317,6 +317,7 @@ class MovieJob:
         out = alloc((stop - start, info.ny, info.nx), dtype)
         raw = read_movie_raw(path, (start, stop), out=out, workers=self.settings.read_threads, info=info)
         return {"raw": raw, "path": path, "frame_shape": info.frame_shape, "movie_frames": info.n_frames,
+                "eer": info.format == "eer",
                 "read_ms": 1e3 * (time.perf_counter() - t0)}
 
     @staticmethod
@@ -337,6 +338,7 @@ class MovieJob:
         out["compute_ms"] = 1e3 * (time.perf_counter() - t0)
         out["frame_shape"] = data["frame_shape"]
         out["movie_frames"] = data["movie_frames"]
+        out["eer"] = data.get("eer", False)
         out["read_ms"] = data["read_ms"]
         return out
 
@@ -356,7 +358,9 @@ class MovieJob:
         blocks = motion_star_blocks(path, res["frame_shape"], res["movie_frames"], self.first_frame,
                                     res["shifts_px"], self.acquisition, binning=float(res["binning"]),
                                     patch_centres_px=res.get("patch_centres_px"),
-                                    patch_shifts_px=res.get("patch_shifts_px"), bspline=bspline)
+                                    patch_shifts_px=res.get("patch_shifts_px"), bspline=bspline,
+                                    eer=(self.settings.eer_fractions, self.settings.eer_upsampling)
+                                    if res.get("eer") else None)
         written["shifts"] = write_motion_star(files["shifts"], blocks)
         return {"movie": path, "status": "ok", "outputs": written,
                 "shifts_px": np.round(np.asarray(res["shifts_px"]), 4).tolist(),

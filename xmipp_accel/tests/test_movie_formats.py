@@ -213,6 +213,7 @@ def test_align_movies_on_eer_with_an_8k_gain_from_4k(tmp_path, capsys):
     assert read_mrc(movie["outputs"]["sum"])[0].shape == (2 * ny, 2 * nx)
     general = read_star(movie["outputs"]["shifts"])["general"]
     assert (general["rlnImageSizeX"][0], general["rlnImageSizeZ"][0]) == (2 * nx, 5)
+    assert (general["rlnEERGrouping"][0], general["rlnEERUpsampling"][0]) == (5, 2)   # what polishing re-reads
     np.testing.assert_array_equal(read_reference(str(tmp_path / "gain.gain")), gain)
     np.testing.assert_array_equal(upsample_eer_reference(gain, (128, 128))[::2, 1::2], gain)
 
