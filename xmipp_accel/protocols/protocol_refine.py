@@ -106,7 +106,7 @@ class XmippAccelProtRefine3D(XmippAccelProtBase, ProtRefine3D):
         volume = os.path.abspath(convert.clean_image_path(self.inputVolume.get().getFileName()))
         args = [os.path.abspath(self._getInputStar()),
                 "--initial-volume", volume,
-                "-o", os.path.abspath(self._getRefineFn()),
+                "-o", os.path.abspath(self._getRefineFn()), "--absolute-paths",
                 "--symmetry", self.symmetryGroup.get().strip(),
                 "--diameter", self._diameterA(particles),
                 "--max-iterations", self.maxIterations.get(),
