@@ -149,8 +149,11 @@ def score(result: dict, data: dict, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         truth_res = resolution_at(fsc(np.asarray(vol, np.float32), data["truth"], mask=mask), 0.5, args.apix)
-    a = result["particles"].angles_deg
-    err = angular_distance_deg(euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]), data["matrices"],
+    parts = result["particles"]
+    a = parts.angles_deg
+    # RELION reorders the particles (half set 1 first): match them to the truth by image number
+    index = np.array([int(str(ref).split("@")[0]) - 1 for ref in parts.image_refs])
+    err = angular_distance_deg(euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]), data["matrices"][index],
                                symmetry_matrices(args.sym))
     return {"reported_A": result["reported_A"], "truth_fsc05_A": float(truth_res),
             "median_angular_error_deg": float(np.median(err)), "iterations": result["iterations"],
