@@ -11,8 +11,9 @@ the truth (FSC 0.5, soft spherical mask of ``--diameter``), the median angular e
 ones, the iterations, the wall time (process start to finish, reading and writing included), and RELION's time over
 ours. ``--json FILE`` writes the same as JSON.
 
-RELION runs as ``mpirun -np 3 relion_refine_mpi ... --j T`` (one leader and one rank per half set; ``--mpi 0``:
-the sequential ``relion_refine``), with ``T = --threads`` threads per rank; ours with ``--threads`` BLAS/FFT threads.
+RELION runs as ``mpirun -np 3 relion_refine_mpi ... --j T`` (one leader and one rank per half set: RELION 3.1 refuses
+``--split_random_halves`` without MPI), with ``T = --threads`` threads per rank; ours with ``--threads`` BLAS/FFT
+threads.
 
 Usage (the issue's case; tens of minutes on a 16-core machine)::
 
@@ -94,19 +95,18 @@ def run_relion(data: dict, folder: str, args) -> dict:
     """``relion_refine(_mpi) --auto_refine --split_random_halves``; returns map, poses, resolution, iterations."""
     out = os.path.join(folder, "relion")
     os.makedirs(out, exist_ok=True)
-    exe = shutil.which("relion_refine_mpi" if args.mpi else "relion_refine")
+    exe = shutil.which("relion_refine_mpi")
     if exe is None:
-        raise RuntimeError("relion_refine not found on PATH (apt-get install relion)")
-    cmd = ([shutil.which("mpirun") or "mpirun", "-np", str(args.mpi), "--oversubscribe", exe] if args.mpi
-           else [exe])
-    cmd += ["--o", os.path.join(out, "run"), "--auto_refine", "--split_random_halves",
-            "--i", data["star"], "--ref", data["initial"], "--firstiter_cc", "--ini_high", str(args.initial_lowpass),
-            "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
-            "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",
-            "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
-            "--offset_range", str(max(3, int(round(args.max_shift * 2)))), "--offset_step", "2",
-            "--sym", args.sym.upper(), "--low_resol_join_halves", "40", "--norm", "--scale",
-            "--j", str(args.threads)]
+        raise RuntimeError("relion_refine_mpi not found on PATH (apt-get install relion)")
+    cmd = [shutil.which("mpirun") or "mpirun", "-np", str(args.mpi), "--oversubscribe", exe,
+           "--o", os.path.join(out, "run"), "--auto_refine", "--split_random_halves",
+           "--i", data["star"], "--ref", data["initial"], "--firstiter_cc", "--ini_high", str(args.initial_lowpass),
+           "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
+           "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",
+           "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
+           "--offset_range", str(max(3, int(round(args.max_shift * 2)))), "--offset_step", "2",
+           "--sym", args.sym.upper(), "--low_resol_join_halves", "40", "--norm", "--scale",
+           "--j", str(args.threads)]
     env = thread_env(args.threads)
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--sym", default="c1")
     p.add_argument("--max-iterations", type=int, default=15, help="ours (default: %(default)s)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads per program / MPI rank")
-    p.add_argument("--mpi", type=int, default=3, help="RELION MPI ranks (0: sequential relion_refine)")
+    p.add_argument("--mpi", type=int, default=3, help="RELION MPI ranks, at least 3 (default: %(default)s)")
     p.add_argument("--ours", default="cpu", help="comma-separated devices for ours: cpu, gpu (default: cpu)")
     p.add_argument("--no-relion", action="store_true", help="run only ours")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per program")
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="folder for data and runs (default: a new temporary one)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.mpi < 3 and not args.no_relion:
+        p.error("--mpi must be at least 3: RELION's auto-refine needs a leader and one rank per half set")
     if args.diameter is None:
         args.diameter = 0.85 * args.box * args.apix
     import tempfile
