@@ -15,6 +15,9 @@ RELION runs as ``mpirun -np 3 relion_refine_mpi ... --j T`` (one leader and one 
 ``--split_random_halves`` without MPI), with ``T = --threads`` threads per rank; ours with ``--threads`` BLAS/FFT
 threads.
 
+On the GPU machine RELION comes from ``../shared/tools/device-relion.sh`` (carry ``.relion``, then
+``export PATH=$PWD/.relion/bin:$PATH LD_LIBRARY_PATH=$PWD/.relion/lib``); 16 cores: ``--mpi 3 --threads 5``.
+
 Usage (the issue's case; tens of minutes on a 16-core machine)::
 
     python benchmarks/refine_relion.py --box 64 --particles 4000 --snr 0.05 --threads 16 --ours cpu,gpu
