@@ -12,11 +12,12 @@ ones, the iterations, the wall time (process start to finish, reading and writin
 ours. ``--json FILE`` writes the same as JSON.
 
 RELION runs as ``mpirun -np 3 relion_refine_mpi ... --j T`` (one leader and one rank per half set: RELION 3.1 refuses
-``--split_random_halves`` without MPI), with ``T = --threads`` threads per rank; ours with ``--threads`` BLAS/FFT
+``--split_random_halves`` without MPI), with ``T = --relion-threads`` threads per rank; ours with ``--threads`` BLAS/FFT
 threads.
 
 On the GPU machine RELION comes from ``../shared/tools/device-relion.sh`` (carry ``.relion``, then
-``export PATH=$PWD/.relion/bin:$PATH LD_LIBRARY_PATH=$PWD/.relion/lib``); 16 cores: ``--mpi 3 --threads 5``.
+``export PATH=$PWD/.relion/bin:$PATH LD_LIBRARY_PATH=$PWD/.relion/lib``); 16 cores: ``--threads 16 --mpi 3
+--relion-threads 5`` (the two followers do the work).
 
 Usage (the issue's case; tens of minutes on a 16-core machine)::
 
@@ -109,8 +110,8 @@ def run_relion(data: dict, folder: str, args) -> dict:
            "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
            "--offset_range", str(max(3, int(round(args.max_shift * 2)))), "--offset_step", "2",
            "--sym", args.sym.upper(), "--low_resol_join_halves", "40", "--norm", "--scale",
-           "--j", str(args.threads)]
-    env = thread_env(args.threads)
+           "--j", str(args.relion_threads)]
+    env = thread_env(args.relion_threads)
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     # RELION reads image names relative to its working folder: run it where the STAR file is
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--sym", default="c1")
     p.add_argument("--max-iterations", type=int, default=15, help="ours (default: %(default)s)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads per program / MPI rank")
+    p.add_argument("--relion-threads", type=int, default=None, help="threads per RELION rank (default: --threads)")
     p.add_argument("--mpi", type=int, default=3, help="RELION MPI ranks, at least 3 (default: %(default)s)")
     p.add_argument("--ours", default="cpu", help="comma-separated devices for ours: cpu, gpu (default: cpu)")
     p.add_argument("--no-relion", action="store_true", help="run only ours")
@@ -199,6 +201,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.mpi < 3 and not args.no_relion:
         p.error("--mpi must be at least 3: RELION's auto-refine needs a leader and one rank per half set")
+    if args.relion_threads is None:
+        args.relion_threads = args.threads
     if args.diameter is None:
         args.diameter = 0.85 * args.box * args.apix
     import tempfile
