@@ -21,7 +21,8 @@ On the GPU machine RELION comes from ``../shared/tools/device-relion.sh`` (carry
 
 Usage (the issue's case; tens of minutes on a 16-core machine)::
 
-    python benchmarks/refine_relion.py --box 64 --particles 4000 --snr 0.05 --threads 16 --ours cpu,gpu
+    python benchmarks/refine_relion.py --box 64 --particles 4000 --snr 0.05 --threads 16 --relion-threads 5 \
+        --ours cpu,gpu
     python benchmarks/refine_relion.py --box 32 --particles 300 --threads 1 --ours cpu     # smoke run
 """
 from __future__ import annotations
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--diameter", type=float, default=None, help="Å (default: 0.85 of the box)")
     p.add_argument("--sym", default="c1")
     p.add_argument("--max-iterations", type=int, default=15, help="ours (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads per program / MPI rank")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of ours (BLAS/FFT)")
     p.add_argument("--relion-threads", type=int, default=None, help="threads per RELION rank (default: --threads)")
     p.add_argument("--mpi", type=int, default=3, help="RELION MPI ranks, at least 3 (default: %(default)s)")
     p.add_argument("--ours", default="cpu", help="comma-separated devices for ours: cpu, gpu (default: cpu)")
