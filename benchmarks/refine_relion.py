@@ -19,11 +19,11 @@ On the GPU machine RELION comes from ``../shared/tools/device-relion.sh`` (carry
 ``export PATH=$PWD/.relion/bin:$PATH LD_LIBRARY_PATH=$PWD/.relion/lib``); 16 cores: ``--threads 16 --mpi 3
 --relion-threads 5`` (the two followers do the work).
 
-Usage (the issue's case; tens of minutes on a 16-core machine)::
+Usage (the issue's case, tens of minutes on a 16-core machine; then the smoke run of RESULTS.md)::
 
     python benchmarks/refine_relion.py --box 64 --particles 4000 --snr 0.05 --threads 16 --relion-threads 5 \
         --ours cpu,gpu
-    python benchmarks/refine_relion.py --box 32 --particles 300 --threads 1 --ours cpu     # smoke run
+    python benchmarks/refine_relion.py --box 32 --apix 4 --particles 300 --snr 0.1 --threads 1 --max-iterations 6
 """
 from __future__ import annotations
 
