@@ -11,13 +11,19 @@ the truth (FSC 0.5, soft spherical mask of ``--diameter``), the median angular e
 ones, the iterations, the wall time (process start to finish, reading and writing included), and RELION's time over
 ours. ``--json FILE`` writes the same as JSON.
 
-RELION runs as ``mpirun -np 3 relion_refine_mpi ... --j T`` (one leader and one rank per half set; ``--mpi 0``:
-the sequential ``relion_refine``), with ``T = --threads`` threads per rank; ours with ``--threads`` BLAS/FFT threads.
+RELION runs as ``mpirun -np 3 relion_refine_mpi ... --j T`` (one leader and one rank per half set: RELION 3.1 refuses
+``--split_random_halves`` without MPI), with ``T = --relion-threads`` threads per rank; ours with ``--threads`` BLAS/FFT
+threads.
 
-Usage (the issue's case; tens of minutes on a 16-core machine)::
+On the GPU machine RELION comes from ``../shared/tools/device-relion.sh`` (carry ``.relion``, then
+``export PATH=$PWD/.relion/bin:$PATH LD_LIBRARY_PATH=$PWD/.relion/lib``); 16 cores: ``--threads 16 --mpi 3
+--relion-threads 5`` (the two followers do the work).
 
-    python benchmarks/refine_relion.py --box 64 --particles 4000 --snr 0.05 --threads 16 --ours cpu,gpu
-    python benchmarks/refine_relion.py --box 32 --particles 300 --threads 1 --ours cpu     # smoke run
+Usage (the issue's case, tens of minutes on a 16-core machine; then the smoke run of RESULTS.md)::
+
+    python benchmarks/refine_relion.py --box 64 --particles 4000 --snr 0.05 --threads 16 --relion-threads 5 \
+        --ours cpu,gpu
+    python benchmarks/refine_relion.py --box 32 --apix 4 --particles 300 --snr 0.1 --threads 1 --max-iterations 6
 """
 from __future__ import annotations
 
@@ -95,20 +101,19 @@ def run_relion(data: dict, folder: str, args) -> dict:
     """``relion_refine(_mpi) --auto_refine --split_random_halves``; returns map, poses, resolution, iterations."""
     out = os.path.join(folder, "relion")
     os.makedirs(out, exist_ok=True)
-    exe = shutil.which("relion_refine_mpi" if args.mpi else "relion_refine")
+    exe = shutil.which("relion_refine_mpi")
     if exe is None:
-        raise RuntimeError("relion_refine not found on PATH (apt-get install relion)")
-    cmd = ([shutil.which("mpirun") or "mpirun", "-np", str(args.mpi), "--oversubscribe", exe] if args.mpi
-           else [exe])
-    cmd += ["--o", os.path.join(out, "run"), "--auto_refine", "--split_random_halves",
-            "--i", data["star"], "--ref", data["initial"], "--firstiter_cc", "--ini_high", str(args.initial_lowpass),
-            "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
-            "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",
-            "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
-            "--offset_range", str(max(3, int(round(args.max_shift * 2)))), "--offset_step", "2",
-            "--sym", args.sym.upper(), "--low_resol_join_halves", "40", "--norm", "--scale",
-            "--j", str(args.threads)]
-    env = thread_env(args.threads)
+        raise RuntimeError("relion_refine_mpi not found on PATH (apt-get install relion)")
+    cmd = [shutil.which("mpirun") or "mpirun", "-np", str(args.mpi), "--oversubscribe", exe,
+           "--o", os.path.join(out, "run"), "--auto_refine", "--split_random_halves",
+           "--i", data["star"], "--ref", data["initial"], "--firstiter_cc", "--ini_high", str(args.initial_lowpass),
+           "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
+           "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",
+           "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
+           "--offset_range", str(max(3, int(round(args.max_shift * 2)))), "--offset_step", "2",
+           "--sym", args.sym.upper(), "--low_resol_join_halves", "40", "--norm", "--scale",
+           "--j", str(args.relion_threads)]
+    env = thread_env(args.relion_threads)
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     # RELION reads image names relative to its working folder: run it where the STAR file is
@@ -150,8 +155,11 @@ def score(result: dict, data: dict, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         truth_res = resolution_at(fsc(np.asarray(vol, np.float32), data["truth"], mask=mask), 0.5, args.apix)
-    a = result["particles"].angles_deg
-    err = angular_distance_deg(euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]), data["matrices"],
+    parts = result["particles"]
+    a = parts.angles_deg
+    # RELION reorders the particles (half set 1 first): match them to the truth by image number
+    index = np.array([int(str(ref).split("@")[0]) - 1 for ref in parts.image_refs])
+    err = angular_distance_deg(euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]), data["matrices"][index],
                                symmetry_matrices(args.sym))
     return {"reported_A": result["reported_A"], "truth_fsc05_A": float(truth_res),
             "median_angular_error_deg": float(np.median(err)), "iterations": result["iterations"],
@@ -183,8 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--diameter", type=float, default=None, help="Å (default: 0.85 of the box)")
     p.add_argument("--sym", default="c1")
     p.add_argument("--max-iterations", type=int, default=15, help="ours (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads per program / MPI rank")
-    p.add_argument("--mpi", type=int, default=3, help="RELION MPI ranks (0: sequential relion_refine)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of ours (BLAS/FFT)")
+    p.add_argument("--relion-threads", type=int, default=None, help="threads per RELION rank (default: --threads)")
+    p.add_argument("--mpi", type=int, default=3, help="RELION MPI ranks, at least 3 (default: %(default)s)")
     p.add_argument("--ours", default="cpu", help="comma-separated devices for ours: cpu, gpu (default: cpu)")
     p.add_argument("--no-relion", action="store_true", help="run only ours")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per program")
@@ -192,6 +201,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="folder for data and runs (default: a new temporary one)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.mpi < 3 and not args.no_relion:
+        p.error("--mpi must be at least 3: RELION's auto-refine needs a leader and one rank per half set")
+    if args.relion_threads is None:
+        args.relion_threads = args.threads
     if args.diameter is None:
         args.diameter = 0.85 * args.box * args.apix
     import tempfile
