@@ -302,7 +302,8 @@ def noise_fsc_sigma(f_sigma_w: float, band_share: float = 0.75) -> float:
 
 def band_plan(n: int, *, periods: float = DEFAULT_PERIODS, window_min_px: float = DEFAULT_WINDOW_MIN_PX,
               window_max_px: Optional[float] = None, threshold: float = FSC_THRESHOLD) -> BandPlan:
-    """Bands from 2 / window_max to Nyquist, one band σ_k apart, each with its window and threshold.
+    """Bands from 2 / window_max to Nyquist, one band σ_k apart, each with its window and threshold;
+    bands whose threshold (3σ of noise) would be ≥ 0.9 are left out (too few samples in the window).
 
     Parameters
     ----------
@@ -327,7 +328,9 @@ def band_plan(n: int, *, periods: float = DEFAULT_PERIODS, window_min_px: float 
     for b in range(freq.size):
         noise[b] = noise_fsc_sigma(round(float(freq[b] * sigma_w[b]), 3), BAND_SHARE)
     thr = np.maximum(threshold, 3.0 * noise)
-    return BandPlan(freq, win, sigma_k, sigma_s, noise, thr)
+    keep = thr < 0.9   # the lowest bands of a clipped window can hold too few samples to be measured
+    keep[-2:] = True
+    return BandPlan(freq[keep], win[keep], sigma_k[keep], sigma_s[keep], noise[keep], thr[keep])
 
 
 def _coarse_grid_size(n: int, plan: BandPlan) -> int:
