@@ -48,7 +48,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--window-min", type=float, default=DEFAULT_WINDOW_MIN_PX,
                    help="smallest window, px (default: %(default)s)")
     g.add_argument("--window-max", type=float, default=None,
-                   help="largest window, px; also sets the worst resolution measured (2 / window-max cycles/px) "
+                   help="largest window, px; also sets the worst resolution measured, window-max / 2 px "
                         "(default: half the box)")
     g.add_argument("--threshold", type=float, default=FSC_THRESHOLD,
                    help="local FSC threshold; each band uses the larger of this and 3σ of the FSC of noise in its "

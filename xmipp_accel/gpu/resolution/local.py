@@ -29,8 +29,11 @@ windowing the maps with σ_W first and then taking the FSC of the windowed box (
 How σ_W² is shared (``BAND_SHARE`` = σ_r²/σ_W² = 3/4) trades spectral precision (the band,
 σ_k = 1 / (2π σ_r), sets how sharply a cut-off is located) against noise (the smoothing sets how
 many voxels are averaged); with an even share a sharp cut-off read 8-11 % too fine at 7.5 Å
-(the band's tail above the cut-off), with 3/4 it reads within 1-7 % on the two-resolution
-particle maps (``em.synthetic.two_resolution_half_maps``), and 0.9 reads too coarse (noise floor).
+(the band's tail below the cut-off keeps the FSC up beyond it), with 3/4 it reads within 1-7 % on the two-resolution
+particle maps (``em.synthetic.two_resolution_half_maps``) at spectral SNR 1, and 0.9 reads too
+coarse (noise floor). At SNR 20 a sharp cut-off reads 10-20 % fine (the FSC plateau is 0.95, so the
+band's tail below the cut-off stays above the threshold; RELION errs likewise); a larger share
+lessens that but its higher noise floor is out of reach of SNR-1 data in small boxes.
 
 **Threshold for a local window.** 0.143 (Rosenthal & Henderson 2003) relates the FSC of half maps to
 the correlation of their average with the truth, an argument that holds inside a window too. A
@@ -40,10 +43,12 @@ max(0.143, 3σ_f), with σ_f computed for the band's filter and window (:func:`n
 σ_f² = Σ_y Σ_y' s(y) s(y') C(y - y')² / (C(0) Σ_y s(y))², C the autocovariance of band-filtered white
 noise (checked against the spread of the local FSC of independent noise maps in the tests). It
 depends on f·σ_W only, so with the window tied to the wavelength it is the same for every band
-(default 8 periods: σ_f ≈ 0.07, threshold ≈ 0.21) except where the box clips the window.
+(default 8 periods: σ_f ≈ 0.07, threshold ≈ 0.21) except where the box clips the window; bands
+whose threshold would reach 0.9 are not measured.
 
 **Solvent excluded.** Without a mask, a soft mask is made from the average of the halves
-(:func:`solvent_mask`: Gaussian low-pass, Otsu threshold, soft edge); voxels outside get 0 and
+(:func:`solvent_mask`: Gaussian low-pass, threshold at the solvent level + 4σ measured in the box
+corners and never above Otsu's, soft edge); voxels outside get 0 and
 are left out of ``values()``, ``summary()``, the histograms and the ChimeraX colour range.
 
 **Values in Å** per voxel (0 outside the mask), within [2 · pixel, pixel / lowest band].
@@ -302,7 +307,8 @@ def noise_fsc_sigma(f_sigma_w: float, band_share: float = 0.75) -> float:
 
 def band_plan(n: int, *, periods: float = DEFAULT_PERIODS, window_min_px: float = DEFAULT_WINDOW_MIN_PX,
               window_max_px: Optional[float] = None, threshold: float = FSC_THRESHOLD) -> BandPlan:
-    """Bands from 2 / window_max to Nyquist, one band σ_k apart, each with its window and threshold.
+    """Bands from 2 / window_max to Nyquist, one band σ_k apart, each with its window and threshold;
+    bands whose threshold (3σ of noise) would be ≥ 0.9 are left out (too few samples in the window).
 
     Parameters
     ----------
@@ -327,7 +333,9 @@ def band_plan(n: int, *, periods: float = DEFAULT_PERIODS, window_min_px: float 
     for b in range(freq.size):
         noise[b] = noise_fsc_sigma(round(float(freq[b] * sigma_w[b]), 3), BAND_SHARE)
     thr = np.maximum(threshold, 3.0 * noise)
-    return BandPlan(freq, win, sigma_k, sigma_s, noise, thr)
+    keep = thr < 0.9   # the lowest bands of a clipped window can hold too few samples to be measured
+    keep[-2:] = True
+    return BandPlan(freq[keep], win[keep], sigma_k[keep], sigma_s[keep], noise[keep], thr[keep])
 
 
 def _coarse_grid_size(n: int, plan: BandPlan) -> int:
