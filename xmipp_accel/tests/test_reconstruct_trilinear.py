@@ -13,8 +13,9 @@ import pytest
 from xmipp_accel.em.geometry import euler_to_matrix
 from xmipp_accel.errors import InputError
 from xmipp_accel.gpu.reconstruct import trilinear as tri
+from xmipp_accel.gpu.reconstruct.batches import reconstruct
 from xmipp_accel.gpu.reconstruct.fourier import (ReconstructionSettings, fourier_grid, output_mask,
-                                                 projection_transforms, reconstruct, resolve_interp)
+                                                 projection_transforms, resolve_interp)
 from xmipp_accel.gpu.reconstruct.insert import FourierGrid
 from xmipp_accel.tests.test_cli_reconstruct import run_cli, write_dataset
 from xmipp_accel.tests.test_reconstruct import APIX, BOX, random_rotations, shell_fsc
