@@ -41,10 +41,7 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
                       label="Reference map",
                       help="Map to project. A box or voxel size different from the particles' is resampled "
                            "by the command (with a note in the log).")
-        form.addParam("symmetryGroup", params.StringParam, default="c1",
-                      label="Symmetry group",
-                      help="Point group of the reference (Xmipp naming: c1, cN, dN, t, o, i1..i4). Only the "
-                           "asymmetric unit is searched.")
+        self._defineSymmetryParam(form, "reference", "Only the asymmetric unit is searched.")
         form.addParam("method", params.EnumParam, choices=METHODS, default=0,
                       display=params.EnumParam.DISPLAY_HLIST,
                       label="Method",
@@ -73,9 +70,7 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
                       label="Training steps per model",
                       help="DeepAlign training steps (one new batch of simulated images each) for each of its two "
                            "models; 0 uses the command's default. Ignored when trained models are reused.")
-        form.addParam("batchSize", params.IntParam, default=0, expertLevel=LEVEL_ADVANCED,
-                      label="Batch size (particles)",
-                      help="Particles sent to the GPU at a time; 0 chooses it from the free GPU memory.")
+        self._defineBatchSizeParam(form)
         form.addParallelSection(threads=1, mpi=0)
 
     # --------------------------- INSERT steps functions ----------------------

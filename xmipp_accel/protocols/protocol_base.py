@@ -42,6 +42,28 @@ class XmippAccelProtBase:
                             "worker's reading and writing with another's GPU work (H100, 24-frame 2k movies: "
                             "130 movies/min with 4 workers, 100 with 1).")
 
+    @staticmethod
+    def _defineSymmetryParam(form, what: str = "particle", note: str = "") -> None:
+        """The ``symmetryGroup`` parameter (Xmipp's names; the symmetry wizard fills it)."""
+        form.addParam("symmetryGroup", params.StringParam, default="c1",
+                      label="Symmetry group",
+                      help=f"Point group of the {what} in Xmipp's naming: c1 (none), cN, dN, t, o, i1..i4 "
+                           f"(i = i2). Use the wizard to pick one.{(' ' + note) if note else ''}")
+
+    @staticmethod
+    def _defineBatchSizeParam(form) -> None:
+        """The expert ``batchSize`` parameter: particles per GPU batch (0: from the free GPU memory)."""
+        form.addParam("batchSize", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      label="Batch size (particles)",
+                      help="Particles sent to the GPU at a time; 0 chooses it from the free GPU memory.")
+
+    @staticmethod
+    def _defineSubsetSeedParam(form) -> None:
+        """The expert ``subsetSeed`` parameter: seed of the half-set split of particles without one."""
+        form.addParam("subsetSeed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      label="Random seed of the half-set split",
+                      help="Used only when the particles carry no random subset (rlnRandomSubset).")
+
     # --------------------------- INFO functions -------------------------------
     def _usesGpu(self) -> bool:
         return bool(self.getAttributeValue(USE_GPU, True))

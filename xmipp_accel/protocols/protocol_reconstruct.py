@@ -35,11 +35,8 @@ class XmippAccelProtReconstructFourier(XmippAccelProtBase, ProtReconstruct3D):
                       label="Input particles",
                       help="Particles with projection alignment (angles and shifts), e.g. the output of a 3D "
                            "refinement or of 'assign angles (GPU)'. Disabled particles are left out.")
-        form.addParam("symmetryGroup", params.StringParam, default="c1",
-                      label="Symmetry group",
-                      help="Point group of the particle in Xmipp's naming: c1 (none), cN, dN, t, o, i1..i4 "
-                           "(i = i2). Use the wizard to pick one. The data are symmetrised once in Fourier "
-                           "space, so a high symmetry costs little.")
+        self._defineSymmetryParam(form, "particle", "The data are symmetrised once in Fourier space, so a high "
+                                  "symmetry costs little.")
         form.addParam("maxRes", params.FloatParam, default=-1,
                       label="Maximum resolution (Å)",
                       help="Frequencies beyond this resolution are not used; -1 uses all of them (up to "
@@ -57,12 +54,8 @@ class XmippAccelProtReconstructFourier(XmippAccelProtBase, ProtReconstruct3D):
                       label="Padding factor",
                       help="Fourier padding of the particles before insertion (2 is accurate; 1 is faster "
                            "and uses less memory but leaves interpolation artefacts).")
-        form.addParam("batchSize", params.IntParam, default=0, expertLevel=LEVEL_ADVANCED,
-                      label="Batch size (particles)",
-                      help="Particles sent to the GPU at a time; 0 chooses it from the free GPU memory.")
-        form.addParam("subsetSeed", params.IntParam, default=0, expertLevel=LEVEL_ADVANCED,
-                      label="Random seed of the half-set split",
-                      help="Used only when the particles carry no random subset (rlnRandomSubset).")
+        self._defineBatchSizeParam(form)
+        self._defineSubsetSeedParam(form)
         form.addParallelSection(threads=1, mpi=1)
 
     # --------------------------- INSERT steps functions ----------------------

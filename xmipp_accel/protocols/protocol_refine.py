@@ -55,10 +55,8 @@ class XmippAccelProtRefine3D(XmippAccelProtBase, ProtRefine3D):
                       label="Initial model",
                       help="Low-resolution starting map (e.g. from initial-model generation), at the particles' "
                            "box and voxel size; a different size is resampled by the command (a note in the log).")
-        form.addParam("symmetryGroup", params.StringParam, default="c1",
-                      label="Symmetry group",
-                      help="Point group of the particle (Xmipp naming: c1, cN, dN, t, o, i1..i4). Only the "
-                           "asymmetric unit is searched and the half maps are symmetrised.")
+        self._defineSymmetryParam(form, "particle", "Only the asymmetric unit is searched and the half maps are "
+                                  "symmetrised.")
         form.addParam("diameter", params.FloatParam, default=-1,
                       label="Particle diameter (Å)",
                       help="Diameter of the soft spherical mask and of the angular step rule "
@@ -81,9 +79,7 @@ class XmippAccelProtRefine3D(XmippAccelProtBase, ProtRefine3D):
         form.addParam("maxShift", params.FloatParam, default=-1, expertLevel=LEVEL_ADVANCED,
                       label="Maximum shift (px)",
                       help="Largest shift of the global search, pixels; -1 uses 10% of the box.")
-        form.addParam("subsetSeed", params.IntParam, default=0, expertLevel=LEVEL_ADVANCED,
-                      label="Random seed of the half-set split",
-                      help="Used only when the particles carry no random subset.")
+        self._defineSubsetSeedParam(form)
         form.addParallelSection(threads=1, mpi=0)
 
     # --------------------------- INSERT steps functions ----------------------
