@@ -93,6 +93,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--patches", default=None, help="patch grid XxY (default: about one per 500 Å, 3 to 7)")
     g.add_argument("--control-points", default=None,
                    help="B-spline control points XxYxT (default: 1 per 1000 Å + 2; ceil(N/7) + 2; min 4)")
+    g.add_argument("--polish-bfactor", type=float, default=450.0,
+                   help="B-factor in Å² of the high-resolution polish of the global shifts (each frame against "
+                        "the sum of the others, weight exp(-B k²/4)); 0: off (%(default)s)")
     g.add_argument("--no-local", dest="local", action="store_false", help="global alignment only")
     g = parser.add_argument_group("outputs")
     g.add_argument("--odd-even", action="store_true", help="also write <stem>_ODD.mrc and <stem>_EVN.mrc")
@@ -112,7 +115,7 @@ def job_settings(args: argparse.Namespace):
                      patches_xy=_grid(args.patches, 2, "--patches") if args.patches else None,
                      control_points=_grid(args.control_points, 3, "--control-points") if args.control_points
                      else None, odd_even=args.odd_even, save_stack=args.save_stack, psd_size=args.psd_size,
-                     hot_pixel_sigma=args.hot_pixel_sigma)
+                     hot_pixel_sigma=args.hot_pixel_sigma, polish_bfactor_A2=args.polish_bfactor)
     return MovieJobSettings(pixel_size_A=args.pixel_size, frame_range=parse_frame_range(args.frames),
                             dose_per_frame=args.dose_per_frame, pre_exposure=args.pre_exposure,
                             voltage_kV=args.voltage, gain=args.gain, dark=args.dark, defects=args.defects,

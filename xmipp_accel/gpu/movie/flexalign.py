@@ -21,6 +21,7 @@ sums are made of.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ from .global_align import (GlobalAlignment, correlation_pixel_size, correlation_
                            lowpass_filter, refine_band)
 from .local_align import (MIN_PATCH_PX, MIN_PEAK_Z, PATCH_SIZE_A, LocalAlignment, estimate_local_shifts,
                           max_patches, patch_size_px)
+from .polish import DEFAULT_POLISH_BFACTOR_A2, polish_global_shifts
 from .preprocess import check_frames, correct_dark_gain, find_hot_pixels, replace_defect_pixels
 
 __all__ = ["AlignmentOptions", "MovieAlignment", "StageTimer", "align_movie", "auto_patches", "MIN_CORRELATION_PX",
@@ -92,6 +94,9 @@ class AlignmentOptions:
         Threshold for hot/dead pixels (robust σ of the frame sum); 0 disables.
     refine_global : bool
         Second, pre-aligned global pass (:func:`estimate_global_shifts`).
+    polish_bfactor_A2 : float
+        B-factor (Å²) of the high-resolution polish of the global shifts (:mod:`.polish`: each frame
+        against the sum of the others); 0 disables it.
     batch_bytes : float
         Memory budget of one batch of correlations.
     seed : int
@@ -115,6 +120,7 @@ class AlignmentOptions:
     psd_size: int = 512
     hot_pixel_sigma: float = 10.0
     refine_global: bool = True
+    polish_bfactor_A2: float = DEFAULT_POLISH_BFACTOR_A2
     batch_bytes: float = 1.0e9
     seed: int = 0
 
@@ -143,6 +149,8 @@ class AlignmentOptions:
         if self.psd_size < 0:
             raise InputError(f"--psd-size must be 0 (no power spectrum) or a positive size in pixels, got "
                              f"{self.psd_size}")
+        if not self.polish_bfactor_A2 >= 0:
+            raise InputError(f"--polish-bfactor must be 0 (off) or positive (Å²), got {self.polish_bfactor_A2}")
         if self.hot_pixel_sigma < 0:
             raise InputError(f"--hot-pixel-sigma must be 0 (off) or positive, got {self.hot_pixel_sigma}")
 
@@ -380,6 +388,11 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
         galign = estimate_global_shifts(coarse, cshape, scale_yx=scale_yx, max_shift_px=max_shift_px,
                                         refine=options.refine_global, band=band, batch_bytes=options.batch_bytes,
                                         timer=timer)
+    if options.polish_bfactor_A2 > 0:
+        with timer("global.polish"):
+            polished = polish_global_shifts(spec, work_shape, galign.shifts_px, pixel_size_A=work_ps,
+                                            bfactor_A2=options.polish_bfactor_A2, content_shape=out_shape)
+            galign = dataclasses.replace(galign, shifts_px=polished - polished[galign.reference_frame])
     shifts = galign.shifts_px
     global_z = float(np.median(galign.peak_z))
     if global_z < MIN_PEAK_Z:
