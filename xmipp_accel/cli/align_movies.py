@@ -7,9 +7,16 @@ measurements and our B-spline model in data_xmipp_accel_bspline*), ``<stem>_psd.
 of the sum), and with --odd-even ``<stem>_ODD.mrc``/``<stem>_EVN.mrc`` (frames 1, 3, 5... / 2, 4,
 6...), with --save-stack ``<stem>_aligned.mrcs``; OUTDIR/corrected_micrographs.star lists the sums and
 their motion STAR files as RELION's motion correction does (the input of RELION's Bayesian polishing).
-Reading the next movie overlaps the GPU work on the current one; one worker per GPU in --gpus. A movie
-that cannot be read or has too few frames, NaNs or no signal is skipped with a warning naming it, and the
-batch goes on.
+``<stem>`` is the movie's file name without extension; where two movies would write the same outputs
+(``a/m.mrcs`` and ``c/m.mrcs``) every movie keeps its folder relative to the folder common to all movies
+(``OUTDIR/a/m.mrc``, ``OUTDIR/c/m.mrc``). Reading the next movie overlaps the GPU work on the current one;
+one worker per GPU in --gpus.
+
+Options are checked before any work: against the first readable movie (frame size, --patches grid, both
+with the limit in the message), the gain/dark/defect references, unique outputs and a writable OUTDIR
+(exit status 2 with a message). A movie that cannot be read, has another size that the options do not fit,
+too few frames, NaNs or no signal is skipped with a warning naming it, and the batch goes on. The work is
+done by :class:`xmipp_accel.jobs.movies.MovieJob`; this module parses the options and prints the report.
 
 Example usage::
 
