@@ -8,7 +8,9 @@ writes). Stages and their cost for a 4096² × 40 movie (H100 figures in ``bench
 2. fft - rfft2 of every frame (the only full-size forward transform of a global-only run);
 3. bin (optional) and downscale - Fourier crop to the correlation size (~926 → 960 px) with the
    Gaussian low-pass of :mod:`.global_align`;
-4. global - all pairs (780 for 40 frames), robust least squares, reference frame, refinement pass;
+4. global - all pairs (780 for 40 frames), robust least squares, reference frame, then the
+   high-resolution polish of :mod:`.polish` (each frame against the sum of the others; without it, a
+   pre-aligned refinement pass of the pairs);
 5. local - patches of the globally aligned coarse frames, per-patch all pairs, B-spline fit;
 6. apply - global shifts as phase ramps; with a local model an inverse FFT, the interpolation kernel and
    a forward FFT again (for the dose weighting); sums, odd/even;
