@@ -7,9 +7,16 @@ measurements and our B-spline model in data_xmipp_accel_bspline*), ``<stem>_psd.
 of the sum), and with --odd-even ``<stem>_ODD.mrc``/``<stem>_EVN.mrc`` (frames 1, 3, 5... / 2, 4,
 6...), with --save-stack ``<stem>_aligned.mrcs``; OUTDIR/corrected_micrographs.star lists the sums and
 their motion STAR files as RELION's motion correction does (the input of RELION's Bayesian polishing).
-Reading the next movie overlaps the GPU work on the current one; one worker per GPU in --gpus. A movie
-that cannot be read or has too few frames, NaNs or no signal is skipped with a warning naming it, and the
-batch goes on.
+``<stem>`` is the movie's file name without extension; where two movies would write the same outputs
+(``a/m.mrcs`` and ``c/m.mrcs``) every movie keeps its folder relative to the folder common to all movies
+(``OUTDIR/a/m.mrc``, ``OUTDIR/c/m.mrc``). Reading the next movie overlaps the GPU work on the current one;
+one worker per GPU in --gpus.
+
+Options are checked before any work: against the first readable movie (frame size, --patches grid, both
+with the limit in the message), the gain/dark/defect references, unique outputs and a writable OUTDIR
+(exit status 2 with a message). A movie that cannot be read, has another size that the options do not fit,
+too few frames, NaNs or no signal is skipped with a warning naming it, and the batch goes on. The work is
+done by :class:`xmipp_accel.jobs.movies.MovieJob`; this module parses the options and prints the report.
 
 Example usage::
 
@@ -108,6 +115,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--patches", default=None, help="patch grid XxY (default: about one per 500 Å, 3 to 7)")
     g.add_argument("--control-points", default=None,
                    help="B-spline control points XxYxT (default: 1 per 1000 Å + 2; ceil(N/7) + 2; min 4)")
+    g.add_argument("--polish-bfactor", type=float, default=450.0,
+                   help="B-factor in Å² of the high-resolution polish of the global shifts (each frame against "
+                        "the sum of the others, weight exp(-B k²/4)); 0: off (%(default)s)")
     g.add_argument("--no-local", dest="local", action="store_false", help="global alignment only")
     g = parser.add_argument_group("outputs")
     g.add_argument("--odd-even", action="store_true", help="also write <stem>_ODD.mrc and <stem>_EVN.mrc")
@@ -128,7 +138,7 @@ def job_settings(args: argparse.Namespace):
                      patches_xy=_grid(args.patches, 2, "--patches") if args.patches else None,
                      control_points=_grid(args.control_points, 3, "--control-points") if args.control_points
                      else None, odd_even=args.odd_even, save_stack=args.save_stack, psd_size=args.psd_size,
-                     hot_pixel_sigma=args.hot_pixel_sigma)
+                     hot_pixel_sigma=args.hot_pixel_sigma, polish_bfactor_A2=args.polish_bfactor)
     return MovieJobSettings(pixel_size_A=args.pixel_size, frame_range=parse_frame_range(args.frames),
                             dose_per_frame=args.dose_per_frame, pre_exposure=args.pre_exposure,
                             voltage_kV=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast,

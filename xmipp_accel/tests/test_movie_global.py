@@ -114,12 +114,57 @@ def test_first_pass_alone_is_biased_by_the_frame_edges():
                            seed=5)
     g = global_drift(8, drift_scale=4.0)
 
-    def rms(refine):
+    def rms(refine, polish=0.0):
         r = align_movie(frames.copy(), AlignmentOptions(pixel_size_A=1.0, local=False, psd_size=0,
-                                                        refine_global=refine, hot_pixel_sigma=0))
+                                                        refine_global=refine, hot_pixel_sigma=0,
+                                                        polish_bfactor_A2=polish))
         e = (r.shifts_px - r.shifts_px.mean(0)) - (g - g.mean(0))
         return np.sqrt((e ** 2).sum(axis=1).mean())
     assert rms(True) < 0.03 < rms(False)
+    # the polish masks the border in the aligned frames too: it removes the edge bias without the refine pass
+    assert rms(False, polish=450.0) < 0.03
+
+
+def test_polish_brings_the_noisy_error_down():
+    """High-resolution polish (each frame against the sum of the others) on a noisy movie with doming:
+    the RMS error against the truth falls below the all-pairs estimate at 30 Å (measured 0.099 -> 0.069 px
+    at 512² × 16, seed 1; asked: at least 15% lower, and under 0.08 px)."""
+    frames, truth = make_movie((512, 512), 16, dose_per_pixel=1.0, drift_scale=2.0, doming_px=2.0, seed=1)
+    g = truth["global_shifts_px"]
+
+    def rms(polish):
+        r = align_movie(frames.copy(), AlignmentOptions(pixel_size_A=1.0, local=False, psd_size=0,
+                                                        polish_bfactor_A2=polish))
+        e = (r.shifts_px - r.shifts_px.mean(0)) - (g - g.mean(0))
+        return np.sqrt((e ** 2).sum(axis=1).mean())
+    without, with_polish = rms(0.0), rms(450.0)
+    assert with_polish < 0.85 * without and with_polish < 0.08, (without, with_polish)
+
+
+def test_polish_converges_from_shifts_off_by_a_third_of_a_pixel():
+    from xmipp_accel.gpu.movie._fft import rfft2
+    from xmipp_accel.gpu.movie.polish import polish_global_shifts
+    frames, truth = make_movie((256, 256), 10, dose_per_pixel=2.0, drift_scale=2.0, doming_px=0.0, seed=4)
+    g = truth["global_shifts_px"]
+    start = g + np.random.default_rng(0).normal(0, 0.3, (10, 2))
+    out = polish_global_shifts(rfft2(frames.astype(np.float32)), (256, 256), start, pixel_size_A=1.0)
+    def rms(s):
+        e = (s - s.mean(0)) - (g - g.mean(0))
+        return np.sqrt((e ** 2).sum(axis=1).mean())
+    assert rms(start) > 0.3 and rms(out) < 0.1, (rms(start), rms(out))   # noise of 2 e/px: ~0.05 px reached
+
+
+@pytest.mark.gpu
+def test_gpu_polish_agrees_with_numpy():
+    from xmipp_accel.gpu.movie._fft import rfft2
+    from xmipp_accel.gpu.movie.polish import polish_global_shifts
+    cp = backend.cupy_module()
+    frames, truth = make_movie((256, 256), 10, dose_per_pixel=2.0, drift_scale=2.0, doming_px=0.0, seed=4)
+    start = truth["global_shifts_px"] + np.random.default_rng(0).normal(0, 0.3, (10, 2))
+    spec = rfft2(frames.astype(np.float32))
+    cpu = polish_global_shifts(spec, (256, 256), start, pixel_size_A=1.0)
+    gpu = polish_global_shifts(cp.asarray(spec), (256, 256), start, pixel_size_A=1.0)
+    np.testing.assert_allclose(gpu, cpu, atol=2e-3)       # float32 sums in another order
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@
 The movie (512² × 16 frames, 1 Å/px, 1 e⁻/px per frame, doming 2 px) comes from
 :mod:`xmipp_accel.em.synthetic_movies` with a known global drift (~25 px over the movie). RELION runs
 from the project folder on ``movies.star`` (``--j 2``, 3 × 3 patches, dose weighting), we run
-``align-movies`` on the same file. Checked:
+``align-movies`` on the same file, both with their default settings (RELION: B-factor 150 px²; ours:
+all-pairs at 30 Å then the polish at B = 450 Å², see :mod:`xmipp_accel.gpu.movie.polish`). Checked:
 
 * our motion STAR has every block RELION's ``Micrograph::read`` (polishing, ``--corr_mic``) reads, with
   the same column names, value types (int/float/str) and units (input pixels, Å, e/Å², kV): shifts and
@@ -25,11 +26,6 @@ from xmipp_accel.io.star import Table, read_star, write_star
 from xmipp_accel.tests.relion_peer import run_relion
 
 SIZE, FRAMES, PIXEL, DOSE, KV = 512, 16, 1.0, 1.0, 300.0
-#: Correlation resolution of ours (Å). RELION correlates the frames near full resolution, weighted by its
-#: default B-factor of 150 px²; our default (30 Å, FlexAlign's) keeps only low frequencies. --max-res 10 at
-#: 1 Å/px lets ours use high frequencies too, so both methods see comparable information (the defaults are
-#: compared in benchmarks/relion_cpu_motioncorr.py).
-OUR_MAX_RES_A = 10.0
 #: Blocks RELION writes that readers may go without: hot_pixels lists the pixels RELION replaced (absent
 #: when none), local_motion_model is read only with rlnMotionModelVersion 1 (RELION's polynomial; ours is 0,
 #: our B-spline sits in blocks of our own).
@@ -58,7 +54,7 @@ def motioncorr(tmp_path_factory):
     os.chdir(d)  # as RELION: relative movie names from the project folder
     try:
         code = cli(["align-movies", "Movies/m.mrcs", "-o", "Ours", "--patches", "3x3", "--dose-per-frame", str(DOSE),
-                    "--voltage", str(KV), "--max-res", str(OUR_MAX_RES_A), "--device", "cpu", "-q", "--json"])
+                    "--voltage", str(KV), "--device", "cpu", "-q", "--json"])
     finally:
         os.chdir(cwd)
     assert code == 0

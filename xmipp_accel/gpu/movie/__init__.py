@@ -2,13 +2,14 @@
 
 Public names, one per line; the stages live in their own modules:
 :mod:`.preprocess`, :mod:`.global_align`, :mod:`.local_align`, :mod:`.bspline`, :mod:`.apply`,
-:mod:`.dose`, and :mod:`.flexalign` which chains them.
+:mod:`.dose`, :mod:`.polish`, and :mod:`.flexalign` which chains them.
 """
 from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_grid, fit_bspline_shifts
 from .dose import dose_weighted_sum, exposure_filter
 from .flexalign import AlignmentOptions, MovieAlignment, align_movie, auto_patches
 from .global_align import GlobalAlignment, estimate_global_shifts
 from .local_align import LocalAlignment, estimate_local_shifts
+from .polish import polish_global_shifts
 
 __all__ = [
     "AlignmentOptions",
@@ -25,4 +26,5 @@ __all__ = [
     "estimate_global_shifts",
     "LocalAlignment",
     "estimate_local_shifts",
+    "polish_global_shifts",
 ]

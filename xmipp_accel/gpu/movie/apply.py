@@ -126,11 +126,13 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
             wx = [w.ravel() for w in keys_weights((xs - fx).astype(np.float32))]
             index = ((fy.astype(np.int64) + (pad - 1)) * width + (fx.astype(np.int64) + (pad - 1))).ravel()
             acc = np.zeros(index.shape, dtype=np.float32)
+            row = np.empty_like(acc)
+            v = np.empty_like(acc)
             for a in range(4):
-                row = np.take(taps[4 * a], index)
+                np.take(taps[4 * a], index, out=row)
                 row *= wx[0]
                 for b in range(1, 4):
-                    v = np.take(taps[4 * a + b], index)
+                    np.take(taps[4 * a + b], index, out=v)
                     v *= wx[b]
                     row += v
                 row *= wy[a]
