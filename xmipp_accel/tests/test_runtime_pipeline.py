@@ -207,6 +207,39 @@ def test_gpu_worker_results_equal_numpy(workers_per_gpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("workers_per_gpu", [1, 2])
+def test_prefetch_uploads_beside_the_previous_compute_and_keeps_every_result(workers_per_gpu):
+    """With prefetch the next item is uploaded on a copy stream while the previous item's kernels are
+    still queued: each result must be its own item's (no buffer reused or overwritten too early), an
+    error stays with its item, and the copy-stream allocations do not leak across items."""
+    cp = backend.cupy_module()
+
+    def compute(a, worker):
+        if int(a[0, 0, 0].get()) == 5 * 1000:      # a marker item: fails at launch, the others go on
+            raise ValueError("item 5 refused")
+        acc = cp.zeros((), dtype=cp.float64)
+        for _ in range(20):                          # enough queued work that the next upload overlaps it
+            acc += cp.abs(cp.fft.rfft2(a)).sum()
+        return acc                                   # queued, not yet computed: completed by the runtime
+
+    def read(i):
+        a = np.stack([read_item(i)] * 3)
+        a[0, 0, 0] = i * 1000.0
+        return a
+
+    def expected(i):
+        return 20 * float(np.abs(np.fft.rfft2(read(i))).sum())
+
+    run = Pipeline(compute, read=read, devices=[0], workers_per_gpu=workers_per_gpu, prefetch=True,
+                   queue_depth=1).run(range(12))
+    assert [r.index for r in run.errors] == [5] and "item 5" in str(run.errors[0].error)
+    for r in run:
+        if r.ok:
+            np.testing.assert_allclose(float(r.value), expected(r.index), rtol=1e-5)
+    assert run.stats["h2d"].count == 12
+
+
+@pytest.mark.gpu
 def test_gpu_and_cpu_workers_together_give_the_serial_results():
     cp = backend.cupy_module()
 

@@ -359,7 +359,7 @@ def _run_pipeline(states: List[_DeviceState], batches: Iterable[ParticleBatch],
     pipe = Pipeline(compute, read=read, write=write,
                     setup=setup,
                     devices=[st.device for st in states], read_workers=read_workers, queue_depth=1,
-                    pinned=True, to_host=False, fail_fast=True,
+                    pinned=True, to_host=False, fail_fast=True, prefetch=gpu,   # upload k+1 while k inserts
                     on_error=lambda result: None)  # the first error is re-raised by run, with its message
     pipe.run(batches)
 

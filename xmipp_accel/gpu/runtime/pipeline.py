@@ -26,6 +26,7 @@ CuPy arrays in its result are copied back to the host before ``write(item, resul
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import inspect
 import logging
@@ -33,7 +34,6 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -41,126 +41,13 @@ import numpy as np
 from ... import backend
 from .payload import Payload, PhysicalDescriptor
 from .pinned import PinnedPool
+from .run_types import STAGES, Cancelled, ItemResult, PipelineRun, StageStats, WorkerContext  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Pipeline", "PipelineRun", "ItemResult", "StageStats", "WorkerContext", "STAGES"]
 
-STAGES = ("read", "h2d", "compute", "d2h", "write")
 _SENTINEL = object()
-
-
-class Cancelled(RuntimeError):
-    """The item was not processed because the run was stopped (fail_fast or an interrupt)."""
-
-
-@dataclass
-class StageStats:
-    """Busy time of one stage, summed over its workers (seconds)."""
-    name: str
-    count: int = 0
-    busy_s: float = 0.0
-    max_s: float = 0.0
-
-    @property
-    def mean_s(self) -> float:
-        return self.busy_s / self.count if self.count else 0.0
-
-
-@dataclass
-class ItemResult:
-    """What happened to one input item.
-
-    Attributes
-    ----------
-    index : position of the item in the input.
-    item : the input item.
-    value : what ``write`` returned (or the host result of ``compute`` without ``write``).
-    error : the exception, or None on success.
-    stage : stage that raised (``"read"``, ``"h2d"``, ``"compute"``, ``"d2h"``, ``"write"``, ``"cancelled"``).
-    worker : name of the compute worker (``"gpu0"``, ``"cpu0"``).
-    """
-    index: int
-    item: Any
-    value: Any = None
-    error: Optional[BaseException] = None
-    stage: Optional[str] = None
-    worker: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class PipelineRun(list):
-    """The list of :class:`ItemResult` of a run (input order when ``ordered``), with timing.
-
-    Attributes
-    ----------
-    stats : dict of StageStats by stage name.
-    wall_s : wall time of the run (seconds).
-    peak_in_flight : most items held at once; max_in_flight: the bound.
-    """
-
-    def __init__(self, results: Iterable[ItemResult], stats: Dict[str, StageStats], wall_s: float,
-                 peak_in_flight: int, max_in_flight: int, workers: Sequence[str],
-                 stage_workers: Optional[Dict[str, int]] = None):
-        super().__init__(results)
-        self.stats = stats
-        self.stage_workers = dict(stage_workers or {})
-        self.wall_s = wall_s
-        self.peak_in_flight = peak_in_flight
-        self.max_in_flight = max_in_flight
-        self.workers = list(workers)
-
-    @property
-    def errors(self) -> List[ItemResult]:
-        return [r for r in self if not r.ok]
-
-    @property
-    def values(self) -> List[Any]:
-        return [r.value for r in self]
-
-    def summary(self) -> Dict[str, Any]:
-        """Stage busy times, wall time and overlap.
-
-        ``overlap`` = sum of stage busy times / wall (> 1: stages overlapped); ``stage_floor_s`` = the
-        largest busy time of a stage divided by its number of workers, the shortest wall time any
-        schedule of these stages could reach; ``wall_over_floor`` = wall / that floor (1 is perfect).
-        """
-        busy = {k: round(s.busy_s, 6) for k, s in self.stats.items() if s.count}
-        total = sum(s.busy_s for s in self.stats.values())
-        slowest = max((s.busy_s for s in self.stats.values()), default=0.0)
-        floor = max((s.busy_s / max(1, self.stage_workers.get(k, 1)) for k, s in self.stats.items()), default=0.0)
-        return {"items": len(self), "failed": len(self.errors), "wall_s": self.wall_s, "stage_busy_s": busy,
-                "sum_stages_s": total, "slowest_stage_s": slowest, "stage_floor_s": floor,
-                "overlap": total / self.wall_s if self.wall_s > 0 else float("nan"),
-                "wall_over_floor": self.wall_s / floor if floor > 0 else float("nan"),
-                "workers": self.workers, "stage_workers": self.stage_workers,
-                "peak_in_flight": self.peak_in_flight, "max_in_flight": self.max_in_flight}
-
-
-@dataclass
-class WorkerContext:
-    """What a compute worker gives ``compute`` and ``setup``.
-
-    Attributes
-    ----------
-    name : ``"gpu<id>"`` (``"gpu<id>.<k>"`` with several workers per GPU) or ``"cpu<k>"``.
-    device : the worker's :class:`~xmipp_accel.backend.Device`.
-    xp : numpy or cupy.
-    stream : the worker's CUDA stream (current while ``compute`` runs), None on the CPU.
-    state : what ``setup(worker)`` returned (plans, kernels, buffers set up once per worker).
-    """
-    name: str
-    device: backend.Device
-    xp: Any
-    stream: Any = None
-    state: Any = None
-
-    @property
-    def is_gpu(self) -> bool:
-        return self.device.is_gpu
 
 
 def _wants_two_args(fn: Callable) -> bool:
@@ -254,6 +141,11 @@ class Pipeline:
         Copy CuPy arrays in ``compute``'s result back to NumPy before ``write``.
     fail_fast : bool
         Stop at the first failed item (the rest are reported as cancelled) and raise its error from :meth:`run`.
+    prefetch : bool
+        GPU workers upload the next item on a copy stream while the previous item's compute still runs on
+        the worker's stream (the compute waits on the upload's event; the previous item is synchronised
+        only once the next upload is issued). ``compute`` must then only queue GPU work and return
+        without waiting for it, and a worker holds two items' device data at once (one more in flight).
     """
 
     def __init__(self, compute: Callable, *, read: Optional[Callable] = None, write: Optional[Callable] = None,
@@ -261,7 +153,7 @@ class Pipeline:
                  workers_per_gpu: int = 1, read_workers: int = 2, write_workers: int = 1, queue_depth: int = 2,
                  ordered: bool = True, on_error: Optional[Callable[[ItemResult], None]] = None,
                  on_result: Optional[Callable[[ItemResult], None]] = None, pinned: bool = True,
-                 to_host: bool = True, fail_fast: bool = False):
+                 to_host: bool = True, fail_fast: bool = False, prefetch: bool = False):
         if read_workers < 1 or write_workers < 1 or queue_depth < 0 or cpu_workers < 0 or workers_per_gpu < 1:
             raise ValueError("read_workers, write_workers and workers_per_gpu must be >= 1; queue_depth and "
                              "cpu_workers >= 0")
@@ -290,11 +182,13 @@ class Pipeline:
         self.pinned = pinned and bool(gpus)
         self.to_host = to_host
         self.fail_fast = fail_fast
+        self.prefetch = prefetch
 
     @property
     def max_in_flight(self) -> int:
         """Most items held in memory at once."""
-        return self.read_workers + len(self.workers) * (1 + self.queue_depth) + self.write_workers
+        per_worker = 1 + self.queue_depth + (1 if self.prefetch else 0)
+        return self.read_workers + len(self.workers) * per_worker + self.write_workers
 
     @property
     def worker_names(self) -> List[str]:
@@ -479,9 +373,13 @@ class _RunState:
     def _work_loop(self, ctx: WorkerContext) -> None:
         if self.p.setup is not None:
             ctx.state = self.p.setup(ctx)
+        copy_stream = ctx.xp.cuda.Stream(non_blocking=True) if (ctx.is_gpu and self.p.prefetch) else None
+        pending = None   # with prefetch: the item whose compute is queued on ctx.stream, not yet synchronised
         while True:
             msg = self.compute_q.get()
             if msg is _SENTINEL:
+                if pending is not None:
+                    self._complete(ctx, *pending)
                 return
             index, item, data, err = msg
             if err is None and self.stop.is_set():
@@ -493,32 +391,58 @@ class _RunState:
             try:
                 t = time.perf_counter()
                 if ctx.is_gpu:
-                    data = _map_arrays(data, lambda a: self._upload(a, ctx), np.ndarray)
+                    data = _map_arrays(data, functools.partial(self._upload, ctx=ctx, stream=copy_stream),
+                                       np.ndarray)
+                    uploaded = copy_stream.record() if copy_stream is not None else None
                     self._time("h2d", time.perf_counter() - t)
+                if pending is not None:          # the previous item's GPU work ran while this one uploaded
+                    self._complete(ctx, *pending)
+                    pending = None
+                if copy_stream is not None:
+                    ctx.stream.wait_event(uploaded)
                 stage = "compute"
                 t = time.perf_counter()
                 result = self.p.compute(data, ctx) if self.p._compute_ctx else self.p.compute(data)
-                if ctx.is_gpu:
-                    ctx.stream.synchronize()
-                self._time("compute", time.perf_counter() - t)
-                del data
-                if ctx.is_gpu and self.p.to_host:
-                    stage = "d2h"
-                    t = time.perf_counter()
-                    result = _map_arrays(result, lambda a: a.get(stream=ctx.stream), ctx.xp.ndarray)
-                    ctx.stream.synchronize()
-                    self._time("d2h", time.perf_counter() - t)
             except Exception as exc:
-                if backend.is_out_of_memory(exc) and ctx.is_gpu:
-                    ctx.xp.get_default_memory_pool().free_all_blocks()
-                self.write_q.put((index, item, None, (exc, stage), ctx.name))
+                self._failed(ctx, index, item, exc, stage)
                 continue
-            self.write_q.put((index, item, result, None, ctx.name))
+            if copy_stream is not None:
+                pending = (index, item, result, data, t)   # ``data`` stays referenced until its compute is done
+                continue
+            self._complete(ctx, index, item, result, data, t)
+
+    def _complete(self, ctx: WorkerContext, index: int, item, result, data, t0: float) -> None:
+        """Wait for an item's GPU work, copy its result to the host if asked, and pass it to the writer."""
+        stage = "compute"
+        try:
+            if ctx.is_gpu:
+                ctx.stream.synchronize()
+            self._time("compute", time.perf_counter() - t0)
+            del data
+            if ctx.is_gpu and self.p.to_host:
+                stage = "d2h"
+                t = time.perf_counter()
+                result = _map_arrays(result, lambda a: a.get(stream=ctx.stream), ctx.xp.ndarray)
+                ctx.stream.synchronize()
+                self._time("d2h", time.perf_counter() - t)
+        except Exception as exc:
+            self._failed(ctx, index, item, exc, stage)
+            return
+        self.write_q.put((index, item, result, None, ctx.name))
+
+    def _failed(self, ctx: WorkerContext, index: int, item, exc: Exception, stage: str) -> None:
+        if backend.is_out_of_memory(exc) and ctx.is_gpu:
+            ctx.xp.get_default_memory_pool().free_all_blocks()
+        self.write_q.put((index, item, None, (exc, stage), ctx.name))
 
     @staticmethod
-    def _upload(a: np.ndarray, ctx: WorkerContext):
-        d = ctx.xp.empty(a.shape, a.dtype)
-        d.set(np.ascontiguousarray(a), stream=ctx.stream)  # asynchronous from pinned memory
+    def _upload(a: np.ndarray, ctx: WorkerContext, stream=None):
+        """Device copy of ``a`` on ``stream`` (default the worker's). The buffer is allocated with that
+        stream current, so CuPy's stream-ordered pool never hands it a block the other stream still uses."""
+        stream = stream or ctx.stream
+        with stream:
+            d = ctx.xp.empty(a.shape, a.dtype)
+            d.set(np.ascontiguousarray(a), stream=stream)  # asynchronous from pinned memory
         return d
 
     # -------------------------------------------------------------------------------- write
