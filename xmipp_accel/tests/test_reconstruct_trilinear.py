@@ -15,6 +15,7 @@ from xmipp_accel.errors import InputError
 from xmipp_accel.gpu.reconstruct import trilinear as tri
 from xmipp_accel.gpu.reconstruct.fourier import (ReconstructionSettings, fourier_grid, output_mask,
                                                  projection_transforms, reconstruct, resolve_interp)
+from xmipp_accel.gpu.reconstruct.fourier import group_matrices as fr_group
 from xmipp_accel.gpu.reconstruct.insert import FourierGrid
 from xmipp_accel.tests.test_cli_reconstruct import run_cli, write_dataset
 from xmipp_accel.tests.test_reconstruct import APIX, BOX, random_rotations, shell_fsc
@@ -165,3 +166,31 @@ def test_cli_default_is_trilinear_on_the_cpu_and_blob_on_request(tmp_path, capsy
         assert code == 0, err
         summary = json.loads(stdout.strip().splitlines()[-1])
         assert summary["interp"] == interp and summary["mask"] == (not extra)
+
+
+def test_images_path_equals_values_then_scatter(c1_data):  # noqa: F811
+    """insert_images_trilinear (transform and scatter chunk by chunk, symmetry expanded) is the two steps."""
+    grid = fourier_grid(BOX, ReconstructionSettings())
+    imgs, mats = c1_data["with_ctf"][:12], c1_data["matrices"][:12]
+    ctf = {k: v[:12] for k, v in c1_data["ctf"].items()}
+    ops = fr_group("d2")
+    vals, w = tri.half_plane_values(imgs, grid, shifts_px=c1_data["origins"][:12], ctf=ctf, pixel_size_A=APIX,
+                                    mode="wiener")
+    ref_d, ref_w = np.zeros(grid.shape, np.complex64), np.zeros(grid.shape, np.float32)
+    ent = np.einsum("nij,gjk->ngik", mats, ops).reshape(-1, 3, 3)
+    tri.insert_trilinear_numpy(ref_d, ref_w, vals, w, ent, np.repeat(np.arange(12), len(ops)), grid)
+    d, wt = np.zeros(grid.shape, np.complex64), np.zeros(grid.shape, np.float32)
+    tri.insert_images_trilinear(d, wt, imgs, mats, grid, shifts_px=c1_data["origins"][:12], ctf=ctf,
+                                pixel_size_A=APIX, mode="wiener", operators=ops, chunk_points=5000)
+    np.testing.assert_allclose(wt, ref_w, rtol=1e-5, atol=1e-5 * ref_w.max())
+    np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5 * np.abs(ref_d).max())
+
+
+def test_trilinear_half_maps_sum_to_the_full_map(c1_data):  # noqa: F811
+    res = reconstruct(c1_data["clean"], c1_data["matrices"], shifts_px=c1_data["origins"], devices="cpu",
+                      ctf_mode="none", interp="trilinear", halves=True, batch_size=70)
+    full = reconstruct(c1_data["clean"], c1_data["matrices"], shifts_px=c1_data["origins"], devices="cpu",
+                       ctf_mode="none", interp="trilinear").volume
+    np.testing.assert_allclose(res.volume, full, atol=1e-4 * np.abs(full).max())
+    for half in (res.half1, res.half2):
+        assert np.corrcoef(half.ravel(), c1_data["volume"].ravel())[0, 1] > 0.98

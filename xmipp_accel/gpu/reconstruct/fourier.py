@@ -42,7 +42,7 @@ from ... import backend
 from .blob import KaiserBesselBlob
 from .insert import (BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu, packed_width,
                      symmetrize_fourier_volume)
-from .trilinear import (INTERP_MODES, TrilinearSums, half_plane_values, insert_trilinear_numpy,
+from .trilinear import (INTERP_MODES, TrilinearSums, insert_images_trilinear, insert_trilinear_numpy,
                         trilinear_gridding_correction)
 
 __all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "ParticleBatch", "ReconstructionResult",
@@ -613,15 +613,41 @@ class FourierReconstructor:
             self.insert_transforms(packed, None, matrices, subset, packed=True)
             return
         if self.settings.interp == "trilinear":
-            mode = effective_ctf_mode(ctf, self.settings.ctf_mode, self.settings.ctf_premultiplied)
-            vals, w = half_plane_values(images, self.grid, shifts_px=shifts_px, ctf=ctf,
-                                        pixel_size_A=self.pixel_size_A, mode=mode)
-            self.insert_transforms(vals, w, matrices, subset)
+            self._insert_trilinear(images, matrices, shifts_px, ctf, subset)
             return
         ft, w = projection_transforms(images, self.grid, shifts_px=shifts_px, ctf=ctf,
                                       pixel_size_A=self.pixel_size_A, ctf_mode=self.settings.ctf_mode,
                                       ctf_premultiplied=self.settings.ctf_premultiplied)
         self.insert_transforms(ft, w, matrices, subset)
+
+    def _insert_trilinear(self, images, matrices, shifts_px, ctf, subset) -> None:
+        """CPU trilinear path: each subset's images transformed and scattered chunk by chunk
+        (:func:`.trilinear.insert_images_trilinear`) into the accumulator's pending sums."""
+        n = int(images.shape[0])
+        mats = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
+        if self.n_subsets == 2 and subset is None:
+            raise ValueError("half-map reconstruction needs the subset (1 or 2) of each particle")
+        if self.n_subsets == 1 or subset is None:
+            groups = [(0, slice(None))]
+        else:
+            sub = np.asarray(backend.to_host(subset)).reshape(-1)
+            groups = [(s - 1, np.nonzero(sub == s)[0]) for s in (1, 2)]
+        mode = effective_ctf_mode(ctf, self.settings.ctf_mode, self.settings.ctf_premultiplied)
+        ops = self.sym_matrices if self.settings.sym_mode == "expand" and len(self.sym_matrices) > 1 else None
+        for s, sel in groups:
+            imgs = images[sel]
+            if imgs.shape[0] == 0:
+                continue
+            acc = self.accumulators[s]
+            if acc.pending is None:
+                acc.pending = TrilinearSums(self.grid)
+            insert_images_trilinear(
+                acc.data, acc.weight, imgs, mats[sel], self.grid,
+                shifts_px=None if shifts_px is None else np.asarray(backend.to_host(shifts_px)).reshape(n, 2)[sel],
+                ctf=None if ctf is None else {k: np.broadcast_to(np.asarray(backend.to_host(v)), (n,))[sel]
+                                              for k, v in ctf.items()},
+                pixel_size_A=self.pixel_size_A, mode=mode, operators=ops, sums=acc.pending)
+            acc.count += int(imgs.shape[0])
 
     # ------------------------------------------------------------------ results
     def merged(self) -> FourierAccumulator:

@@ -43,6 +43,7 @@ import numpy as np
 from .insert import FourierGrid
 
 __all__ = ["HalfPlane", "TrilinearSums", "half_plane", "half_plane_values", "insert_trilinear_numpy",
+           "insert_images_trilinear",
            "trilinear_gridding_correction", "INTERP_MODES"]
 
 #: Interpolation kernels of the insertion: ``"blob"`` (Kaiser-Bessel gather, Xmipp), ``"trilinear"``
@@ -233,16 +234,69 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
     P = hp.flat.size
     if values.ndim != 2 or values.shape[-1] != P:
         raise ValueError(f"values must hold the {P} half-plane pixels of this grid, got shape {values.shape}")
-    target = TrilinearSums(grid) if sums is None else sums
-    acc = target.sums
-    size = acc.shape[1]
     step = max(1, chunk_points // P)
-    starts = list(range(0, matrices.shape[0], step))
 
     def corners(start: int):
         rows = image_index[start:start + step]
         return _scatter_terms(matrices[start:start + step], values[rows],
                               None if value_weights is None else value_weights[rows], hp, lg)
+
+    _scatter_chunks(corners, range(0, matrices.shape[0], step), grid, data, weight, sums, threads)
+
+
+def insert_images_trilinear(data: np.ndarray, weight: np.ndarray, images: np.ndarray, matrices: np.ndarray,
+                            grid: FourierGrid, *, shifts_px=None, ctf: Optional[Dict] = None, pixel_size_A: float = 1.0,
+                            mode: str = "none", operators: Optional[np.ndarray] = None,
+                            sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 18,
+                            threads: Optional[int] = None) -> None:
+    """Transform and scatter particle images (:func:`half_plane_values` then :func:`insert_trilinear_numpy`),
+    chunk by chunk: the helper thread transforms the next chunk's images and computes its corners while
+    this one scatters, so both cores work.
+
+    Parameters
+    ----------
+    images : ``(n, N, N)`` float32; matrices : ``(n, 3, 3)``; shifts_px, ctf, pixel_size_A, mode: as for
+        :func:`half_plane_values`.
+    operators : ``(k, 3, 3)`` or None: insert each image once per operator with rotation ``A g`` (symmetry
+        expanded at insertion); None: once.
+    data, weight, grid, sums, chunk_points, threads : as for :func:`insert_trilinear_numpy`.
+    """
+    n = int(images.shape[0])
+    if n == 0:
+        return
+    matrices = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
+    ops = None if operators is None else np.asarray(operators, dtype=np.float64).reshape(-1, 3, 3)
+    k = 1 if ops is None else ops.shape[0]
+    hp = half_plane(grid)
+    lg = _local_grid(grid)
+    step = max(1, chunk_points // (hp.flat.size * k))
+    sh = None if shifts_px is None else np.asarray(shifts_px, dtype=np.float64).reshape(n, 2)
+    cols = None if ctf is None else {key: np.broadcast_to(np.asarray(v), (n,)) for key, v in ctf.items()}
+
+    def corners(start: int):
+        sl = slice(start, min(n, start + step))
+        vals, w = half_plane_values(images[sl], grid, shifts_px=None if sh is None else sh[sl],
+                                    ctf=None if cols is None else {key: v[sl] for key, v in cols.items()},
+                                    pixel_size_A=pixel_size_A, mode=mode)
+        A = matrices[sl]
+        if ops is not None:
+            A = np.einsum("nij,gjk->ngik", A, ops).reshape(-1, 3, 3)
+            rows = np.repeat(np.arange(vals.shape[0]), k)
+            vals = vals[rows]
+            w = None if w is None else w[rows]
+        return _scatter_terms(A, vals, w, hp, lg)
+
+    _scatter_chunks(corners, range(0, n, step), grid, data, weight, sums, threads)
+
+
+def _scatter_chunks(corners, starts, grid: FourierGrid, data, weight, sums: Optional[TrilinearSums],
+                    threads: Optional[int]) -> None:
+    """Scatter the chunks ``corners(start)`` (:func:`_scatter_terms` output) into the sums with
+    ``np.bincount``, the next chunk computed in a helper thread; flush into data/weight without ``sums``."""
+    target = TrilinearSums(grid) if sums is None else sums
+    acc = target.sums
+    size = acc.shape[1]
+    starts = list(starts)
 
     def scatter(idx: np.ndarray, t: np.ndarray, terms: np.ndarray) -> None:
         buf = np.empty_like(t)
@@ -339,9 +393,12 @@ def _ctf_at_pixels(ctf: Dict, n: int, hp: HalfPlane, M: int, pixel_size_A: float
     fx = hp.px / (M * pixel_size_A)
     fy = hp.py / (M * pixel_size_A)
     u2 = fx * fx + fy * fy
-    basis = np.stack([u2, fx * fx - fy * fy, 2.0 * fx * fy, u2 * u2, np.ones_like(u2)])   # (5, P)
-    chi = ((coef * np.array([-1.0, -1.0, -1.0, 1.0, -1.0])) @ basis).astype(np.float32)  # |chi| < 1e3 rad
-    return -np.sin(chi)
+    # chi = -(a u2 + b (fx² - fy²) + c 2 fx fy) + d u2² - e, as outer products (no BLAS threads for a (n, 5) x (5, P))
+    chi = coef[:, 3:4] * (u2 * u2) - coef[:, 4:5]
+    for j, b in enumerate((u2, fx * fx - fy * fy, 2.0 * fx * fy)):
+        chi -= coef[:, j:j + 1] * b
+    np.remainder(chi, 2.0 * np.pi, out=chi)               # reduced in double precision, single-precision sine
+    return -np.sin(chi.astype(np.float32))
 
 
 def trilinear_gridding_correction(box: int, padded_box: int, xp=np):
