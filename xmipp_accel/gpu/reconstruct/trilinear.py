@@ -118,52 +118,76 @@ def _fold_kx0_plane(local: np.ndarray) -> None:
     plane += np.conj(mate) if np.iscomplexobj(local) else mate
 
 
-def _scatter_terms(A: np.ndarray, v: np.ndarray, vw: Optional[np.ndarray], hp: HalfPlane, lg: _LocalGrid):
+class _Workspace:
+    """Buffers of one chunk in flight, reused from chunk to chunk (fresh pages cost as much as the arithmetic)."""
+
+    def __init__(self):
+        self.arrays: dict = {}
+
+    def get(self, name: str, shape: tuple, dtype=np.float64) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self.arrays.get(name)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = self.arrays[name] = np.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
+
+def _scatter_terms(A: np.ndarray, v: np.ndarray, vw: Optional[np.ndarray], hp: HalfPlane, lg: _LocalGrid,
+                   ws: Optional[_Workspace] = None):
     """Corner indices ``(8 E P,)`` int64 into the local grid, the corners' trilinear weights ``(8, E P)`` and
     the three values each point scatters ``(3, E P)`` (real part, imaginary part, weight) for entries with
-    rotations ``A (E, 3, 3)`` and values ``v (E, P)``.
+    rotations ``A (E, 3, 3)`` and values ``v (E, P)``; the arrays live in ``ws`` (reused by the next call).
 
     Corner-major layout (all points of corner 0, then corner 1, ...): each pass of the scatter sweeps
     the planes in pixel order, which keeps its writes local.
     """
+    ws = _Workspace() if ws is None else ws
     px, py, fac = hp.px, hp.py, hp.factor
     sy, _, sx = lg.shape
-    # k_j = px A[0, j] + py A[1, j]; points of negative kx are stored as their mates (-k, conj F)
-    kx = A[:, 0, 0, None] * px + A[:, 1, 0, None] * py
-    ky = A[:, 0, 1, None] * px + A[:, 1, 1, None] * py
-    kz = A[:, 0, 2, None] * px + A[:, 1, 2, None] * py
-    flip = np.where(kx < 0, -1.0, 1.0)
-    kx *= flip
-    ky *= flip
-    kz *= flip
-    terms = np.empty((3,) + kx.shape)
+    E, P = v.shape
+    n = E * P
+    tmp = ws.get("tmp", (E, P))
+    k = ws.get("k", (3, E, P))
+    for j in range(3):   # k_j = px A[0, j] + py A[1, j]
+        np.multiply(A[:, 0, j, None], px, out=k[j])
+        np.multiply(A[:, 1, j, None], py, out=tmp)
+        k[j] += tmp
+    flip = ws.get("flip", (E, P))           # points of negative kx are stored as their mates (-k, conj F)
+    np.copysign(1.0, k[0], out=flip)
+    k *= flip
+    terms = ws.get("terms", (3, E, P))
     np.multiply(v.real, fac, out=terms[0])
-    np.multiply(v.imag, flip * fac, out=terms[1])
+    np.multiply(flip, fac, out=tmp)
+    np.multiply(v.imag, tmp, out=terms[1])
     if vw is None:
         terms[2] = fac
     else:
         np.multiply(vw, fac, out=terms[2])
-    x0 = np.floor(kx)
-    y0 = np.floor(ky)
-    z0 = np.floor(kz)
-    fx = (kx - x0).reshape(-1)
-    fy = (ky - y0).reshape(-1)
-    fz = (kz - z0).reshape(-1)
-    z0 += lg.o                       # flat index of the lower corner, in place
-    z0 *= sy
-    z0 += y0
-    z0 += lg.o
-    z0 *= sx
-    z0 += x0
-    base = z0.astype(np.int64).reshape(-1)
-    n = base.size
-    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-    zy = (gz * gy, gz * fy, fz * gy, fz * fy)
-    idx = np.empty((8, n), np.int64)
-    t = np.empty((8, n))
-    for c in range(8):               # corner c = (dz, dy, dx) bits
+    k0 = ws.get("k0", (3, E, P))
+    np.floor(k, out=k0)
+    f = ws.get("f", (3, n))                 # fractional parts, then 1 - f in g
+    np.subtract(k.reshape(3, n), k0.reshape(3, n), out=f)
+    g = ws.get("g", (3, n))
+    np.subtract(1.0, f, out=g)
+    base_f = k0[2]                           # flat index of the lower corner, in place
+    base_f += lg.o
+    base_f *= sy
+    base_f += k0[1]
+    base_f += lg.o
+    base_f *= sx
+    base_f += k0[0]
+    base = ws.get("base", (n,), np.int64)
+    base[:] = base_f.reshape(-1)
+    zy = ws.get("zy", (4, n))
+    np.multiply(g[2], g[1], out=zy[0])
+    np.multiply(g[2], f[1], out=zy[1])
+    np.multiply(f[2], g[1], out=zy[2])
+    np.multiply(f[2], f[1], out=zy[3])
+    idx = ws.get("idx", (8, n), np.int64)
+    t = ws.get("t", (8, n))
+    for c in range(8):                       # corner c = (dz, dy, dx) bits
         np.add(base, lg.corners[c], out=idx[c])
-        np.multiply(zy[c >> 1], fx if c & 1 else gx, out=t[c])
+        np.multiply(zy[c >> 1], f[0] if c & 1 else g[0], out=t[c])
     return idx.reshape(-1), t, terms.reshape(3, -1)
 
 
@@ -179,6 +203,7 @@ class TrilinearSums:
         self.grid = grid
         self.sums = np.zeros((3, int(np.prod(_local_grid(grid).shape))))
         self.empty = True
+        self.spaces = (_Workspace(), _Workspace(), _Workspace())   # two chunks in flight and the scatter's
 
     def flush(self, data: np.ndarray, weight: np.ndarray) -> None:
         if self.empty:
@@ -194,6 +219,7 @@ class TrilinearSums:
         wt[lg.volume_flat] += local_w.reshape(-1)[lg.local_flat].astype(weight.dtype)
         self.sums[:] = 0.0
         self.empty = True
+        self.spaces = (_Workspace(), _Workspace(), _Workspace())   # their buffers are given back
 
 
 def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndarray,
@@ -236,10 +262,10 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
         raise ValueError(f"values must hold the {P} half-plane pixels of this grid, got shape {values.shape}")
     step = max(1, chunk_points // P)
 
-    def corners(start: int):
+    def corners(start: int, ws: _Workspace):
         rows = image_index[start:start + step]
         return _scatter_terms(matrices[start:start + step], values[rows],
-                              None if value_weights is None else value_weights[rows], hp, lg)
+                              None if value_weights is None else value_weights[rows], hp, lg, ws)
 
     _scatter_chunks(corners, range(0, matrices.shape[0], step), grid, data, weight, sums, threads)
 
@@ -273,7 +299,7 @@ def insert_images_trilinear(data: np.ndarray, weight: np.ndarray, images: np.nda
     sh = None if shifts_px is None else np.asarray(shifts_px, dtype=np.float64).reshape(n, 2)
     cols = None if ctf is None else {key: np.broadcast_to(np.asarray(v), (n,)) for key, v in ctf.items()}
 
-    def corners(start: int):
+    def corners(start: int, ws: _Workspace):
         sl = slice(start, min(n, start + step))
         vals, w = half_plane_values(images[sl], grid, shifts_px=None if sh is None else sh[sl],
                                     ctf=None if cols is None else {key: v[sl] for key, v in cols.items()},
@@ -284,40 +310,43 @@ def insert_images_trilinear(data: np.ndarray, weight: np.ndarray, images: np.nda
             rows = np.repeat(np.arange(vals.shape[0]), k)
             vals = vals[rows]
             w = None if w is None else w[rows]
-        return _scatter_terms(A, vals, w, hp, lg)
+        return _scatter_terms(A, vals, w, hp, lg, ws)
 
     _scatter_chunks(corners, range(0, n, step), grid, data, weight, sums, threads)
 
 
 def _scatter_chunks(corners, starts, grid: FourierGrid, data, weight, sums: Optional[TrilinearSums],
                     threads: Optional[int]) -> None:
-    """Scatter the chunks ``corners(start)`` (:func:`_scatter_terms` output) into the sums with
+    """Scatter the chunks ``corners(start, workspace)`` (:func:`_scatter_terms` output) into the sums with
     ``np.bincount``, the next chunk computed in a helper thread; flush into data/weight without ``sums``."""
     target = TrilinearSums(grid) if sums is None else sums
     acc = target.sums
     size = acc.shape[1]
     starts = list(starts)
 
+    mine = target.spaces[2]
+
     def scatter(idx: np.ndarray, t: np.ndarray, terms: np.ndarray) -> None:
-        buf = np.empty_like(t)
+        buf = mine.get("buf", t.shape)
         for k in range(3):
             np.multiply(t, terms[k], out=buf)
             acc[k] += np.bincount(idx, weights=buf.reshape(-1), minlength=size)
 
     if threads is None:
         threads = _fft_workers()
+    spaces = target.spaces
     if threads > 1 and len(starts) > 1:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(corners, starts[0])
+            pending = pool.submit(corners, starts[0], spaces[0])
             for i in range(len(starts)):
                 done = pending.result()
                 if i + 1 < len(starts):
-                    pending = pool.submit(corners, starts[i + 1])
+                    pending = pool.submit(corners, starts[i + 1], spaces[(i + 1) % 2])
                 scatter(*done)
                 del done
     else:
         for start in starts:
-            scatter(*corners(start))
+            scatter(*corners(start, spaces[0]))
     target.empty = False
     if sums is None:
         target.flush(data, weight)
@@ -397,7 +426,7 @@ def _ctf_at_pixels(ctf: Dict, n: int, hp: HalfPlane, M: int, pixel_size_A: float
     chi = coef[:, 3:4] * (u2 * u2) - coef[:, 4:5]
     for j, b in enumerate((u2, fx * fx - fy * fy, 2.0 * fx * fy)):
         chi -= coef[:, j:j + 1] * b
-    np.remainder(chi, 2.0 * np.pi, out=chi)               # reduced in double precision, single-precision sine
+    chi -= (2.0 * np.pi) * np.rint(chi * (0.5 / np.pi))   # reduced in double precision, single-precision sine
     return -np.sin(chi.astype(np.float32))
 
 
