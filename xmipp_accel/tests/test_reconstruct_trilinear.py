@@ -109,9 +109,10 @@ def test_trilinear_reconstruction_matches_phantom(c1_data):  # noqa: F811
     res = reconstruct(c1_data["clean"], c1_data["matrices"], shifts_px=c1_data["origins"], devices="cpu",
                       ctf_mode="none", interp="trilinear")
     freq, curve = shell_fsc(res.volume, c1_data["volume"])
-    # measured: > 0.99 to 0.3 cycles/px and 0.93 at 0.45 (the blob: 0.97); trilinear blurs a little more
-    assert np.all(curve[freq <= 0.3] > 0.98), curve
-    assert np.all(curve[freq <= 0.45] > 0.9), curve
+    # the blob's thresholds (test_reconstruct): measured min 0.9968 to 0.45 cycles/px and 0.846 to Nyquist,
+    # the blob 0.9961 and 0.838 on the same particles
+    assert np.all(curve[freq <= 0.45] > 0.95), curve
+    assert np.all(curve[freq <= 0.5] > 0.5), curve
     scale = float((res.volume * c1_data["volume"]).sum() / (c1_data["volume"] ** 2).sum())
     assert scale == pytest.approx(1.0, abs=0.03)          # the sinc² gridding correction keeps amplitudes
     # without the correction the map is attenuated away from the centre: the correction is the kernel's
@@ -124,7 +125,7 @@ def test_trilinear_wiener_ctf(c1_data):  # noqa: F811
     res = reconstruct(c1_data["with_ctf"], c1_data["matrices"], shifts_px=c1_data["origins"], ctf=c1_data["ctf"],
                       pixel_size_A=APIX, devices="cpu", interp="trilinear")
     freq, curve = shell_fsc(res.volume, c1_data["volume"])
-    assert np.all(curve[(freq > 0) & (freq <= 0.4)] > 0.9), curve
+    assert np.all(curve[(freq > 0) & (freq <= 0.45)] > 0.95), curve   # measured 0.994 (the blob 0.993)
 
 
 def test_trilinear_symmetry_modes_agree(d7_data):  # noqa: F811
