@@ -353,7 +353,13 @@ def _scatter_chunks(corners, starts, grid: FourierGrid, data, weight, sums: Opti
 
 
 def _fft_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """Threads for the FFTs and the scatter's helper: the cores this process may use, at most
+    ``OMP_NUM_THREADS`` when set (MPI ranks sharing a node get their share, :mod:`xmipp_accel.threads`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return max(1, cores)
 
 
 def half_plane_values(images: np.ndarray, grid: FourierGrid, *, shifts_px=None, ctf: Optional[Dict] = None,
