@@ -134,8 +134,8 @@ class _Workspace:
 
 def _scatter_terms(A: np.ndarray, v: np.ndarray, vw: Optional[np.ndarray], hp: HalfPlane, lg: _LocalGrid,
                    ws: Optional[_Workspace] = None):
-    """Corner indices ``(8 E P,)`` int64 into the local grid, the corners' trilinear weights ``(8, E P)`` and
-    the three values each point scatters ``(3, E P)`` (real part, imaginary part, weight) for entries with
+    """Corner indices ``(8 E P,)`` int64 into the local grid and what each corner receives ``(3, 8 E P)``
+    (trilinear weight times the real part, the imaginary part and the weight of its point) for entries with
     rotations ``A (E, 3, 3)`` and values ``v (E, P)``; the arrays live in ``ws`` (reused by the next call).
 
     Corner-major layout (all points of corner 0, then corner 1, ...): each pass of the scatter sweeps
@@ -184,11 +184,15 @@ def _scatter_terms(A: np.ndarray, v: np.ndarray, vw: Optional[np.ndarray], hp: H
     np.multiply(f[2], g[1], out=zy[2])
     np.multiply(f[2], f[1], out=zy[3])
     idx = ws.get("idx", (8, n), np.int64)
-    t = ws.get("t", (8, n))
+    out = ws.get("out", (3, 8, n))
+    t = tmp.reshape(-1)
+    terms = terms.reshape(3, n)
     for c in range(8):                       # corner c = (dz, dy, dx) bits
         np.add(base, lg.corners[c], out=idx[c])
-        np.multiply(zy[c >> 1], f[0] if c & 1 else g[0], out=t[c])
-    return idx.reshape(-1), t, terms.reshape(3, -1)
+        np.multiply(zy[c >> 1], f[0] if c & 1 else g[0], out=t)
+        for j in range(3):
+            np.multiply(t, terms[j], out=out[j, c])
+    return idx.reshape(-1), out.reshape(3, -1)
 
 
 class TrilinearSums:
@@ -203,7 +207,7 @@ class TrilinearSums:
         self.grid = grid
         self.sums = np.zeros((3, int(np.prod(_local_grid(grid).shape))))
         self.empty = True
-        self.spaces = (_Workspace(), _Workspace(), _Workspace())   # two chunks in flight and the scatter's
+        self.spaces = (_Workspace(), _Workspace())   # one per chunk in flight
 
     def flush(self, data: np.ndarray, weight: np.ndarray) -> None:
         if self.empty:
@@ -219,12 +223,12 @@ class TrilinearSums:
         wt[lg.volume_flat] += local_w.reshape(-1)[lg.local_flat].astype(weight.dtype)
         self.sums[:] = 0.0
         self.empty = True
-        self.spaces = (_Workspace(), _Workspace(), _Workspace())   # their buffers are given back
+        self.spaces = (_Workspace(), _Workspace())   # their buffers are given back
 
 
 def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndarray,
                            value_weights: Optional[np.ndarray], matrices: np.ndarray, image_index: np.ndarray,
-                           grid: FourierGrid, *, sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 18,
+                           grid: FourierGrid, *, sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 17,
                            threads: Optional[int] = None) -> None:
     """Scatter half-plane values into ``data`` and ``weight`` in place (trilinear, see the module notes).
 
@@ -243,7 +247,7 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
         (the reconstructor's accumulators do so when read); None: flushed at the end of this call.
     chunk_points : int
         Points (entries x pixels) scattered at once: fewer, larger ``np.bincount`` calls cost less (each
-        also clears and adds a grid of 1.2 M voxels at 64 px), memory is ~200 bytes per point.
+        also clears and adds a grid of 1.2 M voxels at 64 px); two chunks in flight take ~900 bytes per point.
     threads : int or None
         With more than one (default: when the machine has several cores), the corners of the next chunk
         are computed in a helper thread while this one scatters (``np.bincount`` holds the interpreter
@@ -273,7 +277,7 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
 def insert_images_trilinear(data: np.ndarray, weight: np.ndarray, images: np.ndarray, matrices: np.ndarray,
                             grid: FourierGrid, *, shifts_px=None, ctf: Optional[Dict] = None, pixel_size_A: float = 1.0,
                             mode: str = "none", operators: Optional[np.ndarray] = None,
-                            sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 18,
+                            sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 17,
                             threads: Optional[int] = None) -> None:
     """Transform and scatter particle images (:func:`half_plane_values` then :func:`insert_trilinear_numpy`),
     chunk by chunk: the helper thread transforms the next chunk's images and computes its corners while
@@ -324,13 +328,9 @@ def _scatter_chunks(corners, starts, grid: FourierGrid, data, weight, sums: Opti
     size = acc.shape[1]
     starts = list(starts)
 
-    mine = target.spaces[2]
-
-    def scatter(idx: np.ndarray, t: np.ndarray, terms: np.ndarray) -> None:
-        buf = mine.get("buf", t.shape)
+    def scatter(idx: np.ndarray, weights: np.ndarray) -> None:
         for k in range(3):
-            np.multiply(t, terms[k], out=buf)
-            acc[k] += np.bincount(idx, weights=buf.reshape(-1), minlength=size)
+            acc[k] += np.bincount(idx, weights=weights[k], minlength=size)
 
     if threads is None:
         threads = _fft_workers()
