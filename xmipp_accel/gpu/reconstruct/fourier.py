@@ -11,6 +11,7 @@ doi:10.1177/1094342019832958):
 3. gather-insert into the Hermitian half of the padded Fourier volume (:mod:`.insert`), once
    per particle (``sym_mode="volume"``: the accumulated data and weights are symmetrised once
    at the end, RELION-style) or once per symmetry operator (``sym_mode="expand"``, Xmipp-style);
+   on the CPU the insertion can instead be RELION's trilinear scatter (``interp``, :mod:`.trilinear`);
 4. finish: symmetrise, divide the data by ``weight + λ`` (``λ`` = ``wiener_constant`` times the
    mean weight of the voxel's shell), inverse FFT, crop to ``N`` and divide by the blob's
    real-space transform (gridding correction).
