@@ -6,7 +6,7 @@ run stage by stage on GPU-resident images, each stage over all batches between t
 (nothing overlaps, so the stages add up to the GPU busy time of one reconstruction):
 
 - ``rfft2`` of the padded images (CuPy/cuFFT, as ``fourier.packed_projections``);
-- the CTF as a full (n, M, M/2+1) image (``fourier._ctf_images``, the previous packing input) and the
+- the CTF as a full (n, M, M/2+1) image (``ctf_weighting.ctf_images``, the previous packing input) and the
   packing with it, against the packing that evaluates the CTF from five coefficients per particle;
 - the gather insertion for each variant of the kernel (run-time loop vs unrolled candidate square,
   block shapes, tiles, table in L1 or shared memory), all on the same packed batch;
@@ -36,6 +36,7 @@ from reconstruct import APIX, host_particles, time_gpu  # noqa: E402
 from xmipp_accel import backend  # noqa: E402
 from xmipp_accel.gpu.reconstruct import batches as rb  # noqa: E402
 from xmipp_accel.gpu.reconstruct import fourier as fr  # noqa: E402
+from xmipp_accel.gpu.reconstruct import ctf_weighting as cw  # noqa: E402
 from xmipp_accel.gpu.reconstruct import insert as ins  # noqa: E402
 
 VARIANTS = {
@@ -101,12 +102,12 @@ def main(argv=None) -> int:
     stage("rfft2 padded", lambda: [cp.fft.rfft2(resident[a:b], s=(M, M)) for a, b in parts])
     ft0 = cp.fft.rfft2(resident[:chunk], s=(M, M))
     stage("CTF image (n, M, M/2+1) (previous packing input)",
-          lambda: [fr._ctf_images(ctf_of(a, b), b - a, M, APIX, cp) for a, b in parts])
+          lambda: [cw.ctf_images(ctf_of(a, b), b - a, M, APIX, cp) for a, b in parts])
     centre = cp.asarray(shifts[:chunk] - box // 2)
-    img0 = fr._ctf_images(ctf_of(0, chunk), chunk, M, APIX, cp)
+    img0 = cw.ctf_images(ctf_of(0, chunk), chunk, M, APIX, cp)
     stage("pack with the CTF image",
           lambda: [ins.pack_projections_gpu(ft0, img0, centre, grid, settings.blob, "wiener") for _ in parts])
-    coef0 = fr._ctf_coefficients(ctf_of(0, chunk), chunk)
+    coef0 = cw.ctf_coefficients_of(ctf_of(0, chunk), chunk)
     stage("pack with CTF coefficients (current)",
           lambda: [ins.pack_projections_gpu(ft0, None, centre, grid, settings.blob, "wiener",
                                             ctf_coefficients=coef0, pixel_size_A=APIX) for _ in parts])

@@ -9,7 +9,7 @@ is given: FFT workers and one helper thread). For each, the best of ``--repeats`
 
 - wall time and CPU time (user + system, of the child process) in seconds, and the ratio RELION / ours;
 - FSC to the true map at 0.5 (Å) and the real-space correlation with it; ours also with ``--no-mask``
-  (the soft spherical mask is our default; RELION does not mask).
+  (the soft spherical mask is our default; relion_reconstruct masks outside the inscribed sphere too).
 
 Usage::
 

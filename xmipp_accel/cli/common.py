@@ -80,7 +80,7 @@ def rank_devices(args: argparse.Namespace, ctx) -> list[backend.Device]:
 def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str = "",
              args: Optional[argparse.Namespace] = None, unit: str = "it"):
     """A tqdm progress bar on stderr, silenced by ``--quiet`` or ``--json``-only pipelines."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm   # the terminal bar (tqdm.auto also imports asyncio for notebooks: +0.1 s per command)
     disable = bool(args is not None and getattr(args, "quiet", False))
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr,
                 dynamic_ncols=True, mininterval=0.5)

@@ -13,6 +13,7 @@ from xmipp_accel.gpu.reconstruct import batches as rb
 from xmipp_accel.gpu.reconstruct import fourier as fr
 from xmipp_accel.gpu.reconstruct import insert as ins
 from xmipp_accel.gpu.reconstruct import symmetrize as sym
+from xmipp_accel.gpu.reconstruct import ctf_weighting as cw
 from xmipp_accel.gpu.reconstruct.blob import KaiserBesselBlob
 from xmipp_accel.gpu.reconstruct.insert import FourierGrid
 from xmipp_accel.tests.test_reconstruct import (APIX, apply_ctf, blob_projections, blob_volume, gaussian_blobs,
@@ -191,11 +192,11 @@ def test_ctf_coefficients_in_the_packer_equal_the_ctf_image(cp, box, pixel_size,
     grid = fr.fourier_grid(box, fr.ReconstructionSettings())
     imgs = cp.asarray(rng.normal(size=(n, box, box)).astype(np.float32))
     ft = cp.fft.rfft2(imgs, s=(grid.padded_box,) * 2).astype(cp.complex64)
-    du, dv, angle, kw = fr._ctf_columns(ctf, n)
+    du, dv, angle, kw = cw.ctf_columns(ctf, n)
     image = ctf_2d(grid.padded_box, pixel_size, du, dv, angle, dtype=np.float64, **kw)   # float64 reference
     for mode in ("wiener", "phase-flip"):
         ref = ins.pack_projections_gpu(ft, cp.asarray(image.astype(np.float32)), None, grid, mode=mode)
-        got = ins.pack_projections_gpu(ft, None, None, grid, mode=mode, ctf_coefficients=fr._ctf_coefficients(ctf, n),
+        got = ins.pack_projections_gpu(ft, None, None, grid, mode=mode, ctf_coefficients=cw.ctf_coefficients_of(ctf, n),
                                        pixel_size_A=pixel_size)
         assert rel(got, ref) < 1e-5, mode
 

@@ -16,6 +16,7 @@ from xmipp_accel.gpu.reconstruct import trilinear as tri
 from xmipp_accel.gpu.reconstruct.batches import reconstruct
 from xmipp_accel.gpu.reconstruct.fourier import (ReconstructionSettings, fourier_grid, output_mask,
                                                  projection_transforms, resolve_interp)
+from xmipp_accel.gpu.reconstruct.fourier import group_matrices as fr_group
 from xmipp_accel.gpu.reconstruct.insert import FourierGrid
 from xmipp_accel.tests.test_cli_reconstruct import run_cli, write_dataset
 from xmipp_accel.tests.test_reconstruct import APIX, BOX, random_rotations, shell_fsc
@@ -109,9 +110,10 @@ def test_trilinear_reconstruction_matches_phantom(c1_data):  # noqa: F811
     res = reconstruct(c1_data["clean"], c1_data["matrices"], shifts_px=c1_data["origins"], devices="cpu",
                       ctf_mode="none", interp="trilinear")
     freq, curve = shell_fsc(res.volume, c1_data["volume"])
-    # measured: > 0.99 to 0.3 cycles/px and 0.93 at 0.45 (the blob: 0.97); trilinear blurs a little more
-    assert np.all(curve[freq <= 0.3] > 0.98), curve
-    assert np.all(curve[freq <= 0.45] > 0.9), curve
+    # the blob's thresholds (test_reconstruct): measured min 0.9968 to 0.45 cycles/px and 0.846 to Nyquist,
+    # the blob 0.9961 and 0.838 on the same particles
+    assert np.all(curve[freq <= 0.45] > 0.95), curve
+    assert np.all(curve[freq <= 0.5] > 0.5), curve
     scale = float((res.volume * c1_data["volume"]).sum() / (c1_data["volume"] ** 2).sum())
     assert scale == pytest.approx(1.0, abs=0.03)          # the sinc² gridding correction keeps amplitudes
     # without the correction the map is attenuated away from the centre: the correction is the kernel's
@@ -124,7 +126,7 @@ def test_trilinear_wiener_ctf(c1_data):  # noqa: F811
     res = reconstruct(c1_data["with_ctf"], c1_data["matrices"], shifts_px=c1_data["origins"], ctf=c1_data["ctf"],
                       pixel_size_A=APIX, devices="cpu", interp="trilinear")
     freq, curve = shell_fsc(res.volume, c1_data["volume"])
-    assert np.all(curve[(freq > 0) & (freq <= 0.4)] > 0.9), curve
+    assert np.all(curve[(freq > 0) & (freq <= 0.45)] > 0.95), curve   # measured 0.994 (the blob 0.993)
 
 
 def test_trilinear_symmetry_modes_agree(d7_data):  # noqa: F811
@@ -166,3 +168,31 @@ def test_cli_default_is_trilinear_on_the_cpu_and_blob_on_request(tmp_path, capsy
         assert code == 0, err
         summary = json.loads(stdout.strip().splitlines()[-1])
         assert summary["interp"] == interp and summary["mask"] == (not extra)
+
+
+def test_images_path_equals_values_then_scatter(c1_data):  # noqa: F811
+    """insert_images_trilinear (transform and scatter chunk by chunk, symmetry expanded) is the two steps."""
+    grid = fourier_grid(BOX, ReconstructionSettings())
+    imgs, mats = c1_data["with_ctf"][:12], c1_data["matrices"][:12]
+    ctf = {k: v[:12] for k, v in c1_data["ctf"].items()}
+    ops = fr_group("d2")
+    vals, w = tri.half_plane_values(imgs, grid, shifts_px=c1_data["origins"][:12], ctf=ctf, pixel_size_A=APIX,
+                                    mode="wiener")
+    ref_d, ref_w = np.zeros(grid.shape, np.complex64), np.zeros(grid.shape, np.float32)
+    ent = np.einsum("nij,gjk->ngik", mats, ops).reshape(-1, 3, 3)
+    tri.insert_trilinear_numpy(ref_d, ref_w, vals, w, ent, np.repeat(np.arange(12), len(ops)), grid)
+    d, wt = np.zeros(grid.shape, np.complex64), np.zeros(grid.shape, np.float32)
+    tri.insert_images_trilinear(d, wt, imgs, mats, grid, shifts_px=c1_data["origins"][:12], ctf=ctf,
+                                pixel_size_A=APIX, mode="wiener", operators=ops, chunk_points=5000)
+    np.testing.assert_allclose(wt, ref_w, rtol=1e-5, atol=1e-5 * ref_w.max())
+    np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-5 * np.abs(ref_d).max())
+
+
+def test_trilinear_half_maps_sum_to_the_full_map(c1_data):  # noqa: F811
+    res = reconstruct(c1_data["clean"], c1_data["matrices"], shifts_px=c1_data["origins"], devices="cpu",
+                      ctf_mode="none", interp="trilinear", halves=True, batch_size=70)
+    full = reconstruct(c1_data["clean"], c1_data["matrices"], shifts_px=c1_data["origins"], devices="cpu",
+                       ctf_mode="none", interp="trilinear").volume
+    np.testing.assert_allclose(res.volume, full, atol=1e-4 * np.abs(full).max())
+    for half in (res.half1, res.half2):
+        assert np.corrcoef(half.ravel(), c1_data["volume"].ravel())[0, 1] > 0.98

@@ -11,6 +11,7 @@ doi:10.1177/1094342019832958):
 3. gather-insert into the Hermitian half of the padded Fourier volume (:mod:`.insert`), once
    per particle (``sym_mode="volume"``: the accumulated data and weights are symmetrised once
    at the end, RELION-style) or once per symmetry operator (``sym_mode="expand"``, Xmipp-style);
+   on the CPU the insertion can instead be RELION's trilinear scatter (``interp``, :mod:`.trilinear`);
 4. finish: symmetrise, divide the data by ``weight + λ`` (``λ`` = ``wiener_constant`` times the
    mean weight of the voxel's shell), inverse FFT, crop to ``N`` and divide by the blob's
    real-space transform (gridding correction).
@@ -28,19 +29,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 
 from ...constants import CTF_CORRECTIONS
-from ...em.ctf import CTFParams
 from ...errors import InputError
 from ... import backend
 from .blob import KaiserBesselBlob
+from .ctf_weighting import (apply_phases_and_ctf_gpu, ctf_coefficients_of, ctf_images,  # noqa: F401
+                            effective_ctf_mode)
 from .insert import BLOB_MODES, FourierGrid, insert_gather, insert_packed_gpu, pack_projections_gpu
 from .symmetrize import symmetrize_fourier_volume
 from .insert_tuning import replica_count  # noqa: F401  (part of this module's API)
-from .trilinear import (INTERP_MODES, TrilinearSums, half_plane_values, insert_trilinear_numpy,
+from .trilinear import (INTERP_MODES, TrilinearSums, insert_images_trilinear, insert_trilinear_numpy,
                         trilinear_gridding_correction)
 
 __all__ = ["CTF_MODES", "SYM_MODES", "ReconstructionSettings", "FourierAccumulator", "FourierReconstructor",
@@ -182,80 +184,6 @@ def group_matrices(sym: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- per batch
 
-def _ctf_columns(ctf: Dict[str, np.ndarray], n: int):
-    """Per-particle CTF parameters as host float64 arrays ``(n,)``: ``(du, dv, angle, {microscope: values})``
-    (missing ones at :class:`~xmipp_accel.em.ctf.CTFParams`' defaults)."""
-    p = CTFParams.from_mapping(ctf, n)
-    return p.defocus_u_A, p.defocus_v_A, p.defocus_angle_deg, p.optics()
-
-
-def _ctf_images(ctf: Dict[str, np.ndarray], n: int, M: int, pixel_size_A: float, xp):
-    """CTF of each particle on the padded rfft grid, ``(n, M, M//2+1)`` float32 (:func:`em.ctf.ctf_2d`)."""
-    from ...em.ctf import ctf_2d  # noqa: PLC0415
-    du, dv, angle, kw = _ctf_columns(ctf, n)
-    out = ctf_2d(M, pixel_size_A, du, dv, angle, xp=xp, **kw)
-    return xp.ascontiguousarray(xp.asarray(out, dtype=xp.float32).reshape(n, M, M // 2 + 1))
-
-
-def _ctf_coefficients(ctf: Dict[str, np.ndarray], n: int) -> np.ndarray:
-    """Per-particle CTF phase coefficients ``(n, 5)`` float64 for the packing kernel (em.ctf.ctf_coefficients)."""
-    from ...em.ctf import ctf_coefficients  # noqa: PLC0415
-    du, dv, angle, kw = _ctf_columns(ctf, n)
-    return ctf_coefficients(du, dv, angle, **kw)
-
-
-_phase_kernel_cache: dict = {}
-
-
-def _apply_phases_and_ctf_gpu(ft, phy, phx, ctf, mode: str):
-    """Fused GPU pass: ``F *= phy[y] phx[x] c(ctf)``; returns the weights (``ctf²``) or None."""
-    cp = backend.cupy_module()
-    n, M, Mh = ft.shape
-    key = (cp.cuda.Device().id, mode)
-    kern = _phase_kernel_cache.get(key)
-    if kern is None:
-        if mode == "wiener":
-            body = ("const ptrdiff_t b = i / (M * Mh); const int y = (i / Mh) % M; const int x = i % Mh;"
-                    "const float c = ctf[i]; f = f * phy[b * M + y] * phx[b * Mh + x] * c; w = c * c;")
-            kern = cp.ElementwiseKernel("raw complex64 phy, raw complex64 phx, raw float32 ctf, int32 M, int32 Mh",
-                                        "complex64 f, float32 w", body, "xa_recon_phase_wiener")
-        elif mode == "wiener-premultiplied":
-            body = ("const ptrdiff_t b = i / (M * Mh); const int y = (i / Mh) % M; const int x = i % Mh;"
-                    "const float c = ctf[i]; f = f * phy[b * M + y] * phx[b * Mh + x]; w = c * c;")
-            kern = cp.ElementwiseKernel("raw complex64 phy, raw complex64 phx, raw float32 ctf, int32 M, int32 Mh",
-                                        "complex64 f, float32 w", body, "xa_recon_phase_wiener_premult")
-        elif mode == "phase-flip":
-            body = ("const ptrdiff_t b = i / (M * Mh); const int y = (i / Mh) % M; const int x = i % Mh;"
-                    "const float c = ctf[i]; f = f * phy[b * M + y] * phx[b * Mh + x] * (c < 0.0f ? -1.0f : 1.0f);")
-            kern = cp.ElementwiseKernel("raw complex64 phy, raw complex64 phx, raw float32 ctf, int32 M, int32 Mh",
-                                        "complex64 f", body, "xa_recon_phase_flip")
-        else:
-            body = ("const ptrdiff_t b = i / (M * Mh); const int y = (i / Mh) % M; const int x = i % Mh;"
-                    "f = f * phy[b * M + y] * phx[b * Mh + x];")
-            kern = cp.ElementwiseKernel("raw complex64 phy, raw complex64 phx, int32 M, int32 Mh",
-                                        "complex64 f", body, "xa_recon_phase")
-        _phase_kernel_cache[key] = kern
-    if mode in ("wiener", "wiener-premultiplied"):
-        w = cp.empty(ft.shape, dtype=cp.float32)
-        kern(phy, phx, ctf, np.int32(M), np.int32(Mh), ft, w)
-        return w
-    if mode == "phase-flip":
-        kern(phy, phx, ctf, np.int32(M), np.int32(Mh), ft)
-    else:
-        kern(phy, phx, np.int32(M), np.int32(Mh), ft)
-    return None
-
-
-def effective_ctf_mode(ctf, ctf_mode: str, ctf_premultiplied: bool) -> str:
-    """The CTF treatment actually applied: ``"none"`` without CTF values, ``"wiener-premultiplied"`` for
-    Wiener on images already multiplied by their CTF, else ``ctf_mode``."""
-    if ctf is None or ctf_mode == "none":
-        return "none"
-    if ctf_mode == "wiener" and ctf_premultiplied:
-        return "wiener-premultiplied"
-    return ctf_mode
-
-
 def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None, pixel_size_A: float = 1.0,
                           ctf_mode: str = "wiener", ctf_premultiplied: bool = False):
     """Padded, centred, shifted and CTF-treated rfft2 of particle images.
@@ -297,7 +225,7 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
     kx = np.arange(Mh, dtype=np.float64)
     phx = np.exp(-2j * np.pi * kx[None, :] * (sh[:, 0:1] - c) / M).astype(np.complex64)
     phy = np.exp(-2j * np.pi * ky[None, :] * (sh[:, 1:2] - c) / M).astype(np.complex64)
-    ctf_img = _ctf_images(ctf, n, M, pixel_size_A, xp) if use_ctf else None
+    ctf_img = ctf_images(ctf, n, M, pixel_size_A, xp) if use_ctf else None
     if xp is np:
         ft *= phy[:, :, None]
         ft *= phx[:, None, :]
@@ -309,7 +237,7 @@ def projection_transforms(images, grid: FourierGrid, *, shifts_px=None, ctf=None
             ft *= np.where(ctf_img < 0, -1.0, 1.0).astype(np.float32)
         return ft, None
     ft = xp.ascontiguousarray(ft)
-    w = _apply_phases_and_ctf_gpu(ft, xp.asarray(phy), xp.asarray(phx), ctf_img, mode)
+    w = apply_phases_and_ctf_gpu(ft, xp.asarray(phy), xp.asarray(phx), ctf_img, mode)
     return ft, w
 
 
@@ -330,7 +258,7 @@ def packed_projections(images, grid: FourierGrid, *, shifts_px=None, ctf=None, p
     ft = cp.fft.rfft2(cp.asarray(images, dtype=cp.float32), s=(M, M))
     sh = np.zeros((n, 2)) if shifts_px is None else np.asarray(backend.to_host(shifts_px), dtype=np.float64)
     centre_shift = cp.asarray(sh - N // 2)   # content moves by +shift, its centre N//2 goes to the origin
-    coef = _ctf_coefficients(ctf, n) if use_ctf else None
+    coef = ctf_coefficients_of(ctf, n) if use_ctf else None
     return pack_projections_gpu(ft, None, centre_shift, grid, blob, mode, ctf_coefficients=coef,
                                 pixel_size_A=pixel_size_A)
 
@@ -503,15 +431,41 @@ class FourierReconstructor:
             self.insert_transforms(packed, None, matrices, subset, packed=True)
             return
         if self.settings.interp == "trilinear":
-            mode = effective_ctf_mode(ctf, self.settings.ctf_mode, self.settings.ctf_premultiplied)
-            vals, w = half_plane_values(images, self.grid, shifts_px=shifts_px, ctf=ctf,
-                                        pixel_size_A=self.pixel_size_A, mode=mode)
-            self.insert_transforms(vals, w, matrices, subset)
+            self._insert_trilinear(images, matrices, shifts_px, ctf, subset)
             return
         ft, w = projection_transforms(images, self.grid, shifts_px=shifts_px, ctf=ctf,
                                       pixel_size_A=self.pixel_size_A, ctf_mode=self.settings.ctf_mode,
                                       ctf_premultiplied=self.settings.ctf_premultiplied)
         self.insert_transforms(ft, w, matrices, subset)
+
+    def _insert_trilinear(self, images, matrices, shifts_px, ctf, subset) -> None:
+        """CPU trilinear path: each subset's images transformed and scattered chunk by chunk
+        (:func:`.trilinear.insert_images_trilinear`) into the accumulator's pending sums."""
+        n = int(images.shape[0])
+        mats = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
+        if self.n_subsets == 2 and subset is None:
+            raise ValueError("half-map reconstruction needs the subset (1 or 2) of each particle")
+        if self.n_subsets == 1 or subset is None:
+            groups = [(0, slice(None))]
+        else:
+            sub = np.asarray(backend.to_host(subset)).reshape(-1)
+            groups = [(s - 1, np.nonzero(sub == s)[0]) for s in (1, 2)]
+        mode = effective_ctf_mode(ctf, self.settings.ctf_mode, self.settings.ctf_premultiplied)
+        ops = self.sym_matrices if self.settings.sym_mode == "expand" and len(self.sym_matrices) > 1 else None
+        for s, sel in groups:
+            imgs = images[sel]
+            if imgs.shape[0] == 0:
+                continue
+            acc = self.accumulators[s]
+            if acc.pending is None:
+                acc.pending = TrilinearSums(self.grid)
+            insert_images_trilinear(
+                acc.data, acc.weight, imgs, mats[sel], self.grid,
+                shifts_px=None if shifts_px is None else np.asarray(backend.to_host(shifts_px)).reshape(n, 2)[sel],
+                ctf=None if ctf is None else {k: np.broadcast_to(np.asarray(backend.to_host(v)), (n,))[sel]
+                                              for k, v in ctf.items()},
+                pixel_size_A=self.pixel_size_A, mode=mode, operators=ops, sums=acc.pending)
+            acc.count += int(imgs.shape[0])
 
     # ------------------------------------------------------------------ results
     def merged(self) -> FourierAccumulator:

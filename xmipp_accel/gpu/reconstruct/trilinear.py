@@ -43,6 +43,7 @@ import numpy as np
 from .insert import FourierGrid, insertion_entries
 
 __all__ = ["HalfPlane", "TrilinearSums", "half_plane", "half_plane_values", "insert_trilinear_numpy",
+           "insert_images_trilinear",
            "trilinear_gridding_correction", "INTERP_MODES"]
 
 #: Interpolation kernels of the insertion: ``"blob"`` (Kaiser-Bessel gather, Xmipp), ``"trilinear"``
@@ -117,53 +118,81 @@ def _fold_kx0_plane(local: np.ndarray) -> None:
     plane += np.conj(mate) if np.iscomplexobj(local) else mate
 
 
-def _scatter_terms(A: np.ndarray, v: np.ndarray, vw: Optional[np.ndarray], hp: HalfPlane, lg: _LocalGrid):
-    """Corner indices ``(8 E P,)`` int64 into the local grid, the corners' trilinear weights ``(8, E P)`` and
-    the three values each point scatters ``(3, E P)`` (real part, imaginary part, weight) for entries with
-    rotations ``A (E, 3, 3)`` and values ``v (E, P)``.
+class _Workspace:
+    """Buffers of one chunk in flight, reused from chunk to chunk (fresh pages cost as much as the arithmetic)."""
+
+    def __init__(self):
+        self.arrays: dict = {}
+
+    def get(self, name: str, shape: tuple, dtype=np.float64) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self.arrays.get(name)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = self.arrays[name] = np.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
+
+def _scatter_terms(A: np.ndarray, v: np.ndarray, vw: Optional[np.ndarray], hp: HalfPlane, lg: _LocalGrid,
+                   ws: Optional[_Workspace] = None):
+    """Corner indices ``(8 E P,)`` int64 into the local grid and what each corner receives ``(3, 8 E P)``
+    (trilinear weight times the real part, the imaginary part and the weight of its point) for entries with
+    rotations ``A (E, 3, 3)`` and values ``v (E, P)``; the arrays live in ``ws`` (reused by the next call).
 
     Corner-major layout (all points of corner 0, then corner 1, ...): each pass of the scatter sweeps
     the planes in pixel order, which keeps its writes local.
     """
+    ws = _Workspace() if ws is None else ws
     px, py, fac = hp.px, hp.py, hp.factor
     sy, _, sx = lg.shape
-    # k_j = px A[0, j] + py A[1, j]; points of negative kx are stored as their mates (-k, conj F)
-    kx = A[:, 0, 0, None] * px + A[:, 1, 0, None] * py
-    ky = A[:, 0, 1, None] * px + A[:, 1, 1, None] * py
-    kz = A[:, 0, 2, None] * px + A[:, 1, 2, None] * py
-    flip = np.where(kx < 0, -1.0, 1.0)
-    kx *= flip
-    ky *= flip
-    kz *= flip
-    terms = np.empty((3,) + kx.shape)
+    E, P = v.shape
+    n = E * P
+    tmp = ws.get("tmp", (E, P))
+    k = ws.get("k", (3, E, P))
+    for j in range(3):   # k_j = px A[0, j] + py A[1, j]
+        np.multiply(A[:, 0, j, None], px, out=k[j])
+        np.multiply(A[:, 1, j, None], py, out=tmp)
+        k[j] += tmp
+    flip = ws.get("flip", (E, P))           # points of negative kx are stored as their mates (-k, conj F)
+    np.copysign(1.0, k[0], out=flip)
+    k *= flip
+    terms = ws.get("terms", (3, E, P))
     np.multiply(v.real, fac, out=terms[0])
-    np.multiply(v.imag, flip * fac, out=terms[1])
+    np.multiply(flip, fac, out=tmp)
+    np.multiply(v.imag, tmp, out=terms[1])
     if vw is None:
         terms[2] = fac
     else:
         np.multiply(vw, fac, out=terms[2])
-    x0 = np.floor(kx)
-    y0 = np.floor(ky)
-    z0 = np.floor(kz)
-    fx = (kx - x0).reshape(-1)
-    fy = (ky - y0).reshape(-1)
-    fz = (kz - z0).reshape(-1)
-    z0 += lg.o                       # flat index of the lower corner, in place
-    z0 *= sy
-    z0 += y0
-    z0 += lg.o
-    z0 *= sx
-    z0 += x0
-    base = z0.astype(np.int64).reshape(-1)
-    n = base.size
-    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-    zy = (gz * gy, gz * fy, fz * gy, fz * fy)
-    idx = np.empty((8, n), np.int64)
-    t = np.empty((8, n))
-    for c in range(8):               # corner c = (dz, dy, dx) bits
+    k0 = ws.get("k0", (3, E, P))
+    np.floor(k, out=k0)
+    f = ws.get("f", (3, n))                 # fractional parts, then 1 - f in g
+    np.subtract(k.reshape(3, n), k0.reshape(3, n), out=f)
+    g = ws.get("g", (3, n))
+    np.subtract(1.0, f, out=g)
+    base_f = k0[2]                           # flat index of the lower corner, in place
+    base_f += lg.o
+    base_f *= sy
+    base_f += k0[1]
+    base_f += lg.o
+    base_f *= sx
+    base_f += k0[0]
+    base = ws.get("base", (n,), np.int64)
+    base[:] = base_f.reshape(-1)
+    zy = ws.get("zy", (4, n))
+    np.multiply(g[2], g[1], out=zy[0])
+    np.multiply(g[2], f[1], out=zy[1])
+    np.multiply(f[2], g[1], out=zy[2])
+    np.multiply(f[2], f[1], out=zy[3])
+    idx = ws.get("idx", (8, n), np.int64)
+    out = ws.get("out", (3, 8, n))
+    t = tmp.reshape(-1)
+    terms = terms.reshape(3, n)
+    for c in range(8):                       # corner c = (dz, dy, dx) bits
         np.add(base, lg.corners[c], out=idx[c])
-        np.multiply(zy[c >> 1], fx if c & 1 else gx, out=t[c])
-    return idx.reshape(-1), t, terms.reshape(3, -1)
+        np.multiply(zy[c >> 1], f[0] if c & 1 else g[0], out=t)
+        for j in range(3):
+            np.multiply(t, terms[j], out=out[j, c])
+    return idx.reshape(-1), out.reshape(3, -1)
 
 
 class TrilinearSums:
@@ -178,6 +207,7 @@ class TrilinearSums:
         self.grid = grid
         self.sums = np.zeros((3, int(np.prod(_local_grid(grid).shape))))
         self.empty = True
+        self.spaces = (_Workspace(), _Workspace())   # one per chunk in flight
 
     def flush(self, data: np.ndarray, weight: np.ndarray) -> None:
         if self.empty:
@@ -193,11 +223,12 @@ class TrilinearSums:
         wt[lg.volume_flat] += local_w.reshape(-1)[lg.local_flat].astype(weight.dtype)
         self.sums[:] = 0.0
         self.empty = True
+        self.spaces = (_Workspace(), _Workspace())   # their buffers are given back
 
 
 def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndarray,
                            value_weights: Optional[np.ndarray], matrices: np.ndarray, image_index: np.ndarray,
-                           grid: FourierGrid, *, sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 18,
+                           grid: FourierGrid, *, sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 17,
                            threads: Optional[int] = None) -> None:
     """Scatter half-plane values into ``data`` and ``weight`` in place (trilinear, see the module notes).
 
@@ -216,7 +247,7 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
         (the reconstructor's accumulators do so when read); None: flushed at the end of this call.
     chunk_points : int
         Points (entries x pixels) scattered at once: fewer, larger ``np.bincount`` calls cost less (each
-        also clears and adds a grid of 1.2 M voxels at 64 px), memory is ~200 bytes per point.
+        also clears and adds a grid of 1.2 M voxels at 64 px); two chunks in flight take ~900 bytes per point.
     threads : int or None
         With more than one (default: when the machine has several cores), the corners of the next chunk
         are computed in a helper thread while this one scatters (``np.bincount`` holds the interpreter
@@ -230,44 +261,102 @@ def insert_trilinear_numpy(data: np.ndarray, weight: np.ndarray, values: np.ndar
     P = hp.flat.size
     if values.ndim != 2 or values.shape[-1] != P:
         raise ValueError(f"values must hold the {P} half-plane pixels of this grid, got shape {values.shape}")
+    step = max(1, chunk_points // P)
+
+    def corners(start: int, ws: _Workspace):
+        rows = image_index[start:start + step]
+        return _scatter_terms(matrices[start:start + step], values[rows],
+                              None if value_weights is None else value_weights[rows], hp, lg, ws)
+
+    _scatter_chunks(corners, range(0, matrices.shape[0], step), grid, data, weight, sums, threads)
+
+
+def insert_images_trilinear(data: np.ndarray, weight: np.ndarray, images: np.ndarray, matrices: np.ndarray,
+                            grid: FourierGrid, *, shifts_px=None, ctf: Optional[Dict] = None, pixel_size_A: float = 1.0,
+                            mode: str = "none", operators: Optional[np.ndarray] = None,
+                            sums: Optional[TrilinearSums] = None, chunk_points: int = 1 << 17,
+                            threads: Optional[int] = None) -> None:
+    """Transform and scatter particle images (:func:`half_plane_values` then :func:`insert_trilinear_numpy`),
+    chunk by chunk: the helper thread transforms the next chunk's images and computes its corners while
+    this one scatters, so both cores work.
+
+    Parameters
+    ----------
+    images : ``(n, N, N)`` float32; matrices : ``(n, 3, 3)``; shifts_px, ctf, pixel_size_A, mode: as for
+        :func:`half_plane_values`.
+    operators : ``(k, 3, 3)`` or None: insert each image once per operator with rotation ``A g`` (symmetry
+        expanded at insertion); None: once.
+    data, weight, grid, sums, chunk_points, threads : as for :func:`insert_trilinear_numpy`.
+    """
+    n = int(images.shape[0])
+    if n == 0:
+        return
+    matrices = np.asarray(matrices, dtype=np.float64).reshape(n, 3, 3)
+    ops = None if operators is None else np.asarray(operators, dtype=np.float64).reshape(-1, 3, 3)
+    k = 1 if ops is None else ops.shape[0]
+    hp = half_plane(grid)
+    lg = _local_grid(grid)
+    step = max(1, chunk_points // (hp.flat.size * k))
+    sh = None if shifts_px is None else np.asarray(shifts_px, dtype=np.float64).reshape(n, 2)
+    cols = None if ctf is None else {key: np.broadcast_to(np.asarray(v), (n,)) for key, v in ctf.items()}
+
+    def corners(start: int, ws: _Workspace):
+        sl = slice(start, min(n, start + step))
+        vals, w = half_plane_values(images[sl], grid, shifts_px=None if sh is None else sh[sl],
+                                    ctf=None if cols is None else {key: v[sl] for key, v in cols.items()},
+                                    pixel_size_A=pixel_size_A, mode=mode)
+        A = matrices[sl]
+        if ops is not None:
+            A = np.einsum("nij,gjk->ngik", A, ops).reshape(-1, 3, 3)
+            rows = np.repeat(np.arange(vals.shape[0]), k)
+            vals = vals[rows]
+            w = None if w is None else w[rows]
+        return _scatter_terms(A, vals, w, hp, lg, ws)
+
+    _scatter_chunks(corners, range(0, n, step), grid, data, weight, sums, threads)
+
+
+def _scatter_chunks(corners, starts, grid: FourierGrid, data, weight, sums: Optional[TrilinearSums],
+                    threads: Optional[int]) -> None:
+    """Scatter the chunks ``corners(start, workspace)`` (:func:`_scatter_terms` output) into the sums with
+    ``np.bincount``, the next chunk computed in a helper thread; flush into data/weight without ``sums``."""
     target = TrilinearSums(grid) if sums is None else sums
     acc = target.sums
     size = acc.shape[1]
-    step = max(1, chunk_points // P)
-    starts = list(range(0, matrices.shape[0], step))
+    starts = list(starts)
 
-    def corners(start: int):
-        rows = image_index[start:start + step]
-        return _scatter_terms(matrices[start:start + step], values[rows],
-                              None if value_weights is None else value_weights[rows], hp, lg)
-
-    def scatter(idx: np.ndarray, t: np.ndarray, terms: np.ndarray) -> None:
-        buf = np.empty_like(t)
+    def scatter(idx: np.ndarray, weights: np.ndarray) -> None:
         for k in range(3):
-            np.multiply(t, terms[k], out=buf)
-            acc[k] += np.bincount(idx, weights=buf.reshape(-1), minlength=size)
+            acc[k] += np.bincount(idx, weights=weights[k], minlength=size)
 
     if threads is None:
         threads = _fft_workers()
+    spaces = target.spaces
     if threads > 1 and len(starts) > 1:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(corners, starts[0])
+            pending = pool.submit(corners, starts[0], spaces[0])
             for i in range(len(starts)):
                 done = pending.result()
                 if i + 1 < len(starts):
-                    pending = pool.submit(corners, starts[i + 1])
+                    pending = pool.submit(corners, starts[i + 1], spaces[(i + 1) % 2])
                 scatter(*done)
                 del done
     else:
         for start in starts:
-            scatter(*corners(start))
+            scatter(*corners(start, spaces[0]))
     target.empty = False
     if sums is None:
         target.flush(data, weight)
 
 
 def _fft_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """Threads for the FFTs and the scatter's helper: the cores this process may use, at most
+    ``OMP_NUM_THREADS`` when set (MPI ranks sharing a node get their share, :mod:`xmipp_accel.threads`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return max(1, cores)
 
 
 def half_plane_values(images: np.ndarray, grid: FourierGrid, *, shifts_px=None, ctf: Optional[Dict] = None,
@@ -336,9 +425,12 @@ def _ctf_at_pixels(ctf: Dict, n: int, hp: HalfPlane, M: int, pixel_size_A: float
     fx = hp.px / (M * pixel_size_A)
     fy = hp.py / (M * pixel_size_A)
     u2 = fx * fx + fy * fy
-    basis = np.stack([u2, fx * fx - fy * fy, 2.0 * fx * fy, u2 * u2, np.ones_like(u2)])   # (5, P)
-    chi = ((coef * np.array([-1.0, -1.0, -1.0, 1.0, -1.0])) @ basis).astype(np.float32)  # |chi| < 1e3 rad
-    return -np.sin(chi)
+    # chi = -(a u2 + b (fx² - fy²) + c 2 fx fy) + d u2² - e, as outer products (no BLAS threads for a (n, 5) x (5, P))
+    chi = coef[:, 3:4] * (u2 * u2) - coef[:, 4:5]
+    for j, b in enumerate((u2, fx * fx - fy * fy, 2.0 * fx * fy)):
+        chi -= coef[:, j:j + 1] * b
+    chi -= (2.0 * np.pi) * np.rint(chi * (0.5 / np.pi))   # reduced in double precision, single-precision sine
+    return -np.sin(chi.astype(np.float32))
 
 
 def trilinear_gridding_correction(box: int, padded_box: int, xp=np):
