@@ -16,4 +16,5 @@ bench() {  # name seconds command...
 }
 bench reconstruct 90 python3 reconstruct.py --configs 256 --syms c1,i --expand "" --blob-variants "" --no-numpy
 bench local_resolution 90 python3 local_resolution.py --box 96 --gpu-box 256
+bench align_movies 200 python3 align_movies.py --sizes falcon --movies 6 --distinct 3 --workdir /tmp/movie_bench
 cat "$OUT/summary.txt"; tail -40 "$OUT/bench.log"
