@@ -394,7 +394,8 @@ class MovieJob:
         on_gpu = any(d.is_gpu for d in devices)
         return Pipeline(self._compute, read=self._read, write=self._write, setup=self._setup_refs(self.references),
                         devices=devices, read_workers=1, queue_depth=1, ordered=ordered, pinned=True,
-                        workers_per_gpu=self.settings.workers_per_gpu if on_gpu else 1, on_result=on_result)
+                        workers_per_gpu=self.settings.workers_per_gpu if on_gpu else 1, on_result=on_result,
+                        on_error=_reported_by_movie_report)
 
     def align(self, devices: Sequence[Any], *, ctx: Optional[MPIContext] = None,
               on_result: Optional[Callable] = None) -> MovieJobReport:
@@ -449,6 +450,10 @@ class MovieJob:
         return write_corrected_micrographs(os.path.join(self.output_dir, "corrected_micrographs.star"), entries,
                                            self.acquisition, micrograph_pixel_size_A=float(ok[0]["pixel_size_A"]),
                                            first_frame=self.first_frame)
+
+
+def _reported_by_movie_report(_result) -> None:
+    """The pipeline's ``on_error``: a failed movie is logged once, by :func:`movie_report`."""
 
 
 def movie_report(r) -> Tuple[dict, str]:
