@@ -7,7 +7,9 @@ timeout, or the slow safety rescan. A file is *complete* once its size and modif
 changed for ``settle_s`` seconds (a file whose mtime is already older than that when first seen is
 complete at once, so a backlog starts without waiting) and, when ``complete(path)`` is given, that says
 so too (e.g. an MRC file whose header announces more data than it holds is still being written; after
-``incomplete_grace_s`` of quiet it is handed over anyway, and its reader names it as truncated).
+``incomplete_grace_s`` of quiet, by default 10 ``settle_s`` and at least 5 s, it is handed over anyway, and
+its reader names it as truncated; should the copy resume later, the file changes and is handed over again).
+The idle timeout does not end the wait while such a file is pending.
 
 Each file is handed over once; a file that changes afterwards (rewritten, re-copied) is handed over again
 once it is complete. Names starting with ``.`` are ignored (rsync and most copy tools write under such a
@@ -159,8 +161,9 @@ class FolderWatcher:
         Folders never looked into (the output folder when it lies inside ``folder``).
     complete : callable ``(path) -> bool``, optional
         Extra test of completeness (e.g. :func:`mrc_complete`).
-    incomplete_grace_s : float
-        Seconds of quiet after which a file ``complete`` still refuses is handed over anyway.
+    incomplete_grace_s : float, optional
+        Seconds of quiet after which a file ``complete`` still refuses is handed over anyway (default
+        ``max(10 * settle_s, 5)``).
     rescan_s : float
         Safety scan interval with inotify; the longest poll interval without it.
     use_inotify : bool
@@ -169,11 +172,13 @@ class FolderWatcher:
 
     def __init__(self, folder: str, patterns: Sequence[str] = MOVIE_PATTERNS, *, settle_s: float = 3.0,
                  recursive: bool = False, exclude: Sequence[str] = (),
-                 complete: Optional[Callable[[str], bool]] = None, incomplete_grace_s: float = 60.0,
+                 complete: Optional[Callable[[str], bool]] = None, incomplete_grace_s: Optional[float] = None,
                  rescan_s: float = 30.0, use_inotify: bool = True):
         self.folder = os.path.abspath(folder)
         if not os.path.isdir(self.folder):
             raise InputError(f"watched folder {self.folder} does not exist or is not a folder; create it first")
+        if incomplete_grace_s is None:
+            incomplete_grace_s = max(10.0 * settle_s, 5.0)
         if settle_s < 0 or rescan_s <= 0 or incomplete_grace_s < 0:
             raise InputError("--watch-settle and the grace time must be >= 0 and --watch-rescan > 0 seconds")
         self.patterns = [p.lower() for p in patterns] or [p for p in MOVIE_PATTERNS]
@@ -206,7 +211,7 @@ class FolderWatcher:
 
     def next_ready(self, idle_timeout_s: Optional[float] = None) -> Optional[str]:
         """Block until a file is complete and return its absolute path; None after :meth:`stop`, or once
-        no file has appeared or changed for ``idle_timeout_s`` seconds."""
+        no file has appeared or changed for ``idle_timeout_s`` seconds and none is pending."""
         while True:
             now = time.monotonic()
             path = self._pop_ready(now)
@@ -214,7 +219,7 @@ class FolderWatcher:
                 return path
             if self._stop.is_set():
                 return None
-            if idle_timeout_s is not None and now - self.last_activity >= idle_timeout_s:
+            if idle_timeout_s is not None and not self._pending and now - self.last_activity >= idle_timeout_s:
                 return None
             deadlines = [self._next_scan] + [self._due(s) for s in self._pending.values()]
             if idle_timeout_s is not None:
