@@ -18,6 +18,10 @@ class FileFormatError(InputError):
     """A file is missing, truncated or not of the expected format."""
 
 
+class TruncatedFileError(FileFormatError):
+    """A file holds fewer bytes than its header announces (empty, interrupted copy, or still being written)."""
+
+
 from .backend import BackendError  # noqa: E402  (re-exported: a missing GPU is a user error)
 
 USER_ERRORS = (XmippAccelError, BackendError)

@@ -71,8 +71,9 @@ def parse_frame_range(spec: Optional[str]) -> Optional[Tuple[int, Optional[int]]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("movies", nargs="+", metavar="MOVIE",
-                        help="movie files: MRC/MRCS (modes 0, 1, 2, 6, 12 and 101 = 4-bit packed), TIFF (none, LZW, "
+    parser.add_argument("movies", nargs="*", metavar="MOVIE",
+                        help="movie files (or --watch INDIR): MRC/MRCS (modes 0, 1, 2, 6, 12 and 101 = 4-bit packed), "
+                             "TIFF (none, LZW, "
                              "deflate; read upside down as RELION, IMOD and MotionCor2 do) or EER")
     parser.add_argument("-o", "--output-dir", required=True, help="output folder (created if missing)")
     g = parser.add_argument_group("acquisition")
@@ -127,6 +128,22 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers-per-gpu", type=int, default=1,
                    help="movies aligned at once on each GPU, each on its own stream (%(default)s); 2 overlaps one "
                         "movie's copies and host work with the other's GPU work, at twice the GPU memory")
+    g = parser.add_argument_group("watched folder", "align each movie that lands in INDIR once it is complete, "
+                                  "with one resident worker per GPU; a restart skips the movies done before")
+    g.add_argument("--watch", metavar="INDIR", default=None,
+                   help="watch this folder instead of taking MOVIE arguments (see the command's description)")
+    g.add_argument("--watch-pattern", action="append", default=None, metavar="GLOB",
+                   help="movie files to take (file name, or path below INDIR if it has a /; repeat for several; "
+                        "default: *.mrc *.mrcs *.st *.tif *.tiff *.eer)")
+    g.add_argument("--watch-settle", type=float, default=3.0, metavar="SECONDS",
+                   help="a movie is complete once its size and mtime have not changed for this long (%(default)s)")
+    g.add_argument("--watch-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end after this long without a new or growing movie (default: until Ctrl-C/SIGTERM)")
+    g.add_argument("--watch-recursive", action="store_true",
+                   help="also watch the subfolders (e.g. EPU's GridSquare_*/Data); outputs keep their folders")
+    g.add_argument("--watch-rescan", type=float, default=30.0, metavar="SECONDS",
+                   help="safety scan interval (%(default)s): files written into a network mount by another "
+                        "machine raise no file event here and are found by this scan")
     add_path_args(parser, datadir=False)
     add_common_args(parser)
 
@@ -152,6 +169,11 @@ def main(args: argparse.Namespace) -> int:
     from ..gpu.runtime.mpi import mpi_context
     from ..jobs.movies import MovieJob
 
+    if args.watch is not None:
+        return watch_main(args)
+    if not args.movies:
+        raise InputError("give the movie files, or --watch INDIR to align the movies arriving in a folder")
+
     job = MovieJob(args.movies, args.output_dir, job_settings(args))     # every check before any work
     ctx = mpi_context()
     devices = rank_devices(args, ctx)
@@ -171,3 +193,50 @@ def main(args: argparse.Namespace) -> int:
                             f"outputs in {job.output_dir}" + (f" ({ctx.size} MPI ranks)" if ctx.enabled else "")]
     emit_result(args, summary, lines)
     return 0 if report.n_ok > 0 else 1
+
+
+def watch_options(args: argparse.Namespace):
+    """The :class:`~xmipp_accel.jobs.watch.WatchOptions` of the command line."""
+    from ..io.folder_watch import MOVIE_PATTERNS
+    from ..jobs.watch import WatchOptions
+    return WatchOptions(folder=args.watch, patterns=tuple(args.watch_pattern or MOVIE_PATTERNS),
+                        settle_s=args.watch_settle, timeout_s=args.watch_timeout, recursive=args.watch_recursive,
+                        rescan_s=args.watch_rescan)
+
+
+def watch_main(args: argparse.Namespace) -> int:
+    """``--watch INDIR``: align the movies arriving in INDIR until --watch-timeout or SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    from ..gpu.runtime.mpi import mpi_context
+    from ..jobs.watch import WatchJob
+
+    if args.movies:
+        raise InputError(f"give either MOVIE files or --watch {args.watch}, not both")
+    if mpi_context().enabled:
+        raise InputError("--watch runs one process with one worker per GPU: use --gpus 0,1,... without mpirun")
+    job = WatchJob(args.output_dir, job_settings(args), watch_options(args))   # every check before any work
+    devices = rank_devices(args, mpi_context())
+    bar = progress(desc="movies", unit="movie", args=args)
+
+    def on_signal(signum, _frame):
+        logger.warning("%s: finishing the movies already read, then stopping (again to abort)",
+                       signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+        job.stop()
+
+    main_thread = threading.current_thread() is threading.main_thread()   # signals can be caught only there
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        report = job.run(devices, on_result=lambda _: bar.update(1))
+    finally:
+        bar.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    summary = {"command": "align-movies", **report.summary(devices)}
+    lines = report.lines + [f"{report.n_ok} movie(s) aligned, {report.n_failed} skipped, {report.n_previous} done "
+                            f"before, in {report.wall_s:.1f} s (ended by {report.ended_by}); outputs in "
+                            f"{report.output_dir}"]
+    emit_result(args, summary, lines)
+    return 0 if report.n_failed == 0 or report.n_ok > 0 else 1

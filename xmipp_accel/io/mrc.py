@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import FileFormatError, InputError
+from ..errors import FileFormatError, InputError, TruncatedFileError
 from .atomic import atomic_write
 
 __all__ = ["MrcInfo", "read_mrc", "write_mrc", "mrc_shape", "mrc_voxel_size", "mrc_info", "open_stack",
@@ -106,9 +106,9 @@ def _check_exists(path: str) -> int:
         raise FileFormatError(f"{path} is a folder, not an MRC file")
     size = os.path.getsize(path)
     if size == 0:
-        raise FileFormatError(f"{path} is empty (0 bytes), not an MRC file; re-export or re-copy it")
+        raise TruncatedFileError(f"{path} is empty (0 bytes), not an MRC file; re-export or re-copy it")
     if size < _HEADER_BYTES:
-        raise FileFormatError(f"{path} is not an MRC file: it has {size} bytes, fewer than the "
+        raise TruncatedFileError(f"{path} is not an MRC file: it has {size} bytes, fewer than the "
                               f"{_HEADER_BYTES}-byte MRC header")
     return size
 
@@ -206,7 +206,7 @@ def mrc_info(path: str | os.PathLike) -> MrcInfo:
     have = size - offset
     if have < info.data_nbytes:
         kind = "4-bit" if packed else dtype.name
-        raise FileFormatError(
+        raise TruncatedFileError(
             f"{path} is truncated: the header says {nx}x{ny}x{nz} {kind} values ({info.data_nbytes} bytes "
             f"of data after the {offset}-byte header) but the file has {max(have, 0)} bytes of data; "
             "the copy or the export was interrupted: copy or write it again")

@@ -38,7 +38,7 @@ from ..io.mrc import write_mrc
 from ..io.relion_motion import (BSplineMotion, MicrographEntry, MotionAcquisition, motion_star_blocks,
                                 relion_defect_file, write_corrected_micrographs, write_motion_star)
 
-__all__ = ["MovieJobSettings", "MovieJob", "MovieJobReport", "movie_stem", "output_names"]
+__all__ = ["MovieJobSettings", "MovieJob", "MovieJobReport", "movie_stem", "output_names", "movie_report"]
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -371,6 +371,32 @@ class MovieJob:
                 "write_ms": round(1e3 * (time.perf_counter() - t0), 2)}
 
     # ------------------------------------------------------------------------------------------ run
+    def add_movie(self, path: str, name: str) -> None:
+        """Add a movie after the job was made (``--watch``: movies arrive while the job runs), with the
+        output name ``name`` (relative to OUTDIR, without suffix); checked when it is read."""
+        path = os.path.abspath(path)
+        if path not in self.names:
+            self.paths.append(path)
+        self.names[path] = name
+
+    def prepare_output(self) -> None:
+        """Create OUTDIR and write OUTDIR/gain_oriented.mrc where the motion STAR files name it."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        gain_name = self.acquisition.gain_name
+        if gain_name and gain_name.startswith(self.output_dir + os.sep):
+            write_mrc(gain_name, np.asarray(self.references["gain"], dtype=np.float32), None)
+
+    def pipeline(self, devices: Sequence[Any], *, on_result: Optional[Callable] = None,
+                 ordered: bool = True) -> Pipeline:
+        """The :class:`~xmipp_accel.gpu.runtime.pipeline.Pipeline` aligning this job's movies: one reader,
+        one compute worker per GPU (``workers_per_gpu`` each; their ``setup`` uploads the references once),
+        one writer; ``Pipeline.run(paths)`` takes the movie paths (a generator is consumed as room allows)."""
+        on_gpu = any(d.is_gpu for d in devices)
+        return Pipeline(self._compute, read=self._read, write=self._write, setup=self._setup_refs(self.references),
+                        devices=devices, read_workers=1, queue_depth=1, ordered=ordered, pinned=True,
+                        workers_per_gpu=self.settings.workers_per_gpu if on_gpu else 1, on_result=on_result,
+                        on_error=_reported_by_movie_report)
+
     def align(self, devices: Sequence[Any], *, ctx: Optional[MPIContext] = None,
               on_result: Optional[Callable] = None) -> MovieJobReport:
         """Align this rank's share of the movies on ``devices`` and write their outputs.
@@ -387,18 +413,15 @@ class MovieJob:
         """
         t0 = time.perf_counter()
         ctx = ctx or mpi_context()
-        os.makedirs(self.output_dir, exist_ok=True)
-        gain_name = self.acquisition.gain_name
-        if ctx.is_root and gain_name and gain_name.startswith(self.output_dir + os.sep):
-            write_mrc(gain_name, np.asarray(self.references["gain"], dtype=np.float32), None)
+        if ctx.is_root:
+            self.prepare_output()
+        else:
+            os.makedirs(self.output_dir, exist_ok=True)
         paths = self.paths[ctx.split(len(self.paths))]        # this rank's movies (all of them without MPI)
-        on_gpu = any(d.is_gpu for d in devices)
         logger.info("aligning %d movie(s) on %s", len(paths), ", ".join(d.describe() for d in devices))
         if ctx.enabled:
             logger.info("rank %d of %d: %d movie(s)", ctx.rank, ctx.size, len(paths))
-        pipe = Pipeline(self._compute, read=self._read, write=self._write, setup=self._setup_refs(self.references),
-                        devices=devices, read_workers=1, queue_depth=1, ordered=True, pinned=True,
-                        workers_per_gpu=self.settings.workers_per_gpu if on_gpu else 1, on_result=on_result)
+        pipe = self.pipeline(devices, on_result=on_result)
         with ctx.abort_on_error():
             run = pipe.run(paths)
             movies, lines = _movie_reports(run)
@@ -429,20 +452,24 @@ class MovieJob:
                                            first_frame=self.first_frame)
 
 
+def _reported_by_movie_report(_result) -> None:
+    """The pipeline's ``on_error``: a failed movie is logged once, by :func:`movie_report`."""
+
+
+def movie_report(r) -> Tuple[dict, str]:
+    """Summary and report line of one movie's :class:`~xmipp_accel.gpu.runtime.pipeline.ItemResult`
+    (a skipped movie is logged as a warning naming it)."""
+    if r.ok:
+        shifts = np.asarray(r.value["shifts_px"])
+        total = float(np.abs(np.diff(shifts, axis=0)).sum()) if len(shifts) > 1 else 0.0
+        return r.value, (f"{r.item}: ok, {len(shifts)} frames, path {total:.1f} px, reference frame "
+                         f"{r.value['reference_frame']}{', local' if r.value['local'] else ''}")
+    msg = f"{r.item}: skipped ({r.stage}): {r.error}"
+    logger.warning("skipped %s", msg)
+    return {"movie": r.item, "status": "skipped", "stage": r.stage, "error": str(r.error)}, msg
+
+
 def _movie_reports(run) -> Tuple[List[dict], List[str]]:
     """Per-movie summaries and report lines of a pipeline run (skipped movies logged as warnings)."""
-    movies = []
-    lines = []
-    for r in run:
-        if r.ok:
-            movies.append(r.value)
-            shifts = np.asarray(r.value["shifts_px"])
-            total = float(np.abs(np.diff(shifts, axis=0)).sum()) if len(shifts) > 1 else 0.0
-            lines.append(f"{r.item}: ok, {len(shifts)} frames, path {total:.1f} px, reference frame "
-                         f"{r.value['reference_frame']}{', local' if r.value['local'] else ''}")
-        else:
-            msg = f"{r.item}: skipped ({r.stage}): {r.error}"
-            logger.warning("skipped %s", msg)
-            movies.append({"movie": r.item, "status": "skipped", "stage": r.stage, "error": str(r.error)})
-            lines.append(msg)
-    return movies, lines
+    pairs = [movie_report(r) for r in run]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
