@@ -115,29 +115,7 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
         flat = np.pad(np.asarray(frames[f], dtype=np.float32), pad, mode="edge").ravel()
         width = nx + 2 * pad
         taps = [flat[a * width + b:] for a in range(4) for b in range(4)]   # tap (a, b): offset view
-        xs_all = np.arange(nx, dtype=np.float32)[None, :]
-        for r0 in range(0, ny, rows_per_chunk):
-            r1 = min(ny, r0 + rows_per_chunk)
-            ys = np.arange(r0, r1, dtype=np.float32)[:, None] - sy[r0:r1]
-            xs = xs_all - sx[r0:r1]
-            fy = np.floor(ys)
-            fx = np.floor(xs)
-            wy = [w.ravel() for w in keys_weights((ys - fy).astype(np.float32))]
-            wx = [w.ravel() for w in keys_weights((xs - fx).astype(np.float32))]
-            index = ((fy.astype(np.int64) + (pad - 1)) * width + (fx.astype(np.int64) + (pad - 1))).ravel()
-            acc = np.zeros(index.shape, dtype=np.float32)
-            row = np.empty_like(acc)
-            v = np.empty_like(acc)
-            for a in range(4):
-                np.take(taps[4 * a], index, out=row)
-                row *= wx[0]
-                for b in range(1, 4):
-                    np.take(taps[4 * a + b], index, out=v)
-                    v *= wx[b]
-                    row += v
-                row *= wy[a]
-                acc += row
-            out[f, r0:r1] = acc.reshape(r1 - r0, nx)
+        _interpolate_rows(taps, sx, sy, pad - 1, width, out[f], rows_per_chunk)
 
     n_workers = max(1, min(int(workers or _WORKERS), n))
     if n_workers == 1:
@@ -147,6 +125,85 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
         with ThreadPoolExecutor(n_workers) as pool:
             list(pool.map(one, range(n)))
     return out
+
+
+def _keys_weights_into(t, w, tmp) -> None:
+    """:func:`keys_weights` of float32 ``t`` (M,) into the rows of ``w`` (4, M), in place.
+
+    The same float32 operations in the same order as :func:`keys_weights` (bit-identical results) without
+    its temporaries; ``tmp`` (2, M) is scratch.
+    """
+    t2, t3 = tmp[0], tmp[1]
+    np.multiply(t, t, out=t2)
+    np.multiply(t2, t, out=t3)
+    w0, w1, w2, w3 = w
+    np.multiply(t3, -0.5, out=w0)            # -0.5 t³ + t² - 0.5 t
+    w0 += t2
+    np.multiply(t, 0.5, out=w3)
+    w0 -= w3
+    np.multiply(t3, 1.5, out=w1)             # 1.5 t³ - 2.5 t² + 1
+    np.multiply(t2, 2.5, out=w3)
+    w1 -= w3
+    w1 += 1.0
+    np.multiply(t3, -1.5, out=w2)            # -1.5 t³ + 2 t² + 0.5 t
+    np.multiply(t2, 2.0, out=w3)
+    w2 += w3
+    np.multiply(t, 0.5, out=w3)
+    w2 += w3
+    np.multiply(t3, 0.5, out=w3)             # 0.5 t³ - 0.5 t²
+    np.multiply(t2, 0.5, out=t2)
+    w3 -= t2
+
+
+def _interpolate_rows(taps, sx, sy, offset: int, width: int, out, rows_per_chunk: int) -> None:
+    """Keys samples ``out(y, x) = frame(y - sy, x - sx)`` of one frame, ``rows_per_chunk`` rows at a time.
+
+    ``taps[4a + b]`` is the padded frame (row length ``width``) flattened and offset by ``a`` rows and ``b``
+    columns; ``offset`` is the padding less one, so tap (0, 0) of output pixel (y, x) is at flat index
+    ``(floor(y - sy) + offset) · width + floor(x - sx) + offset``. All buffers are allocated once per frame
+    and the indices are in range by construction, so the gathers skip the bounds check (``mode="clip"``
+    changes nothing): ~2× faster than fresh temporaries and checked gathers, bit-identical results.
+    """
+    ny, nx = out.shape
+    rows = max(1, min(int(rows_per_chunk), ny))
+    m = rows * nx
+    buf = np.empty((15, m), dtype=np.float32)
+    pos, fl, acc, row, v = buf[0], buf[1], buf[2], buf[3], buf[4]
+    wx, wy, tmp = buf[5:9], buf[9:13], buf[13:15]
+    index = np.empty(m, dtype=np.intp)
+    ix = np.empty(m, dtype=np.intp)
+    xs_all = np.arange(nx, dtype=np.float32)[None, :]
+    for r0 in range(0, ny, rows):
+        r1 = min(ny, r0 + rows)
+        k = (r1 - r0) * nx
+        p, q = pos[:k].reshape(r1 - r0, nx), fl[:k].reshape(r1 - r0, nx)
+        idx, ixk = index[:k], ix[:k]
+        # y: fractional part -> weights, integer part -> row index
+        np.subtract(np.arange(r0, r1, dtype=np.float32)[:, None], sy[r0:r1], out=p)
+        np.floor(p, out=q)
+        np.add(q.ravel(), offset, out=idx, casting="unsafe")
+        idx *= width
+        p -= q
+        _keys_weights_into(pos[:k], wy[:, :k], tmp[:, :k])
+        # x
+        np.subtract(xs_all, sx[r0:r1], out=p)
+        np.floor(p, out=q)
+        np.add(q.ravel(), offset, out=ixk, casting="unsafe")
+        idx += ixk
+        p -= q
+        _keys_weights_into(pos[:k], wx[:, :k], tmp[:, :k])
+        a_k, r_k, v_k = acc[:k], row[:k], v[:k]
+        a_k[:] = 0.0
+        for a in range(4):
+            np.take(taps[4 * a], idx, out=r_k, mode="clip")
+            r_k *= wx[0, :k]
+            for b in range(1, 4):
+                np.take(taps[4 * a + b], idx, out=v_k, mode="clip")
+                v_k *= wx[b, :k]
+                r_k += v_k
+            r_k *= wy[a, :k]
+            a_k += r_k
+        out[r0:r1] = a_k.reshape(r1 - r0, nx)
 
 
 @functools.lru_cache(maxsize=None)

@@ -427,7 +427,7 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
         sum_odd = sum_even = stack = None
         if model is not None:
             with timer("apply.inverse_fft"):
-                frames = irfft2(spec, work_shape).astype(np.float32, copy=False)
+                frames = irfft2(spec, work_shape, overwrite=True).astype(np.float32, copy=False)
                 del spec
             with timer("apply.interpolate"):
                 hx, hy, _ = model.spacing
