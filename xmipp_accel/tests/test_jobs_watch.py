@@ -237,3 +237,21 @@ def test_sigterm_ends_the_command_cleanly(stock, tmp_path):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["ended_by"] == "stop" and summary["n_ok"] == 1
     assert len(read_star(str(outdir / "corrected_micrographs.star"))["micrographs"]) == 1
+
+
+@pytest.mark.gpu
+def test_resident_gpu_worker_matches_the_cpu(stock, tmp_path, monkeypatch):
+    """The watch on a GPU: one set-up for all movies, and the shifts of the NumPy path (same movies)."""
+    d, _ = stock
+    indir = tmp_path / "in"
+    indir.mkdir()
+    for i in range(3):
+        shutil.copy(d / f"m{i}.mrcs", indir / f"m{i}.mrcs")
+    setups = _count_setups(monkeypatch)
+    gpu = _job(indir, tmp_path / "gpu", timeout_s=0.5).run([backend.resolve_device("gpu", 0)])
+    cpu = _job(indir, tmp_path / "cpu", timeout_s=0.5).run(CPU)
+    assert setups.count("gpu0") == 1 and gpu.n_ok == cpu.n_ok == 3
+    by_movie = {m["movie"]: np.asarray(m["shifts_px"]) for m in cpu.movies}
+    for m in gpu.movies:
+        # float32 FFTs on both; cuFFT and pocketfft round differently: 0.05 px is far below the 0.5 px error
+        np.testing.assert_allclose(m["shifts_px"], by_movie[m["movie"]], atol=0.05)
