@@ -200,10 +200,13 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
     def _alignResident(self, movies):
         """Hand the batch to the resident ``--watch`` worker, wait for it, collect the outputs."""
         watchIn, watchOut = self._getTmpPath("watch_in"), self._getTmpPath("watch_out")
-        pwutils.makePath(watchIn, watchOut)
+        staging = self._getTmpPath(f"watch_staging_{movies[0].getObjId():06d}")
+        pwutils.makePath(watchIn, watchOut, staging)
+        for m in movies:   # linked (or converted) beside the folder, then moved in whole
+            path = self._linkMovie(m, staging)
+            os.replace(path, os.path.join(watchIn, os.path.basename(path)))
+        os.rmdir(staging)
         with _WORKER_LOCK:
-            for m in movies:
-                self._linkMovie(m, watchIn)
             self._ensureWorker(watchIn, watchOut, movies[0])
         stems = {self._movieStem(m) for m in movies}
         restarts = 0

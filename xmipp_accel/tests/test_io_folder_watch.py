@@ -55,7 +55,7 @@ def test_backlog_is_taken_at_once_in_order_and_rewrites_again(tmp_path, use_inot
     t0 = time.monotonic()
     w = FolderWatcher(str(tmp_path), settle_s=5.0, use_inotify=use_inotify)
     got = [os.path.basename(w.next_ready(idle_timeout_s=1)) for _ in range(3)]
-    assert time.monotonic() - t0 < 1.0                     # no 5 s settle wait for files quiet for a minute
+    assert time.monotonic() - t0 < 2.5                     # no 5 s settle wait for files quiet for a minute
     assert got == ["a.mrcs", "b.mrcs", "c.tiff"]           # name order within a scan; the hidden file ignored
     (tmp_path / "a.mrcs").write_bytes(b"y" * 20)           # re-copied: handed over again once stable
     w.settle_s = 0.2
@@ -100,7 +100,7 @@ def test_stop_and_idle_timeout_end_the_wait(tmp_path):
     w = FolderWatcher(str(tmp_path), settle_s=0.1)
     t0 = time.monotonic()
     assert w.next_ready(idle_timeout_s=0.5) is None
-    assert 0.45 < time.monotonic() - t0 < 1.5
+    assert 0.45 < time.monotonic() - t0 < 2.5
     threading.Timer(0.3, w.stop).start()
     t0 = time.monotonic()
     assert w.next_ready() is None and time.monotonic() - t0 < 1.5
