@@ -164,6 +164,27 @@ def test_restart_skips_finished_movies_and_retries_a_changed_failure(stock, tmp_
     assert len(star) == 3                                     # m0, m1 from before + m2 (bad.tiff still bad as TIFF)
 
 
+def test_slow_star_rewrites_are_spaced_and_the_last_one_is_written(stock, tmp_path, monkeypatch):
+    """A STAR that takes long to write (as with thousands of movies) is rewritten less often than once per
+    movie, and still lists every movie when the watch ends."""
+    d, _ = stock
+    indir = tmp_path / "in"
+    indir.mkdir()
+    for i in range(4):
+        shutil.copy(d / f"m{i}.mrcs", indir / f"m{i}.mrcs")
+    calls = []
+    original = movies_module.MovieJob.write_index
+
+    def slow(self, movies):
+        calls.append(len(movies))
+        time.sleep(0.15)                    # 20 ms alignments: all 4 movies finish within one rewrite
+        return original(self, movies)
+    monkeypatch.setattr(movies_module.MovieJob, "write_index", slow)
+    report = _job(indir, tmp_path / "out", timeout_s=1.0).run(CPU)
+    assert report.n_ok == 4 and 1 <= len(calls) < 4 and calls[-1] == 4
+    assert len(read_star(str(tmp_path / "out" / "corrected_micrographs.star"))["micrographs"]) == 4
+
+
 def test_restart_with_other_options_is_refused(stock, tmp_path):
     d, _ = stock
     indir = tmp_path / "in"
