@@ -123,3 +123,19 @@ def test_recursive_watch_finds_files_in_new_subfolders_but_not_in_excluded(tmp_p
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(InputError, match="nowhere"):
         FolderWatcher(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.skipif(not inotify_available(), reason="no inotify")
+def test_inotify_wakes_on_the_file_without_scanning(tmp_path, monkeypatch):
+    """With inotify the folder is scanned once at the start (then every rescan_s, 30 s); a new file is seen
+    through its events alone, and handed over settle_s after its last write."""
+    scans = []
+    original = FolderWatcher.scan
+    monkeypatch.setattr(FolderWatcher, "scan", lambda self: (scans.append(time.monotonic()), original(self)))
+    w = FolderWatcher(str(tmp_path), ["*.mrcs"], settle_s=0.3)
+    threading.Timer(0.5, lambda: (tmp_path / "m.mrcs").write_bytes(b"x" * 100)).start()
+    t0 = time.monotonic()
+    assert w.next_ready(idle_timeout_s=5) == str(tmp_path / "m.mrcs")
+    assert 0.75 < time.monotonic() - t0 < 1.5        # 0.5 s until written + 0.3 s settle
+    assert len(scans) == 1
+    w.close()
