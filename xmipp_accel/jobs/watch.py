@@ -216,7 +216,8 @@ class WatchJob:
         self.job: Optional[MovieJob] = None
         self.watcher: Optional[FolderWatcher] = None
         self._stop = threading.Event()
-        self._names: Dict[str, str] = {r["name"]: m for m, r in self.records.items() if r.get("name")}
+        self._names: Dict[str, str] = {r["name"]: m for m, r in self.records.items() if r.get("status") == "ok"}
+        self._in_flight: set = set()
         self._keys: Dict[str, Tuple[int, int]] = {}
         self._movies: List[dict] = []
         self._lines: List[str] = []
@@ -302,10 +303,14 @@ class WatchJob:
     def _items(self, first: str) -> Iterator[str]:
         """Movie paths for the pipeline, as they become complete (its feed thread waits here)."""
         path: Optional[str] = first
+        taken = True                                   # _first_movie took it
         while path is not None:
-            if path == first or self._take(path):
+            if taken or self._take(path):
                 self.job.add_movie(path, watch_name(path, self.folder))
+                with self._lock:
+                    self._in_flight.add(path)
                 yield path
+            taken = False
             if self._stop.is_set():
                 return
             path = self.watcher.next_ready(self.options.timeout_s)
@@ -318,7 +323,12 @@ class WatchJob:
         except OSError:
             return False
         key = (st.st_size, st.st_mtime_ns)
-        rec = self.records.get(path)
+        with self._lock:
+            if path in self._in_flight:      # rewritten while being aligned: what it holds is recorded then
+                logger.warning("%s changed while it was being aligned; copy it again under another name if "
+                               "the result is not what it now holds", path)
+                return False
+            rec = self.records.get(path)
         if rec is not None and (rec["status"] == "ok" or (rec.get("size"), rec.get("mtime_ns")) == key):
             logger.debug("%s: %s before, not aligned again", path, rec["status"])
             self._previous += 1
@@ -356,6 +366,7 @@ class WatchJob:
         with self._lock:
             self.journal.append(rec)          # first the done-list, then the STAR made from it
             self.records[path] = rec
+            self._in_flight.discard(path)
             self._movies.append(summary or {"movie": path, "status": "skipped", "stage": rec.get("stage"),
                                             "error": rec.get("error")})
             self._lines.append(line or f"{path}: skipped ({rec.get('stage')}): {rec.get('error')}")
