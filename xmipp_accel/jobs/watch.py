@@ -2,12 +2,13 @@
 
 ``xmipp-accel align-movies --watch INDIR -o OUTDIR`` runs a :class:`WatchJob`. Movies are taken from a
 :class:`~xmipp_accel.io.folder_watch.FolderWatcher` (woken by the kernel's file events, a movie is taken
-once its size and mtime have not changed for ``settle_s``, and, for MRC, once it holds all the data its
-header announces) and fed to **one** :class:`~xmipp_accel.gpu.runtime.pipeline.Pipeline` run that lasts
-as long as the watch: one compute worker per GPU (``workers_per_gpu`` each) set up once (references
-uploaded, FFT plans and kernels cached) for every movie, no process start per movie. The per-movie read,
-compute and write are those of :class:`~xmipp_accel.jobs.movies.MovieJob` (the job is made from the first
-movie that can be read: options are checked against it as in batch mode).
+once its size and mtime have not changed for ``settle_s``, and once it holds all the data its header
+announces (MRC) or its page directories point to (TIFF, EER)) and fed to **one**
+:class:`~xmipp_accel.gpu.runtime.pipeline.Pipeline` run that lasts as long as the watch: one compute worker
+per GPU (``workers_per_gpu`` each) set up once (references uploaded, FFT plans and kernels cached) for every
+movie, no process start per movie. The per-movie read, compute and write are those of
+:class:`~xmipp_accel.jobs.movies.MovieJob` (the job is made from the first movie that can be read: options
+are checked against it as in batch mode).
 
 After each movie, OUTDIR receives its outputs (as in batch mode, ``<name>`` being the movie's path
 relative to INDIR without extension), one line in ``OUTDIR/watch_done.jsonl`` (appended and synced: the
@@ -38,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from ..errors import InputError
 from ..io.atomic import check_writable
-from ..io.folder_watch import MOVIE_PATTERNS, FolderWatcher, mrc_complete
+from ..io.folder_watch import MOVIE_PATTERNS, FolderWatcher, movie_complete
 from ..io.movie import movie_info
 from .movies import MovieJob, MovieJobSettings, movie_report, movie_stem
 
@@ -218,6 +219,7 @@ class WatchJob:
         self._stop = threading.Event()
         self._names: Dict[str, str] = {r["name"]: m for m, r in self.records.items() if r.get("status") == "ok"}
         self._in_flight: set = set()
+        self._retry: set = set()
         self._keys: Dict[str, Tuple[int, int]] = {}
         self._movies: List[dict] = []
         self._lines: List[str] = []
@@ -244,7 +246,7 @@ class WatchJob:
         os.makedirs(self.output_dir, exist_ok=True)
         self.watcher = FolderWatcher(self.folder, self.options.patterns, settle_s=self.options.settle_s,
                                      recursive=self.options.recursive, exclude=[self.output_dir],
-                                     complete=mrc_complete, rescan_s=self.options.rescan_s,
+                                     complete=movie_complete, rescan_s=self.options.rescan_s,
                                      use_inotify=self.options.use_inotify)
         if self._stop.is_set():
             self.watcher.stop()
@@ -324,9 +326,9 @@ class WatchJob:
             return False
         key = (st.st_size, st.st_mtime_ns)
         with self._lock:
-            if path in self._in_flight:      # rewritten while being aligned: what it holds is recorded then
-                logger.warning("%s changed while it was being aligned; copy it again under another name if "
-                               "the result is not what it now holds", path)
+            if path in self._in_flight:      # rewritten while being aligned: looked at again once recorded
+                logger.info("%s changed while it was being aligned", path)
+                self._retry.add(path)
                 return False
             rec = self.records.get(path)
         if rec is not None and (rec["status"] == "ok" or (rec.get("size"), rec.get("mtime_ns")) == key):
@@ -367,6 +369,9 @@ class WatchJob:
             self.journal.append(rec)          # first the done-list, then the STAR made from it
             self.records[path] = rec
             self._in_flight.discard(path)
+            if path in self._retry:           # it changed meanwhile: a failed one is tried again as it is now
+                self._retry.discard(path)
+                self.watcher.recheck(path)
             self._movies.append(summary or {"movie": path, "status": "skipped", "stage": rec.get("stage"),
                                             "error": rec.get("error")})
             self._lines.append(line or f"{path}: skipped ({rec.get('stage')}): {rec.get('error')}")

@@ -139,3 +139,36 @@ def test_inotify_wakes_on_the_file_without_scanning(tmp_path, monkeypatch):
     assert 0.75 < time.monotonic() - t0 < 1.5        # 0.5 s until written + 0.3 s settle
     assert len(scans) == 1
     w.close()
+
+
+@pytest.mark.parametrize("kind", ["tiff", "bigtiff", "lzw", "eer"])
+def test_tiff_and_eer_cut_anywhere_are_seen_as_incomplete(tmp_path, kind):
+    """Every prefix of a TIFF/EER movie (97 cuts) that lacks part of the movie is judged still being written
+    (a cut that drops only trailing padding holds the whole movie); the whole file is complete."""
+    import tifffile
+
+    from xmipp_accel.io.folder_watch import movie_complete, tiff_complete
+    from xmipp_accel.tests import eer_synth
+    whole = tmp_path / f"m.{'eer' if kind == 'eer' else 'tiff'}"
+    if kind == "eer":
+        rng = np.random.default_rng(1)
+        eer_synth.write_eer(str(whole), 64, 64, eer_synth.random_frames(rng, 5, 64, 64, electrons=50))
+    else:
+        frames = np.random.default_rng(0).integers(0, 5, (6, 64, 64)).astype(np.uint16)
+        tifffile.imwrite(str(whole), frames, **{"tiff": {}, "bigtiff": {"bigtiff": True},
+                                                "lzw": {"compression": "lzw"}}[kind])
+    data = whole.read_bytes()
+    assert tiff_complete(str(whole)) and movie_complete(str(whole))
+    cut = tmp_path / whole.name.replace("m.", "cut.")
+    judged_complete = []
+    for n in np.linspace(0, len(data) - 1, 97).astype(int):
+        cut.write_bytes(data[:n])
+        if movie_complete(str(cut)):
+            judged_complete.append(int(n))
+    from xmipp_accel.io.movie import read_movie
+    for n in judged_complete:                      # such a cut holds every frame, whole
+        cut.write_bytes(data[:n])
+        np.testing.assert_array_equal(np.asarray(read_movie(str(cut))), np.asarray(read_movie(str(whole))))
+    assert len(judged_complete) <= 1
+    (tmp_path / "x.tiff").write_bytes(b"not a TIFF at all")     # not TIFF: its reader names the problem
+    assert tiff_complete(str(tmp_path / "x.tiff"))

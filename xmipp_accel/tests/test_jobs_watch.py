@@ -276,3 +276,40 @@ def test_resident_gpu_worker_matches_the_cpu(stock, tmp_path, monkeypatch):
     for m in gpu.movies:
         # float32 FFTs on both; cuFFT and pocketfft round differently: 0.05 px is far below the 0.5 px error
         np.testing.assert_allclose(m["shifts_px"], by_movie[m["movie"]], atol=0.05)
+
+
+def test_movie_rewritten_while_its_read_fails_is_tried_again(stock, tmp_path, monkeypatch):
+    """A broken file whose good version arrives while the broken one is still in the pipeline (its failure
+    not yet recorded) is taken again once that failure is recorded, and aligned."""
+    import tifffile
+
+    from xmipp_accel.io.mrc import read_mrc
+    d, _ = stock
+    whole = tmp_path / "whole.tiff"
+    tifffile.imwrite(str(whole), np.rint(read_mrc(str(d / "m1.mrcs"))[0]).astype(np.uint16))
+    indir = tmp_path / "in"
+    indir.mkdir()
+    shutil.copy(d / "m0.mrcs", indir / "m0.mrcs")              # the job's first movie: quiet for a minute
+    os.utime(indir / "m0.mrcs", (time.time() - 60, time.time() - 60))
+    target = indir / "late.tiff"
+    target.write_bytes(b"a broken copy, not a TIFF")
+    failing = threading.Event()
+    original = movies_module.MovieJob._read
+
+    def slow_failure(self, path, alloc):
+        try:
+            return original(self, path, alloc)
+        except Exception:
+            failing.set()
+            time.sleep(1.0)                # the good copy arrives now, while this movie is in flight
+            raise
+    monkeypatch.setattr(movies_module.MovieJob, "_read", slow_failure)
+
+    def good_copy():
+        failing.wait(10)
+        shutil.copy(whole, target)
+    threading.Thread(target=good_copy, daemon=True).start()
+    report = _job(indir, tmp_path / "out", timeout_s=2.0).run(CPU)
+    late = [m["status"] for m in report.movies if m["movie"] == str(target)]
+    assert late == ["skipped", "ok"]
+    assert len(read_star(str(tmp_path / "out" / "corrected_micrographs.star"))["micrographs"]) == 2
