@@ -251,12 +251,15 @@ class FolderWatcher:
         Safety scan interval with inotify; the longest poll interval without it.
     use_inotify : bool
         False forces the scanning fallback (tests, or file systems where events are known to be missing).
+    handed : dict of path -> (size in bytes, mtime in ns), optional
+        Files handed over before (a restart): passed over while their size and mtime stay so.
     """
 
     def __init__(self, folder: str, patterns: Sequence[str] = MOVIE_PATTERNS, *, settle_s: float = 3.0,
                  recursive: bool = False, exclude: Sequence[str] = (),
                  complete: Optional[Callable[[str], bool]] = None, incomplete_grace_s: Optional[float] = None,
-                 rescan_s: float = 30.0, use_inotify: bool = True):
+                 rescan_s: float = 30.0, use_inotify: bool = True,
+                 handed: Optional[Dict[str, Tuple[int, int]]] = None):
         self.folder = os.path.abspath(folder)
         if not os.path.isdir(self.folder):
             raise InputError(f"watched folder {self.folder} does not exist or is not a folder; create it first")
@@ -270,7 +273,7 @@ class FolderWatcher:
         self.exclude = {os.path.abspath(e) for e in exclude}
         self.complete = complete
         self._pending: Dict[str, _Seen] = {}
-        self._handed: Dict[str, Tuple[int, int]] = {}
+        self._handed: Dict[str, Tuple[int, int]] = {os.path.abspath(p): tuple(k) for p, k in (handed or {}).items()}
         self._order = 0
         self._stop = threading.Event()
         self._recheck: List[str] = []

@@ -161,7 +161,7 @@ class WatchReport:
     """What :meth:`WatchJob.run` returns.
 
     ``movies``: this run's per-movie summaries in the order they finished (ok as in batch mode, else
-    ``status`` "skipped" with ``error``); ``n_previous``: movies of the done-list skipped as aligned before;
+    ``status`` "skipped" with ``error``); ``n_previous``: movies in the done-list of earlier runs (not redone);
     ``ended_by``: "timeout" or "stop"; ``star``: the corrected_micrographs.star, None while nothing is aligned.
     """
     movies: List[dict]
@@ -223,7 +223,7 @@ class WatchJob:
         self._keys: Dict[str, Tuple[int, int]] = {}
         self._movies: List[dict] = []
         self._lines: List[str] = []
-        self._previous = 0
+        self._previous = len(self.records)
         self._on_result: Optional[Callable] = None
         self.star: Optional[str] = None
         self._lock = threading.RLock()      # _record runs in the feed and writer threads, the STAR flush in a timer
@@ -247,7 +247,7 @@ class WatchJob:
         self.watcher = FolderWatcher(self.folder, self.options.patterns, settle_s=self.options.settle_s,
                                      recursive=self.options.recursive, exclude=[self.output_dir],
                                      complete=movie_complete, rescan_s=self.options.rescan_s,
-                                     use_inotify=self.options.use_inotify)
+                                     use_inotify=self.options.use_inotify, handed=self._done_keys())
         if self._stop.is_set():
             self.watcher.stop()
         logger.info("watching %s (%s; %s) for %s", self.folder, "inotify" if self.watcher.uses_inotify else
@@ -270,6 +270,12 @@ class WatchJob:
                            "stop" if self._stop.is_set() else "timeout", workers)
 
     # ------------------------------------------------------------------------------------------ movies
+    def _done_keys(self) -> Dict[str, Tuple[int, int]]:
+        """(size, mtime) of the done-list's movies: the watcher passes over them while they stay so (no
+        settle wait, no grace time for a known broken file on restart)."""
+        return {m: (r["size"], r["mtime_ns"]) for m, r in self.records.items()
+                if r.get("size") is not None and r.get("mtime_ns") is not None}
+
     def _make_job(self, path: str) -> MovieJob:
         job = MovieJob([path], self.output_dir, self.settings)
         job.add_movie(path, watch_name(path, self.folder))
@@ -333,7 +339,6 @@ class WatchJob:
             rec = self.records.get(path)
         if rec is not None and (rec["status"] == "ok" or (rec.get("size"), rec.get("mtime_ns")) == key):
             logger.debug("%s: %s before, not aligned again", path, rec["status"])
-            self._previous += 1
             return False
         self._keys[path] = key
         name = watch_name(path, self.folder)

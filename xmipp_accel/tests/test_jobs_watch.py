@@ -150,8 +150,10 @@ def test_restart_skips_finished_movies_and_retries_a_changed_failure(stock, tmp_
     first = _job(indir, outdir, timeout_s=0.8).run(CPU)
     assert (first.n_ok, first.n_failed) == (2, 1)
     sums = {n: os.path.getmtime(outdir / n) for n in ("m0.mrc", "m1.mrc")}
+    t0 = time.monotonic()
     again = _job(indir, outdir, timeout_s=0.8).run(CPU)
     assert (again.n_ok, again.n_failed, again.n_previous) == (0, 0, 3)        # nothing redone, not even bad.tiff
+    assert time.monotonic() - t0 < 4.0              # the known broken file is not held for its 5 s grace again
     assert {n: os.path.getmtime(outdir / n) for n in sums} == sums
     shutil.copy(d / "m2.mrcs", indir / "m2.mrcs")
     shutil.copy(d / "m3.mrcs", indir / "bad.tiff")          # the corrupt file replaced by a good (MRC) one
@@ -159,7 +161,7 @@ def test_restart_skips_finished_movies_and_retries_a_changed_failure(stock, tmp_
         f.write('{"movie": "/cut/by/a/cra')                 # a line cut by a crash is ignored
     third = _job(indir, outdir, timeout_s=0.8).run(CPU)
     assert sorted(os.path.basename(m["movie"]) for m in third.movies) == ["bad.tiff", "m2.mrcs"]
-    assert third.n_previous == 2
+    assert third.n_previous == 3                              # m0, m1 and the old bad.tiff in the done-list
     star = read_star(str(outdir / "corrected_micrographs.star"))["micrographs"]
     assert len(star) == 3                                     # m0, m1 from before + m2 (bad.tiff still bad as TIFF)
 
