@@ -225,13 +225,15 @@ def measure_floor(distinct: List[str], args) -> dict:
 
 
 # --------------------------------------------------------------------------- one streaming run
-def call_summaries(extra: str) -> List[dict]:
-    """The protocol's command calls (one align_<first movie id>.json each), the first (warm-up) call left out."""
+def call_summaries(extra: str, resident: bool = False) -> List[dict]:
+    """The protocol's command calls (one align_<first movie id>.json each), the first (warm-up) call left out;
+    with the resident worker its runs (watch_<n>.json, written when it ends; the warm-up movie included)."""
     calls = []
     if not os.path.isdir(extra):
         return []
-    names = sorted(n for n in os.listdir(extra) if n.startswith("align_") and n.endswith(".json"))
-    for name in names[1:]:
+    prefix = "watch_" if resident else "align_"
+    names = sorted(n for n in os.listdir(extra) if n.startswith(prefix) and n.endswith(".json"))
+    for name in names[0 if resident else 1:]:
         try:
             with open(os.path.join(extra, name)) as f:
                 summary = json.load(f)
@@ -272,7 +274,7 @@ def run_streaming(workers: int, batch: int, distinct: List[str], args) -> dict:
     slots = [g for g in gpus for _ in range(workers)]
     result = {"workers_per_gpu": workers, "batch": batch, "gpu_list": " ".join(slots), "threads": len(slots) + 1,
               "movies": args.movies, "complete": False}
-    tag = f"w{workers}_b{batch}"
+    tag = f"w{workers}_b{batch}" + ("_resident" if args.resident else "")
     folder = os.path.join(args.workdir, f"incoming_{tag}")
     staging = os.path.join(args.workdir, f"staging_{tag}")
     os.makedirs(folder)
@@ -289,7 +291,7 @@ def run_streaming(workers: int, batch: int, distinct: List[str], args) -> dict:
     align = project.newProtocol(
         XmippAccelProtMovieAlign, objLabel=f"FlexAlign, {workers} worker(s)/GPU",
         useGpu=args.device_used == "gpu", gpuList=result["gpu_list"], numberOfThreads=len(slots) + 1,
-        moviesPerBatch=batch, doLocal=args.local)
+        moviesPerBatch=batch, doLocal=args.local, residentWorker=args.resident)
     align.inputMovies.set(imp)
     align.inputMovies.setExtended("outputMovies")
     launched = []
@@ -372,7 +374,7 @@ def run_streaming(workers: int, batch: int, distinct: List[str], args) -> dict:
             wait_for(lambda: protocol_status(project, align) in ("finished", "failed"), args, None,
                      limit=args.steps_check_sec + 8.0)
         result["align_status"] = protocol_status(project, align)
-        calls = call_summaries(os.path.join(project.getPath(), align._getExtraPath()))
+        calls = call_summaries(os.path.join(project.getPath(), align._getExtraPath()), args.resident)
         result["command_calls"] = len(calls)
         result["movies_per_call"] = [c["n_movies"] for c in calls]
         result["command_seconds"] = round(sum(c["seconds"] or 0.0 for c in calls), 2)
@@ -474,6 +476,8 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=330.0,
                    help="seconds for the whole script; what was measured by then is printed (%(default)s)")
     p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the one-call command floor")
+    p.add_argument("--resident", action="store_true",
+                   help="the protocol's 'Resident worker?': one align-movies --watch process for all batches")
     p.add_argument("--workdir", default=None, help="folder for projects and movies (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (projects, movies)")
     p.add_argument("--json", default=None, help="also write all figures to this JSON file")

@@ -71,15 +71,16 @@ def gpu_mb(on_gpu: bool) -> Dict[str, float]:
     return {"gpu_used_mb": (total - free) / 2**20, "pool_mb": cp.get_default_memory_pool().total_bytes() / 2**20}
 
 
-def make_stock(folder: str, args) -> List[str]:
-    """--distinct movies and the corrupt files, in the staging folder."""
+def make_stock(folder: str, args, xp) -> List[str]:
+    """--distinct movies (counts stored as --dtype; rendered with ``xp``) and the corrupt files."""
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(args.distinct):
         frames, _ = make_movie((args.size, args.size), args.frames, dose_per_pixel=1.0, drift_scale=2.0,
-                               doming_px=2.0, seed=100 + i)
+                               doming_px=2.0, seed=100 + i, xp=xp)
+        frames = backend.to_host(frames)
         p = os.path.join(folder, f"stock{i}.mrcs")
-        write_mrc(p, np.asarray(frames, dtype=np.float32).astype(np.uint8) if args.uint8 else frames, args.pixel_size)
+        write_mrc(p, frames.astype(args.dtype), args.pixel_size)     # Poisson counts (mean 1) fit int8
         paths.append(p)
     good = open(paths[0], "rb").read()
     bad = os.path.join(folder, "bad")
@@ -98,8 +99,10 @@ def make_stock(folder: str, args) -> List[str]:
     return paths
 
 
-def feed(indir: str, stock: List[str], args, arrivals: Dict[str, float], corrupt: List[str]) -> None:
-    """Copy the stream into the watched folder (8 chunks per movie); note when each was complete."""
+def feed(indir: str, stock: List[str], args, arrivals: Dict[str, float], corrupt: List[str],
+         finished: threading.Semaphore) -> None:
+    """Copy the stream into the watched folder (8 chunks per movie); note when each was complete. At most
+    --backlog files wait at once (``finished`` is released after each movie), so the disk stays bounded."""
     n_total = args.movies + args.corrupt
     bad_at = {int(round((k + 0.5) * n_total / max(args.corrupt, 1))): k for k in range(args.corrupt)}
     good = 0
@@ -113,6 +116,7 @@ def feed(indir: str, stock: List[str], args, arrivals: Dict[str, float], corrupt
             src = stock[good % len(stock)]
             dst = os.path.join(indir, f"movie{good:04d}.mrcs")
             good += 1
+        finished.acquire()
         data = open(src, "rb").read()
         step = max(1, -(-len(data) // 8))
         with open(dst, "wb") as f:
@@ -138,7 +142,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--size", type=int, default=4096, help="frame size in px, square (%(default)s)")
     ap.add_argument("--frames", type=int, default=40, help="frames per movie (%(default)s)")
     ap.add_argument("--distinct", type=int, default=4, help="different movies generated (%(default)s)")
-    ap.add_argument("--uint8", action="store_true", help="store the movies as 8-bit counts (a quarter of the disk)")
+    ap.add_argument("--dtype", default="int8", choices=("int8", "uint16", "float32"),
+                    help="how the movies store their counts (%(default)s: 0.67 GB per 4096^2 x 40 movie)")
+    ap.add_argument("--backlog", type=int, default=8, help="most files waiting in the folder at once (%(default)s)")
+    ap.add_argument("--keep-files", action="store_true",
+                    help="keep each input movie and its sums (default: deleted once aligned, so 200 4K movies fit "
+                         "the disk; the shifts STAR files, the done-list and corrected_micrographs.star stay)")
     ap.add_argument("--pixel-size", type=float, default=1.0)
     ap.add_argument("--interval", type=float, default=0.0, help="seconds between arrivals (0: back to back)")
     ap.add_argument("--settle", type=float, default=1.0, help="--watch-settle (%(default)s s)")
@@ -166,13 +175,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("xmipp_accel").addHandler(handler)
     logging.getLogger("xmipp_accel").setLevel(logging.INFO)
 
-    t = time.perf_counter()
-    stock = make_stock(os.path.join(work, "stock"), args)
-    print(f"stock: {args.distinct} movies {args.size}^2 x {args.frames} in {time.perf_counter() - t:.1f} s")
     ids = backend.parse_gpu_list(args.gpus)
     first = backend.resolve_device(args.device, ids[0] if ids else None)
     devices = [first] + ([backend.resolve_device("gpu", i) for i in ids[1:]] if first.is_gpu else [])
     on_gpu = first.is_gpu
+    t = time.perf_counter()
+    stock = make_stock(os.path.join(work, "stock"), args, backend.cupy_module() if on_gpu else np)
+    if on_gpu:
+        backend.cupy_module().get_default_memory_pool().free_all_blocks()    # the stock's, not the watch's
+    print(f"stock: {args.distinct} movies {args.size}^2 x {args.frames} in {time.perf_counter() - t:.1f} s")
 
     setups: List[str] = []
     original = movies_module.MovieJob._setup_refs
@@ -191,9 +202,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     arrivals: Dict[str, float] = {}
     corrupt: List[str] = []
 
+    finished = threading.Semaphore(args.backlog)
+
     def on_result(res):
         v = res.value or {}
         last_result[:] = [time.perf_counter()]
+        finished.release()
+        if not args.keep_files:
+            for f in [res.item] + [o for k, o in v.get("outputs", {}).items() if k != "shifts"]:
+                try:
+                    os.remove(f)
+                except OSError:
+                    pass
         samples.append({"movie": os.path.basename(res.item), "ok": res.ok, "rss_mb": rss_mb(), **gpu_mb(on_gpu),
                         "read_ms": v.get("read_ms"), "compute_ms": v.get("compute_ms"), "write_ms": v.get("write_ms"),
                         "latency_s": time.monotonic() - arrivals.get(res.item, float("nan")), "worker": res.worker})
@@ -201,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = MovieJobSettings(pixel_size_A=args.pixel_size, workers_per_gpu=args.workers_per_gpu,
                                 alignment={"local": args.local})
     job = WatchJob(outdir, settings, WatchOptions(folder=indir, settle_s=args.settle, timeout_s=args.timeout))
-    feeder = threading.Thread(target=feed, args=(indir, stock, args, arrivals, corrupt), daemon=True)
+    feeder = threading.Thread(target=feed, args=(indir, stock, args, arrivals, corrupt, finished), daemon=True)
     rss0 = rss_mb()
     t0 = time.perf_counter()
     feeder.start()

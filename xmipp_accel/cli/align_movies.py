@@ -26,6 +26,18 @@ Example usage::
     xmipp-accel align-movies m.mrc -o out --no-local --max-res 20 --odd-even --device cpu
     mpirun -np 4 xmipp-accel align-movies movies/*.tiff -o aligned --gpus 0,1,2,3 --json
 
+With ``--watch INDIR`` (instead of MOVIE arguments) the command aligns each movie that lands in INDIR
+(``--watch-pattern``) once it is complete (size and mtime unchanged for ``--watch-settle`` s, the data its
+MRC header or TIFF/EER page directories announce all there), in one process with one worker per GPU set up
+once; after each movie it appends a line to OUTDIR/watch_done.jsonl and writes a new
+OUTDIR/corrected_micrographs.star (whole, then renamed). It ends after ``--watch-timeout`` s without a new
+movie, or on Ctrl-C/SIGTERM once the movies already read are written (exit status 0); run again on the same
+OUTDIR it skips the movies done before. A corrupt movie is named in a warning, recorded as failed and the
+watch goes on (:mod:`xmipp_accel.jobs.watch`)::
+
+    xmipp-accel align-movies --watch /data/session1 --watch-pattern "*.tiff" -o aligned --pixel-size 0.83 \\
+        --dose-per-frame 1.2 --gpus 0,1 --watch-timeout 3600
+
 Under mpirun the movies are split across the ranks (contiguous blocks in the given order), each rank
 aligns its movies on its own GPU (``--gpus`` cycled over the ranks of a host) and writes their outputs,
 and rank 0 gathers the per-movie summaries (input order) and prints the report and ``--json``. A bad

@@ -37,7 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError, TruncatedFileError
 
-__all__ = ["FolderWatcher", "MOVIE_PATTERNS", "Inotify", "inotify_available", "mrc_complete"]
+__all__ = ["FolderWatcher", "MOVIE_PATTERNS", "Inotify", "inotify_available", "mrc_complete", "tiff_complete",
+           "movie_complete"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,88 @@ def mrc_complete(path: str) -> bool:
     return True
 
 
+_TIFF_TYPE_BYTES = {3: 2, 4: 4, 16: 8}          # SHORT, LONG, LONG8: strip/tile offsets and byte counts
+_TIFF_DATA_TAGS = ((273, 279), (324, 325))      # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
+
+
+def _tiff_values(f, order: str, typ: int, count: int, inline: bytes, pointer_fmt: str, size: int):
+    """Values of a TIFF entry (inline, or at the offset it holds); None when they lie past the end."""
+    width = _TIFF_TYPE_BYTES.get(typ)
+    if width is None:
+        return []
+    fmt = order + {2: "H", 4: "I", 8: "Q"}[width] * count
+    n = width * count
+    if n <= len(inline):
+        return struct.unpack(fmt, inline[:n])
+    (offset,) = struct.unpack(order + pointer_fmt, inline)
+    if offset + n > size:
+        return None
+    f.seek(offset)
+    return struct.unpack(fmt, f.read(n))
+
+
+def tiff_complete(path: str, max_pages: int = 1 << 20) -> bool:
+    """False while a TIFF/EER file is visibly still being written: an IFD (page directory) or the last
+    page's data lies past the end of the file. True otherwise, and for files that are not TIFF (their
+    reader names the problem). A copy cut exactly between two pages cannot be told from a shorter movie:
+    that case rests on the size-stable rule."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if len(head) < 8:
+                return len(head) >= 2 and head[:2] not in (b"II", b"MM")     # empty: just created
+            order = "<" if head[:2] == b"II" else ">" if head[:2] == b"MM" else None
+            if order is None:
+                return True
+            (magic,) = struct.unpack(order + "H", head[2:4])
+            if magic not in (42, 43):
+                return True
+            big = magic == 43
+            cnt_fmt, ent, ptr = ("Q", 20, "Q") if big else ("H", 12, "I")
+            (ifd,) = struct.unpack(order + ptr, head[8:16] if big else head[4:8])
+            last, seen = None, set()
+            while ifd and len(seen) < max_pages:
+                cnt_bytes = struct.calcsize(cnt_fmt)
+                if ifd in seen or ifd + cnt_bytes > size:
+                    return ifd in seen
+                seen.add(ifd)
+                f.seek(ifd)
+                (n,) = struct.unpack(order + cnt_fmt, f.read(cnt_bytes))
+                end = ifd + cnt_bytes + n * ent + struct.calcsize(ptr)
+                if end > size:
+                    return False
+                entries = f.read(n * ent)
+                (ifd,) = struct.unpack(order + ptr, f.read(struct.calcsize(ptr)))
+                last = entries
+            if last is None:
+                return False
+            tags = {}
+            for i in range(0, len(last), ent):
+                e = last[i:i + ent]
+                tag, typ = struct.unpack(order + "HH", e[:4])
+                (count,) = struct.unpack(order + ("Q" if big else "I"), e[4:12] if big else e[4:8])
+                tags[tag] = (typ, count, e[12:20] if big else e[8:12])
+            for off_tag, cnt_tag in _TIFF_DATA_TAGS:
+                if off_tag in tags and cnt_tag in tags:
+                    offs = _tiff_values(f, order, *tags[off_tag], ptr, size)
+                    cnts = _tiff_values(f, order, *tags[cnt_tag], ptr, size)
+                    if offs is None or cnts is None:
+                        return False
+                    if any(o + c > size for o, c in zip(offs, cnts)):
+                        return False
+            return True
+    except (OSError, struct.error):
+        return True
+
+
+def movie_complete(path: str) -> bool:
+    """:func:`mrc_complete` for MRC files, :func:`tiff_complete` for TIFF and EER, True for other files."""
+    if path.lower().endswith((".tif", ".tiff", ".eer")):
+        return tiff_complete(path)
+    return mrc_complete(path)
+
+
 @dataclass
 class _Seen:
     """A file not yet handed over: its last size (bytes) and mtime (ns), since when (monotonic s) they
@@ -168,12 +251,15 @@ class FolderWatcher:
         Safety scan interval with inotify; the longest poll interval without it.
     use_inotify : bool
         False forces the scanning fallback (tests, or file systems where events are known to be missing).
+    handed : dict of path -> (size in bytes, mtime in ns), optional
+        Files handed over before (a restart): passed over while their size and mtime stay so.
     """
 
     def __init__(self, folder: str, patterns: Sequence[str] = MOVIE_PATTERNS, *, settle_s: float = 3.0,
                  recursive: bool = False, exclude: Sequence[str] = (),
                  complete: Optional[Callable[[str], bool]] = None, incomplete_grace_s: Optional[float] = None,
-                 rescan_s: float = 30.0, use_inotify: bool = True):
+                 rescan_s: float = 30.0, use_inotify: bool = True,
+                 handed: Optional[Dict[str, Tuple[int, int]]] = None):
         self.folder = os.path.abspath(folder)
         if not os.path.isdir(self.folder):
             raise InputError(f"watched folder {self.folder} does not exist or is not a folder; create it first")
@@ -187,9 +273,11 @@ class FolderWatcher:
         self.exclude = {os.path.abspath(e) for e in exclude}
         self.complete = complete
         self._pending: Dict[str, _Seen] = {}
-        self._handed: Dict[str, Tuple[int, int]] = {}
+        self._handed: Dict[str, Tuple[int, int]] = {os.path.abspath(p): tuple(k) for p, k in (handed or {}).items()}
         self._order = 0
         self._stop = threading.Event()
+        self._recheck: List[str] = []
+        self._recheck_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         self.inotify: Optional[Inotify] = None
         self._folders: Dict[int, str] = {}
@@ -213,6 +301,11 @@ class FolderWatcher:
         """Block until a file is complete and return its absolute path; None after :meth:`stop`, or once
         no file has appeared or changed for ``idle_timeout_s`` seconds and none is pending."""
         while True:
+            with self._recheck_lock:
+                again, self._recheck = self._recheck, []
+            for p in again:
+                self._handed.pop(p, None)
+                self._observe(p)
             now = time.monotonic()
             path = self._pop_ready(now)
             if path is not None:
@@ -227,6 +320,16 @@ class FolderWatcher:
             self._wait(max(0.0, min(deadlines) - now))
             if time.monotonic() >= self._next_scan:
                 self.scan()
+
+    def recheck(self, path: str) -> None:
+        """Hand ``path`` over again once complete, even if it was handed over as it is now (thread safe; e.g.
+        for a file that changed while the one handed over earlier was still being processed)."""
+        with self._recheck_lock:
+            self._recheck.append(os.path.abspath(path))
+        try:
+            os.write(self._wake_w, b"r")
+        except OSError:
+            pass
 
     def stop(self) -> None:
         """Make :meth:`next_ready` return None (from any thread, or a signal handler)."""

@@ -2,18 +2,21 @@
 
 ``xmipp-accel align-movies --watch INDIR -o OUTDIR`` runs a :class:`WatchJob`. Movies are taken from a
 :class:`~xmipp_accel.io.folder_watch.FolderWatcher` (woken by the kernel's file events, a movie is taken
-once its size and mtime have not changed for ``settle_s``, and, for MRC, once it holds all the data its
-header announces) and fed to **one** :class:`~xmipp_accel.gpu.runtime.pipeline.Pipeline` run that lasts
-as long as the watch: one compute worker per GPU (``workers_per_gpu`` each) set up once (references
-uploaded, FFT plans and kernels cached) for every movie, no process start per movie. The per-movie read,
-compute and write are those of :class:`~xmipp_accel.jobs.movies.MovieJob` (the job is made from the first
-movie that can be read: options are checked against it as in batch mode).
+once its size and mtime have not changed for ``settle_s``, and once it holds all the data its header
+announces (MRC) or its page directories point to (TIFF, EER)) and fed to **one**
+:class:`~xmipp_accel.gpu.runtime.pipeline.Pipeline` run that lasts as long as the watch: one compute worker
+per GPU (``workers_per_gpu`` each) set up once (references uploaded, FFT plans and kernels cached) for every
+movie, no process start per movie. The per-movie read, compute and write are those of
+:class:`~xmipp_accel.jobs.movies.MovieJob` (the job is made from the first movie that can be read: options
+are checked against it as in batch mode).
 
 After each movie, OUTDIR receives its outputs (as in batch mode, ``<name>`` being the movie's path
 relative to INDIR without extension), one line in ``OUTDIR/watch_done.jsonl`` (appended and synced: the
 movie, its size and mtime, ok with its outputs and shifts, or failed with the reason), and a new
 ``OUTDIR/corrected_micrographs.star`` listing every movie aligned so far, written whole under a temporary
-name and renamed (a reader sees the previous list or the new one, never a part).
+name and renamed (a reader sees the previous list or the new one, never a part). Once the STAR is so long
+that rewriting it takes a noticeable time, it is rewritten at most every 4 rewrite durations (0.3 s for
+5000 movies: then every 1.2 s) instead of after each movie; the end of the watch writes the last one.
 
 A restart with the same OUTDIR reads the done-list and skips the movies it lists as aligned, and the
 failed ones unless their size or mtime changed (a re-copied file is tried again); a done-list made with
@@ -36,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from ..errors import InputError
 from ..io.atomic import check_writable
-from ..io.folder_watch import MOVIE_PATTERNS, FolderWatcher, mrc_complete
+from ..io.folder_watch import MOVIE_PATTERNS, FolderWatcher, movie_complete
 from ..io.movie import movie_info
 from .movies import MovieJob, MovieJobSettings, movie_report, movie_stem
 
@@ -158,7 +161,7 @@ class WatchReport:
     """What :meth:`WatchJob.run` returns.
 
     ``movies``: this run's per-movie summaries in the order they finished (ok as in batch mode, else
-    ``status`` "skipped" with ``error``); ``n_previous``: movies of the done-list skipped as aligned before;
+    ``status`` "skipped" with ``error``); ``n_previous``: movies in the done-list of earlier runs (not redone);
     ``ended_by``: "timeout" or "stop"; ``star``: the corrected_micrographs.star, None while nothing is aligned.
     """
     movies: List[dict]
@@ -214,13 +217,20 @@ class WatchJob:
         self.job: Optional[MovieJob] = None
         self.watcher: Optional[FolderWatcher] = None
         self._stop = threading.Event()
-        self._names: Dict[str, str] = {r["name"]: m for m, r in self.records.items() if r.get("name")}
+        self._names: Dict[str, str] = {r["name"]: m for m, r in self.records.items() if r.get("status") == "ok"}
+        self._in_flight: set = set()
+        self._retry: set = set()
         self._keys: Dict[str, Tuple[int, int]] = {}
         self._movies: List[dict] = []
         self._lines: List[str] = []
-        self._previous = 0
+        self._previous = len(self.records)
         self._on_result: Optional[Callable] = None
         self.star: Optional[str] = None
+        self._lock = threading.RLock()      # _record runs in the feed and writer threads, the STAR flush in a timer
+        self._star_dirty = False
+        self._star_last = -float("inf")
+        self._star_cost = 0.0
+        self._star_timer: Optional[threading.Timer] = None
 
     # ------------------------------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -236,8 +246,8 @@ class WatchJob:
         os.makedirs(self.output_dir, exist_ok=True)
         self.watcher = FolderWatcher(self.folder, self.options.patterns, settle_s=self.options.settle_s,
                                      recursive=self.options.recursive, exclude=[self.output_dir],
-                                     complete=mrc_complete, rescan_s=self.options.rescan_s,
-                                     use_inotify=self.options.use_inotify)
+                                     complete=movie_complete, rescan_s=self.options.rescan_s,
+                                     use_inotify=self.options.use_inotify, handed=self._done_keys())
         if self._stop.is_set():
             self.watcher.stop()
         logger.info("watching %s (%s; %s) for %s", self.folder, "inotify" if self.watcher.uses_inotify else
@@ -253,12 +263,19 @@ class WatchJob:
                 summary, workers = run.summary(), pipe.worker_names
         finally:
             self.watcher.close()
+            self._flush_star()
         n_ok = sum(1 for m in self._movies if m.get("status") == "ok")
         return WatchReport(list(self._movies), list(self._lines), n_ok, len(self._movies) - n_ok, self._previous,
                            time.perf_counter() - t0, summary, self.output_dir, self.star,
                            "stop" if self._stop.is_set() else "timeout", workers)
 
     # ------------------------------------------------------------------------------------------ movies
+    def _done_keys(self) -> Dict[str, Tuple[int, int]]:
+        """(size, mtime) of the done-list's movies: the watcher passes over them while they stay so (no
+        settle wait, no grace time for a known broken file on restart)."""
+        return {m: (r["size"], r["mtime_ns"]) for m, r in self.records.items()
+                if r.get("size") is not None and r.get("mtime_ns") is not None}
+
     def _make_job(self, path: str) -> MovieJob:
         job = MovieJob([path], self.output_dir, self.settings)
         job.add_movie(path, watch_name(path, self.folder))
@@ -270,7 +287,8 @@ class WatchJob:
         ok = [m for m, r in self.records.items() if r.get("status") == "ok" and os.path.exists(m)]
         if ok:
             self.job = self._make_job(ok[0])
-            self._write_star()
+            self._star_dirty = True
+            self._flush_star()
 
     def _first_movie(self) -> Optional[str]:
         """The first new movie that can be read (the job's options are checked against it)."""
@@ -293,10 +311,14 @@ class WatchJob:
     def _items(self, first: str) -> Iterator[str]:
         """Movie paths for the pipeline, as they become complete (its feed thread waits here)."""
         path: Optional[str] = first
+        taken = True                                   # _first_movie took it
         while path is not None:
-            if path == first or self._take(path):
+            if taken or self._take(path):
                 self.job.add_movie(path, watch_name(path, self.folder))
+                with self._lock:
+                    self._in_flight.add(path)
                 yield path
+            taken = False
             if self._stop.is_set():
                 return
             path = self.watcher.next_ready(self.options.timeout_s)
@@ -309,10 +331,14 @@ class WatchJob:
         except OSError:
             return False
         key = (st.st_size, st.st_mtime_ns)
-        rec = self.records.get(path)
+        with self._lock:
+            if path in self._in_flight:      # rewritten while being aligned: looked at again once recorded
+                logger.info("%s changed while it was being aligned", path)
+                self._retry.add(path)
+                return False
+            rec = self.records.get(path)
         if rec is not None and (rec["status"] == "ok" or (rec.get("size"), rec.get("mtime_ns")) == key):
             logger.debug("%s: %s before, not aligned again", path, rec["status"])
-            self._previous += 1
             return False
         self._keys[path] = key
         name = watch_name(path, self.folder)
@@ -344,14 +370,45 @@ class WatchJob:
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **rec}
         if rec["status"] != "ok" and log:
             logger.warning("skipped %s: %s", path, rec["error"])
-        self.journal.append(rec)
-        self.records[path] = rec
-        if rec["status"] == "ok":
-            self._write_star()
-        self._movies.append(summary or {"movie": path, "status": "skipped", "stage": rec.get("stage"),
-                                        "error": rec.get("error")})
-        self._lines.append(line or f"{path}: skipped ({rec.get('stage')}): {rec.get('error')}")
+        with self._lock:
+            self.journal.append(rec)          # first the done-list, then the STAR made from it
+            self.records[path] = rec
+            self._in_flight.discard(path)
+            if path in self._retry:           # it changed meanwhile: a failed one is tried again as it is now
+                self._retry.discard(path)
+                self.watcher.recheck(path)
+            self._movies.append(summary or {"movie": path, "status": "skipped", "stage": rec.get("stage"),
+                                            "error": rec.get("error")})
+            self._lines.append(line or f"{path}: skipped ({rec.get('stage')}): {rec.get('error')}")
+            if rec["status"] == "ok":
+                self._star_changed()
 
-    def _write_star(self) -> None:
-        ok = [r for r in self.records.values() if r.get("status") == "ok"]
-        self.star = self.job.write_index(ok)
+    # ------------------------------------------------------------------------------------------ the STAR
+    def _star_changed(self) -> None:
+        """Rewrite the STAR now, or, if the last rewrite was less than 4 of its own durations ago, a little
+        later (a timer): with thousands of movies a rewrite takes a good part of a second (0.3 s for 5000
+        entries), and this keeps it under a fifth of the writer thread's time; small STARs are rewritten
+        after every movie."""
+        with self._lock:
+            self._star_dirty = True
+            wait = self._star_last + 4.0 * self._star_cost - time.monotonic()
+            if wait <= 0:
+                self._flush_star()
+            elif self._star_timer is None:
+                self._star_timer = threading.Timer(wait, self._flush_star)
+                self._star_timer.daemon = True
+                self._star_timer.start()
+
+    def _flush_star(self) -> None:
+        """Write corrected_micrographs.star of every aligned movie if it changed (whole file, then rename)."""
+        with self._lock:
+            if self._star_timer is not None:
+                self._star_timer.cancel()
+                self._star_timer = None
+            if not self._star_dirty or self.job is None:
+                return
+            t = time.monotonic()
+            self.star = self.job.write_index([r for r in self.records.values() if r.get("status") == "ok"])
+            self._star_last = time.monotonic()
+            self._star_cost = self._star_last - t
+            self._star_dirty = False

@@ -5,12 +5,23 @@ picked up from the input set while it grows, outputs are updated and closed at t
 one step per movie, movies that arrive together are grouped into batches (at most ``moviesPerBatch``
 and spread over the worker threads), so that one ``xmipp-accel`` process amortises its start-up
 (imports, FFT plans, kernel compilation) over several movies.
+
+With *Resident worker* (expert), one ``xmipp-accel align-movies --watch`` process per protocol run aligns
+every batch instead (one worker per GPU of the protocol's list, set up once): a batch step links its movies
+into the worker's watched folder, waits for the worker's done-list to list them and collects the outputs.
+The worker ends when the protocol's output is closed (SIGTERM), or after ``RESIDENT_IDLE_S`` without
+movies; the next batch starts it again (it skips what its done-list holds), as it does after a crash.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import shlex
 import shutil
+import subprocess
+import threading
+import time
 
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
@@ -20,12 +31,18 @@ from pyworkflow.protocol.constants import LEVEL_ADVANCED
 import pwem.objects as emobj
 from pwem.protocols import ProtAlignMovies
 
+from .. import Plugin
 from .. import constants as c
 from . import convert
-from .protocol_base import XmippAccelProtBase
+from .protocol_base import GPU_PLACEHOLDER, XmippAccelProtBase
 
 READABLE_MOVIES = (".mrc", ".mrcs", ".tif", ".tiff")
 COMPRESSED = (".bz2", ".tbz", ".txt")
+#: Seconds without a movie after which the resident worker exits (the next batch starts it again).
+RESIDENT_IDLE_S = 120
+#: Times a batch starts the resident worker again when it exited before aligning the batch's movies.
+RESIDENT_RESTARTS = 3
+_WORKER_LOCK = threading.Lock()   # batch steps run in threads of one process
 
 
 class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
@@ -102,6 +119,12 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
                            "between steps (3 s) are paid once per batch; a backlog is split evenly across "
                            "the worker threads (threads - 1), one per GPU slot. Movies arriving one by one "
                            "are aligned as they come, whatever this value.")
+        form.addParam("residentWorker", params.BooleanParam, default=False, expertLevel=LEVEL_ADVANCED,
+                      label="Resident worker?",
+                      help="Align every batch in one long-lived 'xmipp-accel align-movies --watch' process (one "
+                           "worker per GPU, set up once) instead of one command call per batch, so the start-up "
+                           f"is paid once. The process exits after {RESIDENT_IDLE_S} s without new movies and "
+                           "starts again with the next ones.")
         form.addParallelSection(threads=2, mpi=0)
 
     # --------------------------- INSERT steps functions ----------------------
@@ -137,6 +160,8 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
             movies = [m for m in movies if not os.path.exists(self._getMovieDone(m))]
         if not movies:
             return
+        if self.residentWorker:
+            return self._alignResident(movies)
         batchDir = self._getTmpPath(f"batch_{movies[0].getObjId():06d}")
         outDir = os.path.join(batchDir, "out")
         pwutils.makePath(outDir)
@@ -154,6 +179,95 @@ class XmippAccelProtMovieAlign(XmippAccelProtBase, ProtAlignMovies):
             self.info(f"Keeping {batchDir} (SCIPION_DEBUG_NOCLEAN)")
         else:
             shutil.rmtree(batchDir, ignore_errors=True)
+
+    def createOutputStep(self):
+        """Every batch is done: end the resident worker (SIGTERM: it exits at once when idle), then close."""
+        self._stopWorker()
+        return ProtAlignMovies.createOutputStep(self)
+
+    # --------------------------- resident worker ------------------------------
+    def _stopWorker(self, wait_s: float = 30.0) -> None:
+        if not self._workerRunning():
+            return
+        self._worker.terminate()
+        try:
+            self._worker.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            self.warning(f"The resident worker did not end within {wait_s:g} s of SIGTERM: killed")
+            self._worker.kill()
+            self._worker.wait()
+
+    def _alignResident(self, movies):
+        """Hand the batch to the resident ``--watch`` worker, wait for it, collect the outputs."""
+        watchIn, watchOut = self._getTmpPath("watch_in"), self._getTmpPath("watch_out")
+        staging = self._getTmpPath(f"watch_staging_{movies[0].getObjId():06d}")
+        pwutils.makePath(watchIn, watchOut, staging)
+        for m in movies:   # linked (or converted) beside the folder, then moved in whole
+            path = self._linkMovie(m, staging)
+            os.replace(path, os.path.join(watchIn, os.path.basename(path)))
+        os.rmdir(staging)
+        with _WORKER_LOCK:
+            self._ensureWorker(watchIn, watchOut, movies[0])
+        stems = {self._movieStem(m) for m in movies}
+        restarts = 0
+        while True:
+            records = self._workerRecords(watchOut, stems)
+            if len(records) == len(stems):
+                break
+            with _WORKER_LOCK:
+                if not self._workerRunning():
+                    if restarts == RESIDENT_RESTARTS:
+                        self.error(f"The resident worker exited {restarts + 1} times before aligning movies "
+                                   f"{sorted(stems - set(records))}; see {self._workerLog()}")
+                        break
+                    restarts += 1
+                    self._ensureWorker(watchIn, watchOut, movies[0])
+            time.sleep(0.5)
+        for m in movies:
+            rec = records.get(self._movieStem(m))
+            if rec is not None and rec["status"] != "ok":
+                self.warning(f"Movie {m.getObjId()} ({m.getFileName()}) failed: {rec.get('error')}")
+            self._collectOutputs(m, watchOut)
+            open(self._getMovieDone(m), "w").close()
+
+    def _workerLog(self) -> str:
+        return self._getExtraPath("watch_worker.log")
+
+    def _workerRunning(self) -> bool:
+        proc = getattr(self, "_worker", None)
+        return proc is not None and proc.poll() is None
+
+    def _ensureWorker(self, watchIn: str, watchOut: str, movie) -> None:
+        """Start ``xmipp-accel align-movies --watch`` unless it runs (call with the lock held)."""
+        if self._workerRunning():
+            return
+        calls = len([f for f in os.listdir(self._getExtraPath()) if f.startswith("watch_") and f.endswith(".json")])
+        args = self._alignArgs(movie)
+        gpus = ",".join(dict.fromkeys(str(g) for g in (self.getGpuList() or [0])))
+        args = [gpus if a == GPU_PLACEHOLDER else str(a) for a in args]
+        cmd = shlex.split(Plugin.getCommand()) + ["align-movies", "--watch", os.path.abspath(watchIn),
+                                                  "-o", os.path.abspath(watchOut), "--watch-settle", "0.5",
+                                                  "--watch-timeout", str(RESIDENT_IDLE_S), "--json", "-q"] + args
+        self.info("Resident worker: " + " ".join(shlex.quote(a) for a in cmd))
+        with open(self._getExtraPath(f"watch_{calls + 1:03d}.json"), "w") as out, \
+                open(self._workerLog(), "a") as err:
+            self._worker = subprocess.Popen(cmd, stdout=out, stderr=err, env=Plugin.getEnviron())
+
+    @staticmethod
+    def _workerRecords(watchOut: str, stems) -> dict:
+        """The done-list records (by output name) of ``stems`` that the worker has finished."""
+        path = os.path.join(watchOut, "watch_done.jsonl")     # xmipp_accel.jobs.watch.JOURNAL_NAME
+        records = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if rec.get("name") in stems:
+                        records[rec["name"]] = rec
+        return records
 
     # --------------------------- UTILS functions ------------------------------
     def _movieFromDict(self, movieDict):

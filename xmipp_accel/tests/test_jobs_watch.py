@@ -150,8 +150,10 @@ def test_restart_skips_finished_movies_and_retries_a_changed_failure(stock, tmp_
     first = _job(indir, outdir, timeout_s=0.8).run(CPU)
     assert (first.n_ok, first.n_failed) == (2, 1)
     sums = {n: os.path.getmtime(outdir / n) for n in ("m0.mrc", "m1.mrc")}
+    t0 = time.monotonic()
     again = _job(indir, outdir, timeout_s=0.8).run(CPU)
     assert (again.n_ok, again.n_failed, again.n_previous) == (0, 0, 3)        # nothing redone, not even bad.tiff
+    assert time.monotonic() - t0 < 4.0              # the known broken file is not held for its 5 s grace again
     assert {n: os.path.getmtime(outdir / n) for n in sums} == sums
     shutil.copy(d / "m2.mrcs", indir / "m2.mrcs")
     shutil.copy(d / "m3.mrcs", indir / "bad.tiff")          # the corrupt file replaced by a good (MRC) one
@@ -159,9 +161,30 @@ def test_restart_skips_finished_movies_and_retries_a_changed_failure(stock, tmp_
         f.write('{"movie": "/cut/by/a/cra')                 # a line cut by a crash is ignored
     third = _job(indir, outdir, timeout_s=0.8).run(CPU)
     assert sorted(os.path.basename(m["movie"]) for m in third.movies) == ["bad.tiff", "m2.mrcs"]
-    assert third.n_previous == 2
+    assert third.n_previous == 3                              # m0, m1 and the old bad.tiff in the done-list
     star = read_star(str(outdir / "corrected_micrographs.star"))["micrographs"]
     assert len(star) == 3                                     # m0, m1 from before + m2 (bad.tiff still bad as TIFF)
+
+
+def test_slow_star_rewrites_are_spaced_and_the_last_one_is_written(stock, tmp_path, monkeypatch):
+    """A STAR that takes long to write (as with thousands of movies) is rewritten less often than once per
+    movie, and still lists every movie when the watch ends."""
+    d, _ = stock
+    indir = tmp_path / "in"
+    indir.mkdir()
+    for i in range(4):
+        shutil.copy(d / f"m{i}.mrcs", indir / f"m{i}.mrcs")
+    calls = []
+    original = movies_module.MovieJob.write_index
+
+    def slow(self, movies):
+        calls.append(len(movies))
+        time.sleep(0.15)                    # 20 ms alignments: all 4 movies finish within one rewrite
+        return original(self, movies)
+    monkeypatch.setattr(movies_module.MovieJob, "write_index", slow)
+    report = _job(indir, tmp_path / "out", timeout_s=1.0).run(CPU)
+    assert report.n_ok == 4 and 1 <= len(calls) < 4 and calls[-1] == 4
+    assert len(read_star(str(tmp_path / "out" / "corrected_micrographs.star"))["micrographs"]) == 4
 
 
 def test_restart_with_other_options_is_refused(stock, tmp_path):
@@ -237,3 +260,58 @@ def test_sigterm_ends_the_command_cleanly(stock, tmp_path):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["ended_by"] == "stop" and summary["n_ok"] == 1
     assert len(read_star(str(outdir / "corrected_micrographs.star"))["micrographs"]) == 1
+
+
+@pytest.mark.gpu
+def test_resident_gpu_worker_matches_the_cpu(stock, tmp_path, monkeypatch):
+    """The watch on a GPU: one set-up for all movies, and the shifts of the NumPy path (same movies)."""
+    d, _ = stock
+    indir = tmp_path / "in"
+    indir.mkdir()
+    for i in range(3):
+        shutil.copy(d / f"m{i}.mrcs", indir / f"m{i}.mrcs")
+    setups = _count_setups(monkeypatch)
+    gpu = _job(indir, tmp_path / "gpu", timeout_s=0.5).run([backend.resolve_device("gpu", 0)])
+    cpu = _job(indir, tmp_path / "cpu", timeout_s=0.5).run(CPU)
+    assert setups.count("gpu0") == 1 and gpu.n_ok == cpu.n_ok == 3
+    by_movie = {m["movie"]: np.asarray(m["shifts_px"]) for m in cpu.movies}
+    for m in gpu.movies:
+        # float32 FFTs on both; cuFFT and pocketfft round differently: 0.05 px is far below the 0.5 px error
+        np.testing.assert_allclose(m["shifts_px"], by_movie[m["movie"]], atol=0.05)
+
+
+def test_movie_rewritten_while_its_read_fails_is_tried_again(stock, tmp_path, monkeypatch):
+    """A broken file whose good version arrives while the broken one is still in the pipeline (its failure
+    not yet recorded) is taken again once that failure is recorded, and aligned."""
+    import tifffile
+
+    from xmipp_accel.io.mrc import read_mrc
+    d, _ = stock
+    whole = tmp_path / "whole.tiff"
+    tifffile.imwrite(str(whole), np.rint(read_mrc(str(d / "m1.mrcs"))[0]).astype(np.uint16))
+    indir = tmp_path / "in"
+    indir.mkdir()
+    shutil.copy(d / "m0.mrcs", indir / "m0.mrcs")              # the job's first movie: quiet for a minute
+    os.utime(indir / "m0.mrcs", (time.time() - 60, time.time() - 60))
+    target = indir / "late.tiff"
+    target.write_bytes(b"a broken copy, not a TIFF")
+    failing = threading.Event()
+    original = movies_module.MovieJob._read
+
+    def slow_failure(self, path, alloc):
+        try:
+            return original(self, path, alloc)
+        except Exception:
+            failing.set()
+            time.sleep(1.0)                # the good copy arrives now, while this movie is in flight
+            raise
+    monkeypatch.setattr(movies_module.MovieJob, "_read", slow_failure)
+
+    def good_copy():
+        failing.wait(10)
+        shutil.copy(whole, target)
+    threading.Thread(target=good_copy, daemon=True).start()
+    report = _job(indir, tmp_path / "out", timeout_s=2.0).run(CPU)
+    late = [m["status"] for m in report.movies if m["movie"] == str(target)]
+    assert late == ["skipped", "ok"]
+    assert len(read_star(str(tmp_path / "out" / "corrected_micrographs.star"))["micrographs"]) == 2

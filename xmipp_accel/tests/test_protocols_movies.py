@@ -100,6 +100,26 @@ class TestXmippAccelMovieAlign(BaseTest):
             assert os.path.getsize(png) > 10000
         assert prot._citations() == ["Strelak2020FlexAlign"]
 
+    def test_align_resident_worker(self):
+        """The same movies through one resident 'align-movies --watch' process: same outputs, same shifts."""
+        prot = self.newProtocol(XmippAccelProtMovieAlign, inputMovies=self.protImport.outputMovies, useGpu=False,
+                                doLocal=False, residentWorker=True, numberOfThreads=2)
+        self.launchProtocol(prot)
+        self.assertSetSize(prot.outputMicrographs, 3)
+        self.assertSetSize(prot.outputMicrographsDoseWeighted, 3)
+        extra = os.listdir(prot._getExtraPath())
+        assert not [f for f in extra if f.startswith("align_")]          # no per-batch command call
+        assert len([f for f in extra if f.startswith("watch_") and f.endswith(".json")]) == 1   # one worker
+        for movie in prot.outputMovies.iterItems(orderBy="id"):
+            i = int(os.path.basename(movie.getFileName()).split("_")[1].split(".")[0])
+            xs, ys = movie.getAlignment().getShifts()
+            err = centred(np.column_stack([xs, ys])) - centred(self.truths[i])
+            assert np.sqrt(np.mean(np.sum(err ** 2, axis=1))) < 0.5, (xs, ys, self.truths[i])   # as in batch mode
+        for mic in prot.outputMicrographs:
+            assert read_mrc(mic.getFileName())[0].shape == SHAPE
+        log = open(prot._getExtraPath("watch_worker.log")).read()
+        assert "SIGTERM" in log                    # ended by the protocol's last step, not left idling
+
     def test_frame_range_binning_and_gain(self):
         prot = self.newProtocol(XmippAccelProtMovieAlign, inputMovies=self.protImportGain.outputMovies, useGpu=False,
                                 doLocal=False, alignFrame0=2, alignFrameN=9, binFactor=2.0, doApplyDoseFilter=False,
