@@ -359,7 +359,10 @@ def _run_pipeline(states: List[_DeviceState], batches: Iterable[ParticleBatch],
     pipe = Pipeline(compute, read=read, write=write,
                     setup=setup,
                     devices=[st.device for st in states], read_workers=read_workers, queue_depth=1,
-                    pinned=True, to_host=False, fail_fast=True, prefetch=gpu,   # upload k+1 while k inserts
+                    pinned=True, to_host=False, fail_fast=True,
+                    # prefetch=gpu would upload batch k+1 while k inserts (C1 256² lost 0.41 -> 0.68 s without
+                    # that overlap, RESULTS.md run A); off until its GPU test has run on the GPU machine
+                    prefetch=False,
                     on_error=lambda result: None)  # the first error is re-raised by run, with its message
     pipe.run(batches)
 

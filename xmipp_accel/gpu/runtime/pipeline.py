@@ -146,6 +146,8 @@ class Pipeline:
         the worker's stream (the compute waits on the upload's event; the previous item is synchronised
         only once the next upload is issued). ``compute`` must then only queue GPU work and return
         without waiting for it, and a worker holds two items' device data at once (one more in flight).
+        Not yet run on a GPU (its test, ``test_prefetch_uploads_beside_the_previous_compute...``, is
+        written); no caller turns it on yet.
     """
 
     def __init__(self, compute: Callable, *, read: Optional[Callable] = None, write: Optional[Callable] = None,
