@@ -75,9 +75,7 @@ class XmippAccelProtAssignAngles(XmippAccelProtBase, ProtRefine3D):
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.assignStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertCommandSteps(self.assignStep)
 
     # --------------------------- STEPS functions -----------------------------
     def convertInputStep(self):

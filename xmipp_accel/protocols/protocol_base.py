@@ -64,6 +64,15 @@ class XmippAccelProtBase:
                       label="Random seed of the half-set split",
                       help="Used only when the particles carry no random subset (rlnRandomSubset).")
 
+    # --------------------------- INSERT steps functions ----------------------
+    def _insertCommandSteps(self, commandStep, convert: bool = True) -> None:
+        """The steps of every protocol here: convert the inputs (CPU; when ``convert``), run the
+        ``xmipp-accel`` command (``commandStep``, on the GPUs), register the outputs (CPU)."""
+        if convert:
+            self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(commandStep, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
     # --------------------------- INFO functions -------------------------------
     def _usesGpu(self) -> bool:
         return bool(self.getAttributeValue(USE_GPU, True))

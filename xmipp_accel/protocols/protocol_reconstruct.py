@@ -60,9 +60,7 @@ class XmippAccelProtReconstructFourier(XmippAccelProtBase, ProtReconstruct3D):
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.reconstructStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertCommandSteps(self.reconstructStep)
 
     # --------------------------- STEPS functions -----------------------------
     def convertInputStep(self):

@@ -84,9 +84,7 @@ class XmippAccelProtRefine3D(XmippAccelProtBase, ProtRefine3D):
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.refineStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertCommandSteps(self.refineStep)
 
     # --------------------------- STEPS functions -----------------------------
     def convertInputStep(self):

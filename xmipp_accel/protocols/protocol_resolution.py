@@ -116,8 +116,7 @@ class XmippAccelProtFSC(XmippAccelProtResolutionBase, ProtAnalysis3D):
         form.addParallelSection(threads=1, mpi=0)
 
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.fscStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertCommandSteps(self.fscStep, convert=False)
 
     def fscStep(self):
         half1, half2 = self._getHalfMaps()
@@ -192,8 +191,7 @@ class XmippAccelProtLocalResolution(XmippAccelProtResolutionBase, ProtAnalysis3D
         form.addParallelSection(threads=1, mpi=0)
 
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.localResolutionStep, needsGPU=True)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+        self._insertCommandSteps(self.localResolutionStep, convert=False)
 
     def localResolutionStep(self):
         half1, half2 = self._getHalfMaps()
