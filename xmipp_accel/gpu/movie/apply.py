@@ -66,7 +66,7 @@ def shift_spectra(spectra, shifts_xy, shape: Sequence[int], *, out=None):
 
 
 def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Sequence[float], *, out=None,
-                                   rows_per_chunk: int = 128, workers: Optional[int] = None):
+                                   rows_per_chunk: int = 32, workers: Optional[int] = None):
     """NumPy twin of the CUDA kernel: undo a smooth local shift field by Keys cubic interpolation.
 
     Parameters
