@@ -99,15 +99,20 @@ def test_in_place_keys_weights_are_bit_identical_to_keys_weights():
         assert expect.dtype == np.float32 and np.array_equal(got, expect)
 
 
-def test_numpy_twin_does_not_depend_on_the_chunk_or_the_threads():
-    """Each output pixel is computed by the same operations whatever the row chunk or thread count."""
+def test_numpy_twin_does_not_depend_on_the_threads_and_hardly_on_the_chunk():
+    """Threads change nothing (same bits). The shift field is made chunk by chunk (a small matrix product
+    per chunk), and BLAS may round a product's last bit differently for another number of rows: that moves a
+    sample by ~1 ulp of its coordinate (< 1e-5 px here), i.e. values by < 1e-5 for these unit-variance
+    frames, the tolerance of the comparison with per-pixel sampling above."""
     rng = np.random.default_rng(5)
     frames = rng.standard_normal((3, 50, 70)).astype(np.float32)
     coef = rng.normal(0, 2.0, (3, 2, 4, 5)).astype(np.float32)
     ref = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=1)
+    assert np.array_equal(correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=3),
+                          ref)
     for rows, workers in ((1, 1), (7, 2), (32, 3)):
         out = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=rows, workers=workers)
-        assert np.array_equal(out, ref)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 96, 90), (2, 97, 64), (48, 50)])
