@@ -85,3 +85,47 @@ def test_power_spectrum_peaks_at_the_cosine_frequency(xp):
     assert psd.shape == (128, 128)
     peaks = set(zip(*np.nonzero(psd > 0.5 * psd.max())))
     assert peaks == {(64 + 8, 64 + 16), (64 - 8, 64 - 16)}
+
+
+def test_in_place_keys_weights_are_bit_identical_to_keys_weights():
+    """The CPU twin computes the Keys weights in place (:func:`_keys_weights_into`): the same float32
+    operations in the same order as :func:`keys_weights`, so the same bits."""
+    from xmipp_accel.em.interpolation import keys_weights
+    from xmipp_accel.gpu.movie.apply import _keys_weights_into
+    t = np.random.default_rng(4).random(1000).astype(np.float32)
+    w = np.empty((4, t.size), np.float32)
+    _keys_weights_into(t, w, np.empty((2, t.size), np.float32))
+    for got, expect in zip(w, keys_weights(t)):
+        assert expect.dtype == np.float32 and np.array_equal(got, expect)
+
+
+def test_numpy_twin_does_not_depend_on_the_threads_and_hardly_on_the_chunk():
+    """Threads change nothing (same bits). The shift field is made chunk by chunk (a small matrix product
+    per chunk), and BLAS may round a product's last bit differently for another number of rows: that moves a
+    sample by ~1 ulp of its coordinate (< 1e-5 px here), i.e. values by < 1e-5 for these unit-variance
+    frames, the tolerance of the comparison with per-pixel sampling above."""
+    rng = np.random.default_rng(5)
+    frames = rng.standard_normal((3, 50, 70)).astype(np.float32)
+    coef = rng.normal(0, 2.0, (3, 2, 4, 5)).astype(np.float32)
+    ref = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=1)
+    assert np.array_equal(correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=3),
+                          ref)
+    for rows, workers in ((1, 1), (7, 2), (32, 3)):
+        out = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=rows, workers=workers)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (2, 96, 90), (2, 97, 64), (48, 50)])
+def test_cpu_ffts_equal_scipy_to_float32_rounding(shape):
+    """rfft2/irfft2 on the CPU run SciPy's transforms in two in-place steps: equal to ``scipy.fft.rfft2`` and
+    ``irfft2`` to float32 rounding (bit-identical for powers of two; ~2e-7 relative otherwise, measured)."""
+    import scipy.fft as sfft
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    spec = rfft2(x)
+    np.testing.assert_array_equal(spec, sfft.rfft2(x, axes=(-2, -1)))
+    expect = sfft.irfft2(spec, s=shape[-2:], axes=(-2, -1))
+    scale = np.abs(expect).max()
+    for out in (irfft2(spec, shape[-2:]), irfft2(spec.copy(), shape[-2:], overwrite=True)):
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, expect, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(irfft2(spec, shape[-2:]), x, rtol=0, atol=1e-5)   # and it inverts rfft2

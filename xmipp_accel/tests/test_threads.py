@@ -69,3 +69,12 @@ def test_the_command_line_shares_the_cores_before_numpy_loads():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     value, before = out.stdout.split()
     assert int(value) == max(1, len(os.sched_getaffinity(0)) // 2) and before == "True"
+
+
+def test_idle_blas_threads_sleep_unless_the_user_said_otherwise():
+    from xmipp_accel.threads import BLAS_THREAD_TIMEOUT, let_idle_blas_threads_sleep
+    name, value = BLAS_THREAD_TIMEOUT
+    env = {"PATH": "/bin"}
+    assert let_idle_blas_threads_sleep(env) == {name: value} and env[name] == value
+    env = {name: "20"}
+    assert let_idle_blas_threads_sleep(env) == {} and env[name] == "20"
