@@ -49,6 +49,7 @@ import argparse
 import logging
 from typing import Optional, Tuple
 
+from ..em.ctf import CTF_DEFAULTS
 from ..errors import InputError
 from .common import add_common_args, add_path_args, emit_result, progress, rank_devices
 
@@ -94,10 +95,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dose-per-frame", type=float, default=None,
                    help="exposure per frame in e/Å²; gives the dose-weighted sum <stem>_DW.mrc")
     g.add_argument("--pre-exposure", type=float, default=0.0, help="exposure before the first frame, e/Å² (0)")
-    g.add_argument("--voltage", type=float, default=300.0, help="acceleration voltage in kV (%(default)s)")
-    g.add_argument("--cs", type=float, default=2.7,
+    g.add_argument("--voltage", type=float, default=CTF_DEFAULTS["voltage_kV"],
+                   help="acceleration voltage in kV (%(default)s)")
+    g.add_argument("--cs", type=float, default=CTF_DEFAULTS["cs_mm"],
                    help="spherical aberration in mm, for the optics of corrected_micrographs.star (%(default)s)")
-    g.add_argument("--amplitude-contrast", type=float, default=0.1,
+    g.add_argument("--amplitude-contrast", type=float, default=CTF_DEFAULTS["amplitude_contrast"],
                    help="amplitude contrast, for the optics of corrected_micrographs.star (%(default)s)")
     g.add_argument("--eer-fractions", type=int, default=40, metavar="N",
                    help="EER movies: raw frames summed into each frame that is aligned (RELION's --eer_grouping; "

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..em.ctf import CTF_DEFAULTS
 from ..errors import InputError
 from ..gpu.movie import AlignmentOptions, align_movie
 from ..gpu.movie.flexalign import check_movie_options
@@ -68,9 +69,9 @@ class MovieJobSettings:
     frame_range: Optional[Tuple[int, Optional[int]]] = None
     dose_per_frame: Optional[float] = None
     pre_exposure: float = 0.0
-    voltage_kV: float = 300.0
-    cs_mm: float = 2.7
-    amplitude_contrast: float = 0.1
+    voltage_kV: float = CTF_DEFAULTS["voltage_kV"]
+    cs_mm: float = CTF_DEFAULTS["cs_mm"]
+    amplitude_contrast: float = CTF_DEFAULTS["amplitude_contrast"]
     absolute_paths: bool = False
     gain: Optional[str] = None
     dark: Optional[str] = None
