@@ -260,6 +260,8 @@ def run_all(a, d: str, truths: List[np.ndarray], cores: str) -> List[dict]:
     rows = []
     for pass_ in a.passes.split(","):
         for name, command, fn, reason in programs(a, cores):
+            if name.lower() in a.skip.lower().split(","):
+                fn, reason = None, "--skip"
             if fn is None:
                 print(f"[{pass_}] {name}: skipped ({reason})", flush=True)
                 rows.append({"program": name, "pass": pass_, "ok": False, "reason": reason})
@@ -319,6 +321,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mc3-args", default="", help="more MotionCor3 flags, e.g. '-Iter 10 -Tol 0.5'")
     ap.add_argument("--cores", default=None, help="taskset CPU list for all programs (default: all allowed)")
     ap.add_argument("--passes", default="cold,warm", help="cold (page cache dropped), warm, or both")
+    ap.add_argument("--skip", default="", help="programs not to run, e.g. 'relion' or 'motioncor3,ours'")
     ap.add_argument("--workdir", default="/tmp/movies_sbs")
     ap.add_argument("--json", default=None, help="write all figures to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (movies, outputs)")
