@@ -24,7 +24,9 @@ Passes: ``cold`` drops every movie from the page cache (``os.posix_fadvise(POSIX
 so each reads the page cache.
 
 Per program and pass: read, compute and write seconds per movie (median) where the program reports them
-(MotionCor3's log lines ``loaded in``, ``Computation time``, ``Save image sums``; ours ``--json``; RELION
+(MotionCor3's stdout lines ``*** <file>: loaded in``, ``Computation time`` (gain, defects, alignment and
+correction, not the load nor the save, which run on threads of their own) and ``Save image sums`` where
+printed (1.2.1's batch mode prints no save time); ours ``--json``; RELION
 reports none: its per-movie time is taken from the modification times of its per-movie STAR files), wall
 and CPU (user + system) seconds of the whole run divided by the movies (start-up included), and the error
 of the global shifts against the truth: per movie the RMS and max over frames of the error length (px),
@@ -35,7 +37,10 @@ movie). Prints a Markdown table; ``--json FILE`` writes everything.
 Usage (GPU machine; CPU test: ``--size 512 --frames 12 --movies 3 --device cpu``)::
 
     python benchmarks/movies_side_by_side.py --motioncor3 .mc3/bin/MotionCor3 [--movies 20] [--size 4096]
-        [--frames 40] [--device gpu] [--passes cold,warm] [--workdir /tmp/movies_sbs] [--json out.json]
+        [--frames 40] [--device gpu] [--passes cold,warm] [--relion-movies N] [--skip relion]
+        [--workdir /tmp/movies_sbs] [--keep] [--reuse] [--json out.json]
+
+``--keep`` then ``--reuse`` splits the work over several invocations on the same movies (e.g. one pass each).
 """
 from __future__ import annotations
 
@@ -100,6 +105,21 @@ def make_movies(d: str, n_movies: int, size: int, frames: int, xp) -> List[np.nd
         truths.append(g)
     write_movies_star(d, n_movies)
     os.sync()          # dirty pages cannot be dropped from the page cache
+    return truths
+
+
+def existing_movies(d: str, n_movies: int, size: int, frames: int) -> Optional[List[np.ndarray]]:
+    """The true shifts of the movies a previous run left in ``d`` when all ``n_movies`` are there with
+    this shape and this run's drifts, else None."""
+    truths = []
+    for i, scale in enumerate(drift_scales(n_movies)):
+        t, m = os.path.join(d, "Truth", f"m{i}.json"), os.path.join(d, "Movies", f"m{i}.mrcs")
+        if not (os.path.exists(t) and os.path.exists(m)):
+            return None
+        truth = json.load(open(t))
+        if truth["shape"] != [frames, size, size] or abs(truth["drift_scale"] - scale) > 1e-12:
+            return None
+        truths.append(np.asarray(truth["global_shifts_px"]))
     return truths
 
 
@@ -232,25 +252,33 @@ def _summary(program: str, command: str, r: dict, truths: List[np.ndarray], n: i
             "shifts_px": [np.asarray(s).tolist() for s in r["shifts"]]}
 
 
-def programs(a, cores: str) -> List[tuple]:
-    """(name, command label, callable or None, reason skipped) for the three programs."""
+def _relion(d: str, n: int, cores: str) -> dict:
+    """RELION on the first ``n`` movies (movies.star rewritten to list those)."""
+    write_movies_star(d, n)
+    return run_relion(d, n, cores, ("--patch_x", str(PATCHES), "--patch_y", str(PATCHES)))
+
+
+def programs(a, cores: str, n_movies: int) -> List[tuple]:
+    """(name, command label, callable(d, n) or None, reason skipped, movies it aligns) for the three programs."""
     j = len(cores.split(","))
     out = []
     if a.motioncor3 and os.access(a.motioncor3, os.X_OK):
-        out.append(("MotionCor3", f"MotionCor3 -Serial 1 -Patch {PATCHES} {PATCHES} -FmDose {DOSE} -Gpu {a.mc3_gpu}",
-                    lambda d, n: run_motioncor3(a.motioncor3, d, n, cores, a.mc3_gpu, a.mc3_args.split()), None))
+        out.append(("MotionCor3", f"MotionCor3 -Serial 1 -Patch {PATCHES} {PATCHES} -FmDose {DOSE} -Gpu {a.mc3_gpu} "
+                    f"{a.mc3_args}".strip(),
+                    lambda d, n: run_motioncor3(a.motioncor3, d, n, cores, a.mc3_gpu, a.mc3_args.split()), None,
+                    n_movies))
     else:
         out.append(("MotionCor3", "", None, "no --motioncor3 PATH given" if not a.motioncor3
-                    else f"{a.motioncor3} is not an executable file"))
+                    else f"{a.motioncor3} is not an executable file", 0))
+    n_relion = min(n_movies, a.relion_movies or n_movies)
     if shutil.which("relion_run_motioncorr"):
-        extra = ("--patch_x", str(PATCHES), "--patch_y", str(PATCHES))
         out.append(("RELION", f"relion_run_motioncorr --use_own --j {j} --patch_x {PATCHES} --patch_y {PATCHES} "
-                    "--dose_weighting", lambda d, n: run_relion(d, n, cores, extra), None))
+                    "--dose_weighting", lambda d, n: _relion(d, n, cores), None, n_relion))
     else:
-        out.append(("RELION", "", None, "relion_run_motioncorr is not on PATH"))
+        out.append(("RELION", "", None, "relion_run_motioncorr is not on PATH", 0))
     patches = f"{PATCHES}x{PATCHES}"
     out.append(("ours", f"xmipp-accel align-movies --device {a.device} --patches {patches} --dose-per-frame {DOSE}",
-                lambda d, n: run_ours(d, n, cores, ("--patches", patches), device=a.device), None))
+                lambda d, n: run_ours(d, n, cores, ("--patches", patches), device=a.device), None, n_movies))
     return out
 
 
@@ -259,7 +287,7 @@ def run_all(a, d: str, truths: List[np.ndarray], cores: str) -> List[dict]:
     paths = movie_paths(d, n)
     rows = []
     for pass_ in a.passes.split(","):
-        for name, command, fn, reason in programs(a, cores):
+        for name, command, fn, reason, n_used in programs(a, cores, n):
             if name.lower() in a.skip.lower().split(","):
                 fn, reason = None, "--skip"
             if fn is None:
@@ -273,13 +301,13 @@ def run_all(a, d: str, truths: List[np.ndarray], cores: str) -> List[dict]:
                 read_into_page_cache(paths)
                 print(f"[warm] {name}: movies read into the page cache", flush=True)
             try:
-                row = _summary(name, command, fn(d, n), truths, n)
+                row = _summary(name, command, fn(d, n_used), truths[:n_used], n_used)
             except (RuntimeError, subprocess.CalledProcessError, OSError, ValueError) as e:
                 msg = getattr(e, "stderr", None) or str(e)
                 print(f"[{pass_}] {name}: FAILED: {str(msg)[-1500:]}", flush=True)
                 rows.append({"program": name, "pass": pass_, "ok": False, "reason": f"failed: {str(msg)[-500:]}"})
                 continue
-            row["pass"] = pass_
+            row["pass"], row["movies"] = pass_, n_used
             rows.append(row)
             print(f"[{pass_}] {name}: {row['wall_per_movie_s']:.3f} s/movie, RMS {row['rms_px']:.3f} px", flush=True)
     for r in rows:
@@ -296,14 +324,14 @@ def _f(v, fmt: str = ".3f") -> str:
 
 def table(rows: List[dict], header: str) -> str:
     lines = [header, "",
-             "| pass | program | read s | compute s | write s | per-movie s (median) | wall s/movie (run / n) | "
-             "CPU s/movie | RMS err px (median) | max err px | wall × ours |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pass | program | movies | read s | compute s | write s | per-movie s (median) | "
+             "wall s/movie (run / n) | CPU s/movie | RMS err px (median) | max err px | wall × ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['pass']} | {r['program']} | skipped: {r['reason'][:120]} | | | | | | | | |")
+            lines.append(f"| {r['pass']} | {r['program']} | skipped: {r['reason'][:120]} | | | | | | | | | |")
             continue
-        lines.append(f"| {r['pass']} | {r['program']} | {_f(r['read_s'])} | {_f(r['compute_s'])} | "
+        lines.append(f"| {r['pass']} | {r['program']} | {r['movies']} | {_f(r['read_s'])} | {_f(r['compute_s'])} | "
                      f"{_f(r['write_s'])} | {_f(r['per_movie_s'])} | {r['wall_per_movie_s']:.3f} | "
                      f"{r['cpu_per_movie_s']:.2f} | {r['rms_px']:.3f} | {r['max_px']:.3f} | "
                      f"{_f(r.get('wall_ratio_to_ours'), '.2f')}× |")
@@ -321,6 +349,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mc3-args", default="", help="more MotionCor3 flags, e.g. '-Iter 10 -Tol 0.5'")
     ap.add_argument("--cores", default=None, help="taskset CPU list for all programs (default: all allowed)")
     ap.add_argument("--passes", default="cold,warm", help="cold (page cache dropped), warm, or both")
+    ap.add_argument("--relion-movies", type=int, default=None,
+                    help="RELION aligns only the first N movies (it is slow: ~10 min per pass for 20 4096² movies)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the movies a previous --keep run left in --workdir when their truth files match")
     ap.add_argument("--skip", default="", help="programs not to run, e.g. 'relion' or 'motioncor3,ours'")
     ap.add_argument("--workdir", default="/tmp/movies_sbs")
     ap.add_argument("--json", default=None, help="write all figures to this file")
@@ -333,14 +365,19 @@ def main(argv=None) -> int:
     if a.device == "gpu" and backend.cupy_module() is None:
         ap.error("no usable GPU: use --device cpu")
     cores = a.cores or ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    shutil.rmtree(d, ignore_errors=True)
     cp = backend.cupy_module()
     t0 = time.perf_counter()
-    truths = make_movies(d, a.movies, a.size, a.frames, cp if cp is not None else np)
-    gen_s = time.perf_counter() - t0
-    gb = a.movies * a.frames * a.size * a.size * 2 / 1e9
-    print(f"wrote {a.movies} movies ({gb:.2f} GB, int16 MRC) in {gen_s:.1f} s with "
-          f"{'CuPy' if cp is not None else 'NumPy'} to {d}", flush=True)
+    truths = existing_movies(d, a.movies, a.size, a.frames) if a.reuse else None
+    if truths is None:
+        shutil.rmtree(d, ignore_errors=True)
+        truths = make_movies(d, a.movies, a.size, a.frames, cp if cp is not None else np)
+        gen_s = time.perf_counter() - t0
+        gb = a.movies * a.frames * a.size * a.size * 2 / 1e9
+        print(f"wrote {a.movies} movies ({gb:.2f} GB, int16 MRC) in {gen_s:.1f} s with "
+              f"{'CuPy' if cp is not None else 'NumPy'} to {d}", flush=True)
+    else:
+        gen_s = None
+        print(f"reusing the {a.movies} movies in {d}", flush=True)
     rows = run_all(a, d, truths, cores)
     device = backend.gpu_info(0)["name"] if cp is not None else "no GPU"
     header = (f"Movie alignment side by side: {a.movies} distinct movies {a.size}² × {a.frames} (int16 MRC, 1 Å/px, "

@@ -10,7 +10,8 @@ strings in its source (MotionCor3 1.2.1, czimaginginstitute/MotionCor3):
 * ``stem`` is the input file name cut at ``.mrc`` (``Align/CAlignMain.cpp``, ``mCreateLogFile``);
 * stdout: ``"*** %s: loaded in %.2f seconds.\\n\\n"`` (``MrcUtil/CLoadCryoEMStack.cpp``),
   ``"Computation time: %f sec\\n\\n"`` (``CProcessThread.cpp``), ``"Save image sums: %.2f sec\\n\\n"``
-  (``MrcUtil/CSaveSingleCryoEM.cpp``), ``"Patch alignment time: %.2f(sec)\\n\\n"`` (``Align/CPatchAlign.cpp``),
+  (``MrcUtil/CSaveSingleCryoEM.cpp``; the batch mode's saver, ``CSaveSerialCryoEM.cpp``, prints no time),
+  ``"Patch alignment time: %.2f(sec)\\n\\n"`` (``Align/CPatchAlign.cpp``),
   ``"Total time: %f sec\\n"`` (``CMotionCor3.cpp``).
 
 The end-to-end test runs the script on 2 small movies with RELION, ours on the CPU and a stand-in for
@@ -132,12 +133,13 @@ def test_small_run_all_three(tmp_path, capsys):
     out = tmp_path / "sbs.json"
     work = tmp_path / "work"
     assert main(["--size", "256", "--frames", "8", "--movies", "2", "--device", "cpu", "--passes", "cold",
-                 "--motioncor3", str(fake), "--workdir", str(work), "--json", str(out), "--cores",
-                 ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))]) == 0
+                 "--motioncor3", str(fake), "--relion-movies", "1", "--workdir", str(work), "--json", str(out),
+                 "--cores", ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))]) == 0
     printed = capsys.readouterr().out
     assert "posix_fadvise DONTNEED" in printed and "| cold | MotionCor3 |" in printed
     rows = {r["program"]: r for r in json.load(open(out))["rows"]}
     assert all(rows[p]["ok"] for p in ("MotionCor3", "RELION", "ours")), rows
+    assert (rows["MotionCor3"]["movies"], rows["RELION"]["movies"], rows["ours"]["movies"]) == (2, 1, 2)
     mc3 = rows["MotionCor3"]
     assert (mc3["read_s"], mc3["compute_s"], mc3["write_s"], mc3["program_total_s"]) == (0.5, 1.25, 0.25, 3.0)
     assert mc3["rms_px"] < 0.02 and mc3["rms_px_if_sign_flipped"] > 1.0    # %8.2f rounding only; sign kept
