@@ -45,6 +45,7 @@ Usage (GPU machine; CPU test: ``--size 512 --frames 12 --movies 3 --device cpu``
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -206,14 +208,25 @@ def mc3_command(exe: str, d: str, out: str, gpu: int, extra: Sequence[str] = ())
             "-FmDose", str(DOSE), "-OutStack", "0", *extra]
 
 
+def mc3_library_path(exe: str) -> str:
+    """LD_LIBRARY_PATH for MotionCor3: ``<bin>/../lib`` (its libtiff and co.) first, then the current one,
+    then folders holding cuFFT 12 / cudart 13 where the loader might not look (CUDA_HOME or /usr/local/cuda
+    lib64, the ``nvidia`` wheels of this Python)."""
+    dirs = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(exe))), "lib")]
+    dirs += [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    cuda = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64"), "/usr/local/cuda/lib64"]
+    wheels = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "lib"))
+    for lib in cuda + sorted(wheels):
+        if any(glob.glob(os.path.join(lib, pat)) for pat in ("libcufft.so.12*", "libcudart.so.13*")):
+            dirs.append(lib)
+    return os.pathsep.join(d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i])
+
+
 def run_motioncor3(exe: str, d: str, n_movies: int, cores: str, gpu: int, extra: Sequence[str] = ()) -> dict:
     out = os.path.join(d, "MotionCor3")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.join(out, "logs"))
-    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(exe))), "lib")
-    env = dict(os.environ)
-    if os.path.isdir(lib):
-        env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    env = dict(os.environ, LD_LIBRARY_PATH=mc3_library_path(exe))
     cmd = ["taskset", "-c", cores, *mc3_command(exe, d, out, gpu, extra)]
     t0, c0 = time.time(), _children_cpu()
     proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
