@@ -342,7 +342,8 @@ def table(rows: List[dict], header: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['pass']} | {r['program']} | skipped: {r['reason'][:120]} | | | | | | | | | |")
+            why = r["reason"] if r["reason"].startswith("failed") else "skipped: " + r["reason"]
+            lines.append(f"| {r['pass']} | {r['program']} | {why[:160]} | | | | | | | | | |")
             continue
         lines.append(f"| {r['pass']} | {r['program']} | {r['movies']} | {_f(r['read_s'])} | {_f(r['compute_s'])} | "
                      f"{_f(r['write_s'])} | {_f(r['per_movie_s'])} | {r['wall_per_movie_s']:.3f} | "
