@@ -13,7 +13,8 @@ MRC in a project folder), with 3 × 3 patches and dose weighting, on the same ``
 
 Both run with their default alignment settings, in three settings (``CONFIGS``): the defaults with 3 × 3
 patches, and with the same outputs (both sums, no power spectrum: RELION ``--save_noDW``, ours
-``--psd-size 0``) with 3 × 3 patches and with global alignment only (RELION 1 × 1 patches, ours ``--no-local``).
+``--psd-size 0``) with 3 × 3 patches (ours with Keys and with bilinear interpolation, ``--interpolation
+linear``, RELION's) and with global alignment only (RELION 1 × 1 patches, ours ``--no-local``).
 What each program does beyond the other is printed under the table: by
 default ours does more (a non-dose-weighted sum besides the dose-weighted one, a PSD, and Keys cubic
 interpolation of the local motion where RELION's ``--use_own`` interpolates the dose-weighted frames
@@ -144,6 +145,10 @@ CONFIGS = (
      ("--patches", "3x3", "--psd-size", "0"),
      "both write the sum and the dose-weighted sum, no PSD; RELION interpolates twice (the frames, then the "
      "dose-weighted frames) bilinearly, ours once with Keys weights, then one forward FFT per frame"),
+    ("same outputs: local 3×3, bilinear", ("--patch_x", "3", "--patch_y", "3", "--save_noDW"),
+     ("--patches", "3x3", "--psd-size", "0", "--interpolation", "linear"),
+     "both write the sum and the dose-weighted sum, no PSD, and interpolate bilinearly (4 taps): RELION "
+     "twice (the frames, then the dose-weighted frames), ours once, then one forward FFT per frame"),
     ("same outputs: global only", ("--patch_x", "1", "--patch_y", "1", "--save_noDW"),
      ("--no-local", "--psd-size", "0"),
      "both write the sum and the dose-weighted sum, no PSD, no interpolation (Fourier shifts)"),
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cores", default="0,1", help="CPU cores for both programs (taskset list)")
     ap.add_argument("--workdir", default="/tmp/relion_cpu_mc")
     ap.add_argument("--repeats", type=int, default=2, help="alternate runs of each program (the fastest counts)")
-    ap.add_argument("--configs", default="0,1,2", help="which of CONFIGS to run (comma-separated indices)")
+    ap.add_argument("--configs", default="0,1,2,3", help="which of CONFIGS to run (comma-separated indices)")
     ap.add_argument("--results", default=None, help="append the table to this Markdown file")
     args = ap.parse_args(argv)
     d = os.path.abspath(args.workdir)

@@ -134,6 +134,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="B-factor in Å² of the high-resolution polish of the global shifts (each frame against "
                         "the sum of the others, weight exp(-B k²/4)); 0: off (%(default)s)")
     g.add_argument("--no-local", dest="local", action="store_false", help="global alignment only")
+    g.add_argument("--interpolation", choices=("keys", "linear"), default="keys",
+                   help="resampling of the frames along the local shifts: Keys cubic (16 taps) or bilinear "
+                        "(4 taps, as RELION's own motion correction: ~3x cheaper on the CPU, a little more "
+                        "blur; the shifts do not change) (default: %(default)s)")
     g = parser.add_argument_group("outputs")
     g.add_argument("--odd-even", action="store_true", help="also write <stem>_ODD.mrc and <stem>_EVN.mrc")
     g.add_argument("--save-stack", action="store_true", help="also write the aligned frames <stem>_aligned.mrcs")
@@ -166,6 +170,7 @@ def job_settings(args: argparse.Namespace):
     """The :class:`~xmipp_accel.jobs.movies.MovieJobSettings` of the command line (parsing only)."""
     from ..jobs.movies import MovieJobSettings
     alignment = dict(max_res_A=args.max_res, max_shift_A=args.max_shift, binning=args.bin, local=args.local,
+                     local_interpolation=args.interpolation,
                      patches_xy=_grid(args.patches, 2, "--patches") if args.patches else None,
                      control_points=_grid(args.control_points, 3, "--control-points") if args.control_points
                      else None, odd_even=args.odd_even, save_stack=args.save_stack, psd_size=args.psd_size,

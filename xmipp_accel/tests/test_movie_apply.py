@@ -78,6 +78,54 @@ def test_gpu_kernel_matches_numpy_twin():
     np.testing.assert_allclose(backend.to_host(gpu), ref, atol=2e-4)
 
 
+def test_linear_option_equals_scipy_bilinear_sampling_with_nearest_edges():
+    """``interpolation="linear"`` against an independent bilinear sampler (``scipy.ndimage.map_coordinates``,
+    order 1, edge pixels repeated, which is the twin's clamping) of the same field, reaching past the edges."""
+    from scipy.ndimage import map_coordinates
+    from xmipp_accel.gpu.movie.bspline import basis_matrix
+    rng = np.random.default_rng(6)
+    frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
+    coef = rng.normal(0, 4.0, (3, 2, 5, 6)).astype(np.float32)
+    hy, hx = 70 / 2.0, 90 / 3.0
+    out = correct_local_motion_reference(frames, coef, (hy, hx), rows_per_chunk=16, workers=2,
+                                         interpolation="linear")
+    bx = basis_matrix(np.arange(90.0), coef.shape[-1], hx).astype(np.float32)
+    by = basis_matrix(np.arange(70.0), coef.shape[-2], hy).astype(np.float32)
+    y, x = np.mgrid[0:70, 0:90].astype(np.float32)
+    for f in range(3):
+        sx, sy = by @ (coef[f, 0] @ bx.T), by @ (coef[f, 1] @ bx.T)
+        assert np.abs(sx).max() > 2
+        expect = map_coordinates(frames[f].astype(np.float64), [y - sy, x - sx], order=1, mode="nearest")
+        np.testing.assert_allclose(out[f], expect, rtol=0, atol=1e-5)
+    keys = correct_local_motion_reference(frames, coef, (hy, hx))
+    assert np.abs(keys - out).max() > 0.1                           # the option does change the sampling
+
+
+def test_linear_option_keeps_integer_shifts_exact_and_unknown_names_fail():
+    rng = np.random.default_rng(7)
+    frames = rng.standard_normal((2, 40, 48)).astype(np.float32)
+    m = _constant_field_model((40, 48), 2, (2.0, -3.0))
+    hx, hy, _ = m.spacing
+    out = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx), interpolation="linear")
+    expect = np.roll(frames, (-3, 2), axis=(1, 2))
+    np.testing.assert_allclose(out[:, 5:-5, 5:-5], expect[:, 5:-5, 5:-5], atol=1e-5)
+    with pytest.raises(ValueError, match="interpolation"):
+        correct_local_motion(frames, m.frame_coefficients(), (hy, hx), interpolation="cubic")
+
+
+@pytest.mark.gpu
+def test_gpu_linear_kernel_matches_numpy_twin():
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(8)
+    frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
+    m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.5, (4, 4, 5, 2)))
+    hx, hy, _ = m.spacing
+    ref = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx), interpolation="linear")
+    gpu = correct_local_motion(cp.asarray(frames), cp.asarray(m.frame_coefficients()), (hy, hx),
+                               interpolation="linear")
+    np.testing.assert_allclose(backend.to_host(gpu), ref, atol=2e-4)
+
+
 def test_power_spectrum_peaks_at_the_cosine_frequency(xp):
     y, x = np.mgrid[0:256, 0:256]
     img = np.cos(2 * np.pi * (16 * x / 128.0 + 8 * y / 128.0)).astype(np.float32)   # 16, 8 cycles per 128 px

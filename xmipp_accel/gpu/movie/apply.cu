@@ -1,4 +1,5 @@
-// Local motion correction of movie frames: out[f](p) = frames[f](p - s_f(p)), Keys cubic convolution.
+// Local motion correction of movie frames: out[f](p) = frames[f](p - s_f(p)), Keys cubic convolution
+// (correct_local_motion) or bilinear interpolation (correct_local_motion_linear).
 //
 // s_f(p) is a cubic B-spline over the frame: control point j along an axis sits at (j - 1) h, and the
 // shift at pixel (x, y) is sum_{j,i} C[f, c, j, i] beta3(y/hy - (j-1)) beta3(x/hx - (i-1)), c = 0 (x), 1 (y).
@@ -20,13 +21,9 @@ __device__ __forceinline__ void keys_weights(float t, float w[4]) {
     w[3] = 0.5f * t3 - 0.5f * t2;
 }
 
-extern "C" __global__ void correct_local_motion(const float* __restrict__ frames, float* __restrict__ out,
-                                                const float* __restrict__ coef, int nx, int ny, int lx, int ly,
-                                                float inv_hx, float inv_hy) {
-    int x = blockIdx.x * blockDim.x + threadIdx.x;
-    int y = blockIdx.y * blockDim.y + threadIdx.y;
-    int f = blockIdx.z;
-    if (x >= nx || y >= ny) return;
+// The shift (pixels) of frame f at pixel (x, y): the 4 x 4 active control points of its B-spline.
+__device__ __forceinline__ void local_shift(const float* __restrict__ coef, int f, int x, int y, int lx, int ly,
+                                            float inv_hx, float inv_hy, float* sx_out, float* sy_out) {
     const float* cxs = coef + (size_t)f * 2 * ly * lx;
     const float* cys = cxs + (size_t)ly * lx;
 
@@ -56,6 +53,20 @@ extern "C" __global__ void correct_local_motion(const float* __restrict__ frames
         sy += by[a] * ry;
     }
 
+    *sx_out = sx;
+    *sy_out = sy;
+}
+
+extern "C" __global__ void correct_local_motion(const float* __restrict__ frames, float* __restrict__ out,
+                                                const float* __restrict__ coef, int nx, int ny, int lx, int ly,
+                                                float inv_hx, float inv_hy) {
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    int y = blockIdx.y * blockDim.y + threadIdx.y;
+    int f = blockIdx.z;
+    if (x >= nx || y >= ny) return;
+    float sx, sy;
+    local_shift(coef, f, x, y, lx, ly, inv_hx, inv_hy, &sx, &sy);
+
     float px = (float)x - sx, py = (float)y - sy;
     float fx = floorf(px), fy = floorf(py);
     float wx[4], wy[4];
@@ -74,6 +85,37 @@ extern "C" __global__ void correct_local_motion(const float* __restrict__ frames
         float r = 0.0f;
         #pragma unroll
         for (int b = 0; b < 4; ++b) r += wx[b] * __ldg(row + cols[b]);
+        acc += wy[a] * r;
+    }
+    out[(size_t)f * nx * ny + (size_t)y * nx + x] = acc;
+}
+
+extern "C" __global__ void correct_local_motion_linear(const float* __restrict__ frames, float* __restrict__ out,
+                                                       const float* __restrict__ coef, int nx, int ny, int lx,
+                                                       int ly, float inv_hx, float inv_hy) {
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    int y = blockIdx.y * blockDim.y + threadIdx.y;
+    int f = blockIdx.z;
+    if (x >= nx || y >= ny) return;
+    float sx, sy;
+    local_shift(coef, f, x, y, lx, ly, inv_hx, inv_hy, &sx, &sy);
+
+    float px = (float)x - sx, py = (float)y - sy;
+    float fx = floorf(px), fy = floorf(py);
+    float tx = px - fx, ty = py - fy;
+    float wx[2] = {1.0f - tx, tx}, wy[2] = {1.0f - ty, ty};
+    int ix = (int)fx, iy = (int)fy;
+    const float* fr = frames + (size_t)f * nx * ny;
+    int cols[2];
+    #pragma unroll
+    for (int b = 0; b < 2; ++b) cols[b] = min(max(ix + b, 0), nx - 1);
+    float acc = 0.0f;
+    #pragma unroll
+    for (int a = 0; a < 2; ++a) {
+        int yy = min(max(iy + a, 0), ny - 1);
+        const float* row = fr + (size_t)yy * nx;
+        float r = wx[0] * __ldg(row + cols[0]);
+        r += wx[1] * __ldg(row + cols[1]);
         acc += wy[a] * r;
     }
     out[(size_t)f * nx * ny + (size_t)y * nx + x] = acc;

@@ -35,7 +35,7 @@ import numpy as np
 from ...errors import InputError
 from ... import backend
 from ._fft import fast_shape, fourier_crop_rfft, irfft2, rfft2
-from .apply import correct_local_motion, power_spectrum, shift_spectra
+from .apply import LOCAL_INTERPOLATIONS, correct_local_motion, power_spectrum, shift_spectra
 from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_grid
 from .dose import dose_weighted_sum
 from .global_align import (GlobalAlignment, correlation_pixel_size, correlation_shape, estimate_global_shifts,
@@ -71,6 +71,10 @@ class AlignmentOptions:
         Fourier binning factor (>= 1, fractional allowed).
     local : bool
         Local alignment with a B-spline model.
+    local_interpolation : {"keys", "linear"}
+        How the frames are resampled along the local shift field (:func:`.apply.correct_local_motion`):
+        Keys cubic convolution (16 taps, default) or bilinear (4 taps, as RELION's own motion correction;
+        ~3× less CPU time for this step, slightly more blur at high frequency; the shifts are the same).
     patches_xy : (int, int) or None
         Patch grid; None: about one per 500 Å, between 3 and 7 per axis.
     patch_size_A : float
@@ -110,6 +114,7 @@ class AlignmentOptions:
     max_shift_A: float = 50.0
     binning: float = 1.0
     local: bool = True
+    local_interpolation: str = "keys"
     patches_xy: Optional[Tuple[int, int]] = None
     patch_size_A: float = PATCH_SIZE_A
     control_points: Optional[Tuple[int, int, int]] = None
@@ -131,6 +136,9 @@ class AlignmentOptions:
         """Raise InputError naming the option when a value is out of range."""
         if not (self.pixel_size_A > 0 and math.isfinite(self.pixel_size_A)):
             raise InputError(f"--pixel-size must be a positive number of Å, got {self.pixel_size_A}")
+        if self.local_interpolation not in LOCAL_INTERPOLATIONS:
+            raise InputError(f"--interpolation must be one of {', '.join(LOCAL_INTERPOLATIONS)}, "
+                             f"got {self.local_interpolation!r}")
         if self.binning < 1:
             raise InputError(f"--bin must be at least 1 (Fourier binning only shrinks), got {self.binning}")
         if self.max_res_A < 2 * self.pixel_size_A * self.binning:
@@ -431,7 +439,8 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
                 del spec
             with timer("apply.interpolate"):
                 hx, hy, _ = model.spacing
-                aligned = correct_local_motion(frames, xp.asarray(model.frame_coefficients()), (hy, hx))
+                aligned = correct_local_motion(frames, xp.asarray(model.frame_coefficients()), (hy, hx),
+                                               interpolation=options.local_interpolation)
                 del frames
             total = aligned.sum(axis=0)
             if options.odd_even:
