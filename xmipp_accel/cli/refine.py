@@ -221,6 +221,25 @@ def _write_history(path, history):
             fh.write(json.dumps(rec.as_dict()) + "\n")
 
 
+def write_final_outputs(paths: dict, pset, result, px: float, *, absolute_paths: bool = False) -> None:
+    """The final particles, half maps, map, sharpened map and FSC, all or nothing
+    (:func:`xmipp_accel.io.atomic.write_outputs`: each under a temporary name, then all renamed; a failure
+    leaves no new file and outputs of an earlier run as they were). ``paths`` as :func:`outputs` gives them
+    (``iterations`` is not among the final set: it is written after each iteration)."""
+    from ..io.atomic import write_outputs
+    from ..io.mrc import write_mrc
+    st = result.state
+    maps = {"half1": st.half1, "half2": st.half2, "volume": result.volume, "sharpened": result.sharpened}
+
+    def writer(key):
+        if key in maps:
+            return lambda tmp: write_mrc(tmp, maps[key], px)
+        if key == "fsc":
+            return lambda tmp: _write_fsc(tmp, result.fsc, px)
+        return lambda tmp: _write_particles(tmp, pset, st, px, absolute_paths)
+    write_outputs({path: writer(key) for key, path in paths.items() if key != "iterations"})
+
+
 def save_iteration(outdir: str, pset, state, px: float, *, absolute_paths: bool = False) -> None:
     """it###/run_data.star, half maps and FSC of a finished iteration, then iterations.jsonl (last: the marker)."""
     d = _it_dir(outdir, state.iteration)
@@ -276,7 +295,8 @@ def main(args: argparse.Namespace) -> int:
     pset, px, box = _load(args)
     _check_args(args, box, px)
     from ..io.atomic import check_outputs
-    check_outputs(folders=[args.output])       # before any work
+    final = [p for k, p in outputs(args.output).items() if k != "iterations"]
+    check_outputs(files=final, folders=[args.output])       # before any work (a folder in the way of a file too)
     ctf = _ctf(pset, args)
     initial, notes = _initial_volume(args, box, px)
     mask = _user_mask(args, box)
@@ -318,15 +338,9 @@ def main(args: argparse.Namespace) -> int:
         bar.close()
     st = result.state
     paths = outputs(args.output)
-    _write_particles(paths["particles"], pset, st, px, args.absolute_paths)
     if args.particles.lower().endswith(".xmd"):      # Xmipp in, Xmipp out as well
         paths["particles_xmd"] = os.path.splitext(paths["particles"])[0] + ".xmd"
-        _write_particles(paths["particles_xmd"], pset, st, px, args.absolute_paths)
-    _write_mrc(paths["half1"], st.half1, px)
-    _write_mrc(paths["half2"], st.half2, px)
-    _write_mrc(paths["volume"], result.volume, px)
-    _write_mrc(paths["sharpened"], result.sharpened, px)
-    _write_fsc(paths["fsc"], result.fsc, px)
+    write_final_outputs(paths, pset, result, px, absolute_paths=args.absolute_paths)
     seconds = time.perf_counter() - t0
     res = result.resolution_A
     summary = {"command": "refine", "particles": pset.n, "box": box, "pixel_size_A": px, "sym": args.sym,

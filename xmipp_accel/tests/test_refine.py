@@ -163,6 +163,32 @@ def test_bad_input_is_refused_before_any_output(small, tmp_path, capsys):
         assert not os.path.exists(out)
 
 
+def test_failed_final_write_leaves_no_half_written_set(small, tmp_path, capsys, monkeypatch):
+    """The final particles, maps and FSC are written all or nothing: when one cannot be written (the disk is full
+    as the sharpened map is saved) none of them appears, no temporary file is left, and the error says so."""
+    _, (star, init, _, _) = small
+    import xmipp_accel.io.mrc as mrc
+    real = mrc.write_mrc
+
+    def full_disk(path, *a, **kw):
+        if os.path.basename(str(path)).startswith(".run_class001_sharpened"):
+            raise OSError(28, "No space left on device")
+        return real(path, *a, **kw)
+    monkeypatch.setattr(mrc, "write_mrc", full_disk)
+    out = tmp_path / "out"
+    code, _, err = run([star, "--initial-volume", init, "--diameter", 100, "-o", out, "--max-iterations", 1,
+                        "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "nothing was written" in err, err
+    assert os.path.isdir(out / "it001")                     # the iteration was saved before the final write
+    assert sorted(os.listdir(out)) == ["it001", "iterations.jsonl"]    # no final output, no temporary file
+    monkeypatch.setattr(mrc, "write_mrc", real)
+    os.makedirs(tmp_path / "blocked" / "run_class001.mrc")           # a folder where a final map goes
+    code, _, err = run([star, "--initial-volume", init, "--diameter", 100, "-o", tmp_path / "blocked",
+                        "--max-iterations", 1, "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and "run_class001.mrc" in err and "folder" in err, err
+    assert sorted(os.listdir(tmp_path / "blocked")) == ["run_class001.mrc"]   # refused before any work
+
+
 def test_resampled_initial_volume_is_reported(small, tmp_path, capsys):
     """An initial model at another pixel size is resampled to the particles' with a warning."""
     folder, (star, _, truth, _) = small
