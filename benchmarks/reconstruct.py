@@ -254,12 +254,12 @@ def main(argv=None) -> int:
     p.add_argument("--peer", choices=("none", "cryodrgn"), default="none")
     p.add_argument("--peer-particles", type=int, default=10_000)
     p.add_argument("--json-out", default=None, help="write all figures to this JSON file")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="upload each batch only after the previous one inserted (to time the overlap's gain)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="upload the next batch while the previous one inserts (Pipeline prefetch; off by default)")
     args = p.parse_args(argv)
-    if args.no_prefetch:
+    if args.prefetch:
         from xmipp_accel.gpu.reconstruct import batches
-        batches.UPLOAD_PREFETCH = False
+        batches.UPLOAD_PREFETCH = True
     cp = backend.cupy_module()
     if cp is None:
         print("no usable GPU: this benchmark needs CuPy and a CUDA device", file=sys.stderr)

@@ -26,9 +26,10 @@ from . import fourier
 from .fourier import FourierAccumulator, FourierReconstructor, ReconstructionSettings, fourier_grid
 from .insert import packed_width
 
-#: Upload the next batch on a copy stream while the previous one inserts (GPU only). A switch for benchmarks
-#: (``benchmarks/reconstruct.py --no-prefetch`` times the run without the overlap).
-UPLOAD_PREFETCH = True
+#: Upload the next batch on a copy stream while the previous one inserts (GPU only). Off: on the H100 (RESULTS.md,
+#: 2026-12-07 run B) C1 256²×10 000 took 0.764 s with it and 0.646 s without, so the overlap does not pay here.
+#: ``benchmarks/reconstruct.py --prefetch`` times it again.
+UPLOAD_PREFETCH = False
 
 __all__ = ["ParticleBatch", "ReconstructionResult", "batches_from_arrays", "default_batch_size", "reconstruct",
            "reconstruct_batches", "reduce_accumulators"]
@@ -364,7 +365,6 @@ def _run_pipeline(states: List[_DeviceState], batches: Iterable[ParticleBatch],
                     setup=setup,
                     devices=[st.device for st in states], read_workers=read_workers, queue_depth=1,
                     pinned=True, to_host=False, fail_fast=True,
-                    # upload batch k+1 on a copy stream while k inserts (C1 256²: 0.68 s without the overlap)
                     prefetch=gpu and UPLOAD_PREFETCH,
                     on_error=lambda result: None)  # the first error is re-raised by run, with its message
     pipe.run(batches)
