@@ -373,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (movies, outputs)")
     a = ap.parse_args(argv)
     d = os.path.abspath(a.workdir)
+    if a.motioncor3:
+        a.motioncor3 = os.path.abspath(a.motioncor3)  # it runs from the work folder
     cut = [s for s in MC3_NAME_CUTS if s in d.lower()]
     if a.motioncor3 and cut:
         ap.error(f"--workdir must not contain {cut}: MotionCor3 cuts its output names there")
