@@ -238,7 +238,9 @@ def run_motioncor3(exe: str, d: str, n_movies: int, cores: str, gpu: int, extra:
     logs = [mc3_log_file(os.path.join(out, "logs"), p) for p in movie_paths(d, n_movies)]
     missing = [p for p, lg in zip(movie_paths(d, n_movies), logs) if lg is None]
     if missing:
-        raise RuntimeError(f"MotionCor3 wrote no shift log for {missing[:3]} (see {out}/stdout.txt)")
+        listed = sorted(os.listdir(os.path.join(out, "logs")))[:12]
+        raise RuntimeError(f"MotionCor3 wrote no shift log for {missing[:3]} (see {out}/stdout.txt); "
+                           f"logs/ holds {listed}; its output ends: {(proc.stdout + proc.stderr)[-1500:]}")
     timings = parse_mc3_stdout(proc.stdout)
     return {"wall_s": wall, "cpu_s": cpu, "read_s": timings["load_s"], "compute_s": timings["compute_s"],
             "write_s": timings["save_s"], "total_s": timings["total_s"],
