@@ -12,8 +12,9 @@ usable, else NumPy.
 Programs, each as a user runs it, one after the other on the same files, all pinned to ``--cores`` (default
 all cores) with ``taskset``:
 
-* MotionCor3 (``--motioncor3 PATH``; skipped with the reason when not given): one process over the folder
-  (``-Serial 1``, its batch mode: it loads the next movie while it aligns one), ``-Patch 5 5``, dose weighting
+* MotionCor3 (``--motioncor3 PATH``; skipped with the reason when not given): one process per movie
+  (``-Serial 0``, as RELION's and Scipion's wrappers call it; its batch mode ``-Serial 1``, ``--mc3-mode
+  serial``, aligns no MRC movie in 1.2.1, see :func:`run_motioncor3`), ``-Patch 5 5``, dose weighting
   (``-FmDose 1 -PixSize 1 -kV 300``), ``-OutStack 0``, shifts from ``-LogDir``; a ``lib`` folder beside the
   binary's folder (``.mc3/lib`` for ``.mc3/bin/MotionCor3``) is put first on ``LD_LIBRARY_PATH``;
 * ``relion_run_motioncorr --use_own --j <cores>`` (skipped when not on PATH), 5 × 5 patches, dose weighting;
@@ -200,10 +201,17 @@ def mc3_log_file(log_dir: str, movie: str) -> Optional[str]:
     return None
 
 
-def mc3_command(exe: str, d: str, out: str, gpu: int, extra: Sequence[str] = ()) -> List[str]:
-    """MotionCor3 over every ``Movies/*.mrcs`` of ``d`` in one process (``-Serial 1``)."""
-    return [exe, "-InMrc", os.path.join(d, "Movies", "m"), "-InSuffix", ".mrcs", "-Serial", "1",
-            "-OutMrc", os.path.join(out, "m"), "-LogDir", os.path.join(out, "logs") + "/",
+def mc3_command(exe: str, d: str, out: str, gpu: int, extra: Sequence[str] = (),
+                movie: Optional[str] = None) -> List[str]:
+    """MotionCor3 over every ``Movies/*.mrcs`` of ``d`` in one process (``-Serial 1``), or over one
+    ``movie`` (``-Serial 0``, the way RELION's and Scipion's wrappers call it)."""
+    if movie is None:
+        io_args = ["-InMrc", os.path.join(d, "Movies", "m"), "-InSuffix", ".mrcs", "-Serial", "1",
+                   "-OutMrc", os.path.join(out, "m")]
+    else:
+        stem = os.path.basename(movie).split(".")[0]
+        io_args = ["-InMrc", movie, "-Serial", "0", "-OutMrc", os.path.join(out, stem + ".mrc")]
+    return [exe, *io_args, "-LogDir", os.path.join(out, "logs") + "/",
             "-Patch", str(PATCHES), str(PATCHES), "-Gpu", str(gpu), "-PixSize", str(PIXEL_A), "-kV", str(int(KV)),
             "-FmDose", str(DOSE), "-OutStack", "0", *extra]
 
@@ -222,28 +230,42 @@ def mc3_library_path(exe: str) -> str:
     return os.pathsep.join(d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i])
 
 
-def run_motioncor3(exe: str, d: str, n_movies: int, cores: str, gpu: int, extra: Sequence[str] = ()) -> dict:
+def run_motioncor3(exe: str, d: str, n_movies: int, cores: str, gpu: int, extra: Sequence[str] = (),
+                   mode: str = "per-movie") -> dict:
+    """MotionCor3 on the first ``n_movies``: ``per-movie`` runs one process per movie (``-Serial 0``);
+    ``serial`` one process over the folder (``-Serial 1``; in 1.2.1 it aligns no MRC movie: CMain::mAsyncLoad
+    calls ``CLoadCryoEMStack::OpenFile`` twice instead of ``OpenFile`` then ``AsyncLoad``, so each pass pops
+    two files and loads none). ``total_s`` is the sum of the ``Total time`` lines (the process start and
+    CUDA context creation before it are not in it; the wall time has them)."""
     out = os.path.join(d, "MotionCor3")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.join(out, "logs"))
     env = dict(os.environ, LD_LIBRARY_PATH=mc3_library_path(exe))
-    cmd = ["taskset", "-c", cores, *mc3_command(exe, d, out, gpu, extra)]
+    calls = [None] if mode == "serial" else movie_paths(d, n_movies)
     t0, c0 = time.time(), _children_cpu()
-    proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
+    texts = []
+    for movie in calls:
+        cmd = ["taskset", "-c", cores, *mc3_command(exe, d, out, gpu, extra, movie=movie)]
+        proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
+        texts.append(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        if proc.returncode != 0:
+            break
     wall, cpu = time.time() - t0, _children_cpu() - c0
     with open(os.path.join(out, "stdout.txt"), "w") as f:
-        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        f.write("\n".join(texts))
     if proc.returncode != 0:
-        raise RuntimeError(f"MotionCor3 exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
+        raise RuntimeError(f"MotionCor3 exited {proc.returncode}: {texts[-1][-1500:]}")
     logs = [mc3_log_file(os.path.join(out, "logs"), p) for p in movie_paths(d, n_movies)]
     missing = [p for p, lg in zip(movie_paths(d, n_movies), logs) if lg is None]
     if missing:
         listed = sorted(os.listdir(os.path.join(out, "logs")))[:12]
         raise RuntimeError(f"MotionCor3 wrote no shift log for {missing[:3]} (see {out}/stdout.txt); "
-                           f"logs/ holds {listed}; its output ends: {(proc.stdout + proc.stderr)[-1500:]}")
-    timings = parse_mc3_stdout(proc.stdout)
-    return {"wall_s": wall, "cpu_s": cpu, "read_s": timings["load_s"], "compute_s": timings["compute_s"],
-            "write_s": timings["save_s"], "total_s": timings["total_s"],
+                           f"logs/ holds {listed}; its output ends: {texts[-1][-1500:]}")
+    timings = [parse_mc3_stdout(t) for t in texts]
+    merged = {k: [v for t in timings for v in t[k]] for k in ("load_s", "compute_s", "save_s")}
+    totals = [t["total_s"] for t in timings if t["total_s"] is not None]
+    return {"wall_s": wall, "cpu_s": cpu, "read_s": merged["load_s"], "compute_s": merged["compute_s"],
+            "write_s": merged["save_s"], "total_s": sum(totals) if totals else None,
             "shifts": [parse_mc3_shift_log(open(lg).read()) for lg in logs]}
 
 
@@ -278,9 +300,11 @@ def programs(a, cores: str, n_movies: int) -> List[tuple]:
     j = len(cores.split(","))
     out = []
     if a.motioncor3 and os.access(a.motioncor3, os.X_OK):
-        out.append(("MotionCor3", f"MotionCor3 -Serial 1 -Patch {PATCHES} {PATCHES} -FmDose {DOSE} -Gpu {a.mc3_gpu} "
+        serial = "-Serial 1" if a.mc3_mode == "serial" else "-Serial 0 (one call per movie)"
+        out.append(("MotionCor3", f"MotionCor3 {serial} -Patch {PATCHES} {PATCHES} -FmDose {DOSE} -Gpu {a.mc3_gpu} "
                     f"{a.mc3_args}".strip(),
-                    lambda d, n: run_motioncor3(a.motioncor3, d, n, cores, a.mc3_gpu, a.mc3_args.split()), None,
+                    lambda d, n: run_motioncor3(a.motioncor3, d, n, cores, a.mc3_gpu, a.mc3_args.split(),
+                                                 a.mc3_mode), None,
                     n_movies))
     else:
         out.append(("MotionCor3", "", None, "no --motioncor3 PATH given" if not a.motioncor3
@@ -362,6 +386,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="gpu", choices=("gpu", "cpu"), help="our device")
     ap.add_argument("--motioncor3", default=None, help="MotionCor3 binary (skipped when not given)")
     ap.add_argument("--mc3-gpu", type=int, default=0, help="MotionCor3 -Gpu")
+    ap.add_argument("--mc3-mode", default="per-movie", choices=("per-movie", "serial"),
+                    help="one MotionCor3 call per movie (default), or one -Serial 1 call over the folder "
+                         "(aligns no MRC movie in 1.2.1)")
     ap.add_argument("--mc3-args", default="", help="more MotionCor3 flags, e.g. '-Iter 10 -Tol 0.5'")
     ap.add_argument("--cores", default=None, help="taskset CPU list for all programs (default: all allowed)")
     ap.add_argument("--passes", default="cold,warm", help="cold (page cache dropped), warm, or both")

@@ -88,6 +88,9 @@ def test_log_file_names(tmp_path):
     cmd = mc3_command("MotionCor3", "/w", "/w/out", 0)
     assert cmd[cmd.index("-Patch") + 1:cmd.index("-Patch") + 3] == ["5", "5"]
     assert cmd[cmd.index("-LogDir") + 1].endswith("/")       # MotionCor3 appends the stem to it as is
+    one = mc3_command("MotionCor3", "/w", "/w/out", 0, movie="/w/Movies/m3.mrcs")
+    assert one[one.index("-InMrc") + 1] == "/w/Movies/m3.mrcs" and one[one.index("-Serial") + 1] == "0"
+    assert one[one.index("-OutMrc") + 1] == "/w/out/m3.mrc" and "-InSuffix" not in one
 
 
 def test_drifts_distinct():
@@ -97,16 +100,17 @@ def test_drifts_distinct():
 
 
 FAKE_MC3 = '''#!{python}
-"""Stand-in for MotionCor3 -Serial 1: consumes its flags, writes its log and stdout formats from the truth."""
+"""Stand-in for MotionCor3 (-Serial 0 or 1): consumes its flags, writes its log and stdout formats from the truth."""
 import json, os, sys
 args = sys.argv[1:]
 def val(tag, k=1):
     i = args.index(tag)
     return args[i + 1:i + 1 + k]
-assert val("-Serial") == ["1"] and val("-Patch", 2) == ["5", "5"] and val("-OutStack") == ["0"]
+assert val("-Serial") in (["0"], ["1"]) and val("-Patch", 2) == ["5", "5"] and val("-OutStack") == ["0"]
 assert float(val("-FmDose")[0]) > 0 and float(val("-PixSize")[0]) > 0
 folder, prefix = os.path.split(val("-InMrc")[0])
-suffix, log_dir = val("-InSuffix")[0], val("-LogDir")[0]
+log_dir = val("-LogDir")[0]
+suffix = val("-InSuffix")[0] if val("-Serial") == ["1"] else prefix
 for name in sorted(os.listdir(folder)):
     if not (name.startswith(prefix) and name.endswith(suffix)):
         continue
@@ -141,7 +145,8 @@ def test_small_run_all_three(tmp_path, capsys):
     assert all(rows[p]["ok"] for p in ("MotionCor3", "RELION", "ours")), rows
     assert (rows["MotionCor3"]["movies"], rows["RELION"]["movies"], rows["ours"]["movies"]) == (2, 1, 2)
     mc3 = rows["MotionCor3"]
-    assert (mc3["read_s"], mc3["compute_s"], mc3["write_s"], mc3["program_total_s"]) == (0.5, 1.25, 0.25, 3.0)
+    assert (mc3["read_s"], mc3["compute_s"], mc3["write_s"], mc3["program_total_s"]) == (0.5, 1.25, 0.25, 6.0)
+    assert "-Serial 0" in mc3["command"]          # one call per movie: two "Total time: 3.0" summed
     assert mc3["rms_px"] < 0.02 and mc3["rms_px_if_sign_flipped"] > 1.0    # %8.2f rounding only; sign kept
     for p in ("RELION", "ours"):                  # real aligners on 256² × 8, ~1 e/px/frame: well under 1 px
         assert rows[p]["rms_px"] < 0.5 and rows[p]["rms_px_if_sign_flipped"] > 1.0, rows[p]
