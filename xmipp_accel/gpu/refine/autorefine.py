@@ -83,6 +83,8 @@ class RefineSettings:
     lowpass_extra_shells : the reference is low-passed this many Fourier shells beyond the resolution.
     guinier_low_A : low-resolution end of the Guinier fit (Å); limited to 2x the resolution for small boxes.
     wiener_constant : reconstruction regularisation (see ReconstructionSettings).
+    accuracy_floor : local iterations never search a finer step than the angular accuracy the data allow
+        (:mod:`~xmipp_accel.gpu.refine.accuracy`, RELION's rule).
     """
     pixel_size_A: float
     diameter_A: float
@@ -99,6 +101,7 @@ class RefineSettings:
     lowpass_extra_shells: float = 2.0
     guinier_low_A: float = 10.0
     wiener_constant: float = 0.01
+    accuracy_floor: bool = True
 
     @property
     def radius_A(self) -> float:
@@ -116,6 +119,7 @@ class IterationRecord:
     changed_fraction: float
     mean_shift_change_px: float
     seconds: float
+    angular_accuracy_deg: float = math.nan
 
     def as_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.__dict__.items()}
@@ -314,11 +318,7 @@ def _align_half(images, ctf, reference, *, settings: RefineSettings, step_deg: f
     px = settings.pixel_size_A
     box = int(reference.shape[0])
     # compare up to the reference's low-pass limit (a little beyond the resolution), at most box/2 - 3
-    if math.isfinite(resolution_A):
-        r_res = box * px / resolution_A + settings.lowpass_extra_shells
-    else:
-        r_res = box * px / settings.initial_lowpass_A + settings.lowpass_extra_shells
-    max_res_A = box * px / max(r_res, 4.0)
+    max_res_A = box * px / _compare_radius_px(box, resolution_A, settings)
     with device:
         ref = xp.asarray(reference, dtype=xp.float32)
         if global_search:
@@ -386,6 +386,28 @@ def _pose_changes(old_m, new_m, old_o, new_o, sym: str):
     return np.atleast_1d(ang), np.atleast_1d(sh)
 
 
+def _compare_radius_px(box: int, resolution_A: float, settings: RefineSettings) -> float:
+    """Highest frequency (Fourier pixels) the search compares: a little beyond the resolution."""
+    res = resolution_A if math.isfinite(resolution_A) else settings.initial_lowpass_A
+    return max(box * settings.pixel_size_A / res + settings.lowpass_extra_shells, 4.0)
+
+
+def _half_accuracy(reference, images, ctf, state: RefineState, settings: RefineSettings, resolution_A: float,
+                   device, ctf_mode: str) -> float:
+    """Angular accuracy (degrees) of 100 random particles of half 1 at their current poses, against its
+    reference (the particles and the seed are the same every iteration)."""
+    from .accuracy import angular_accuracy_deg
+    idx = np.nonzero(state.subset == 1)[0]
+    idx = np.sort(np.random.default_rng(0).permutation(idx)[:100])
+    box = int(reference.shape[0])
+    with device:
+        xp = device.xp
+        return angular_accuracy_deg(xp.asarray(reference, dtype=xp.float32), xp.asarray(images[idx]),
+                                    state.matrices[idx], state.origins_px[idx], pixel_size_A=settings.pixel_size_A,
+                                    r_max_px=min(_compare_radius_px(box, resolution_A, settings), box / 2 - 1),
+                                    ctf=_ctf_rows(ctf, idx) if settings.ctf else None, ctf_mode=ctf_mode, xp=xp)
+
+
 def run_iteration(state: RefineState, images, ctf, initial, mask, settings: RefineSettings, devices, *,
                   ctf_mode: str = CTF_IMAGES_NORMAL, premultiplied: bool = False, batch: int = 128,
                   on_batch=None) -> RefineState:
@@ -403,18 +425,25 @@ def run_iteration(state: RefineState, images, ctf, initial, mask, settings: Refi
     else:
         step = angular_step_for(res_for_step, settings.radius_A, min_deg=settings.min_step_deg,
                                 max_deg=settings.max_step_deg)
+    refs = {}
+    for h in (1, 2):
+        if state.half1 is None:
+            refs[h] = half_reference(initial, fsc=None, resolution_A=settings.initial_lowpass_A, pixel_size_A=px,
+                                     mask=mask, extra_shells=0.0)
+        else:
+            refs[h] = half_reference(state.half1 if h == 1 else state.half2, fsc=state.fsc,
+                                     resolution_A=res_for_step, pixel_size_A=px, mask=mask,
+                                     extra_shells=settings.lowpass_extra_shells)
+    accuracy = math.nan
+    if not global_search and settings.accuracy_floor:
+        accuracy = _half_accuracy(refs[1], images, ctf, state, settings, res_for_step, devices[0], ctf_mode)
+        step = min(max(step, accuracy), settings.max_step_deg)
     mats = state.matrices.copy()
     origins = state.origins_px.copy()
     scores = np.zeros(images.shape[0]) if state.score is None else state.score.copy()
     for h in (1, 2):
         idx = np.nonzero(state.subset == h)[0]
-        if state.half1 is None:
-            ref = half_reference(initial, fsc=None, resolution_A=settings.initial_lowpass_A, pixel_size_A=px,
-                                 mask=mask, extra_shells=0.0)
-        else:
-            ref = half_reference(state.half1 if h == 1 else state.half2, fsc=state.fsc,
-                                 resolution_A=res_for_step, pixel_size_A=px, mask=mask,
-                                 extra_shells=settings.lowpass_extra_shells)
+        ref = refs[h]
         m, o, sc = _align_half(images[idx], _ctf_rows(ctf, idx), ref, settings=settings, step_deg=step,
                                resolution_A=res_for_step, prev_mats=mats[idx], prev_origins=origins[idx],
                                device=devices[0], ctf_mode=ctf_mode, batch=batch, global_search=global_search,
@@ -424,6 +453,7 @@ def run_iteration(state: RefineState, images, ctf, initial, mask, settings: Refi
     half1, half2 = _reconstruct_halves(images, mats, origins, ctf, state.subset, settings, devices, premultiplied)
     curve, resolution = masked_fsc(half1, half2, mask, px)
     rec = IterationRecord(iteration=it, resolution_A=resolution, angular_step_deg=step,
+                          angular_accuracy_deg=accuracy,
                           search="global" if global_search else "local",
                           mean_angular_change_deg=float(np.mean(ang)), changed_fraction=float(np.mean(ang > step)),
                           mean_shift_change_px=float(np.mean(sh)), seconds=time.perf_counter() - t0)
