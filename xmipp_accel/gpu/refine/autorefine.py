@@ -19,6 +19,9 @@ Each iteration, for each half set ``h`` (rlnRandomSubset 1 or 2) separately:
    handedness and frame. The step follows the resolution: ``step = d / (pi * r)`` radians for resolution
    ``d`` and particle radius ``r`` (Å) (the angle that moves the particle's edge by ``d / pi``), bounded to
    [``min_step_deg``, ``max_step_deg``]; the shift step is a quarter of the resolution (pixels), bounded.
+   In local iterations the step is never below the angular accuracy the data allow
+   (:func:`~xmipp_accel.gpu.refine.accuracy.angular_accuracy_deg`, RELION's ln 100 rule, measured on 100
+   particles of half 1 at their current poses): a finer grid cannot place the particles better.
    The CTF enters the comparison: the matcher correlates each CTF-multiplied reference projection with
    the particle (``<X, C P>``, its matched filter), normalised by ``|X| |C P|``.
 3. **Reconstruction** of each half by direct Fourier inversion with Wiener CTF correction
