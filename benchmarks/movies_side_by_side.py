@@ -284,6 +284,8 @@ def _summary(program: str, command: str, r: dict, truths: List[np.ndarray], n: i
             "write_s": med("write_s"), "per_movie_s": med("per_movie_s"), "pipeline_s": r.get("pipeline_s"),
             "program_total_s": r.get("total_s"),
             "rms_px": float(np.median([e[0] for e in errs])), "max_px": float(max(e[1] for e in errs)),
+            "read_s_per_movie": list(r.get("read_s") or []), "compute_s_per_movie": list(r.get("compute_s") or []),
+            "write_s_per_movie": list(r.get("write_s") or []),
             "rms_px_per_movie": [e[0] for e in errs], "max_px_per_movie": [e[1] for e in errs],
             "rms_px_if_sign_flipped": float(np.median(flipped)),
             "shifts_px": [np.asarray(s).tolist() for s in r["shifts"]]}
