@@ -16,8 +16,8 @@ import os
 import sys
 from typing import Dict, MutableMapping, Mapping, Optional
 
-__all__ = ["THREAD_VARIABLES", "thread_limits", "with_thread_limits", "local_ranks", "share_cores_with_local_ranks",
-           "BLAS_THREAD_TIMEOUT", "let_idle_blas_threads_sleep"]
+__all__ = ["THREAD_VARIABLES", "cpu_workers", "thread_limits", "with_thread_limits", "local_ranks",
+           "share_cores_with_local_ranks", "BLAS_THREAD_TIMEOUT", "let_idle_blas_threads_sleep"]
 
 #: Environment variables that size the BLAS/OpenMP thread pools.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -33,6 +33,15 @@ BLAS_THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
 
 #: Whether :func:`share_cores_with_local_ranks` ran before NumPy was imported (None: it did not run).
 applied_before_numpy: Optional[bool] = None
+
+
+def cpu_workers() -> int:
+    """Threads this process may keep busy: ``OMP_NUM_THREADS`` when set (a pipeline's or MPI rank's share),
+    else the cores it may use."""
+    value = str(os.environ.get("OMP_NUM_THREADS", "")).strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def thread_limits(processes: int, cores: Optional[int] = None) -> Dict[str, str]:

@@ -434,19 +434,40 @@ def _orthonormalise(m: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+def map_batches(fn: Callable, items: Sequence, workers: int = 1):
+    """``fn`` over ``items`` in order, on ``workers`` threads when more than one (results in order)."""
+    if workers <= 1 or len(items) <= 1:
+        return map(fn, items)
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(min(int(workers), len(items)))
+
+    def results():
+        try:
+            yield from pool.map(fn, items)
+        finally:
+            pool.shutdown(wait=True)
+    return results()
+
+
 def align_in_batches(align_batch: Callable, images, ctf, batch_size: int,
-                     progress: Optional[Callable[[int], None]] = None) -> AlignmentResult:
+                     progress: Optional[Callable[[int], None]] = None, *, workers: int = 1) -> AlignmentResult:
     """Run ``align_batch(images[s:e], ctf[s:e])`` over consecutive batches and concatenate the results.
 
     ``ctf`` holds per-particle arrays of length n (scalars are passed through); ``progress(k)`` is called
-    with the number of particles done after each batch.
+    with the number of particles done after each batch. ``workers > 1`` runs that many batches at once on
+    threads (the NumPy path: its element-wise work is single-threaded and releases the GIL); the results
+    are the same and in the same order. ``align_batch`` must not build caches lazily then.
     """
     n = images.shape[0]
-    parts = []
-    for s in range(0, n, batch_size):
+    starts = list(range(0, n, batch_size))
+
+    def one(s: int):
         e = min(n, s + batch_size)
         sub = None if ctf is None else {k: np.asarray(v)[s:e] if np.ndim(v) else v for k, v in ctf.items()}
-        parts.append(align_batch(images[s:e], sub))
+        return align_batch(images[s:e], sub)
+    parts = []
+    for s, part in zip(starts, map_batches(one, starts, workers)):
+        parts.append(part)
         if progress is not None:
-            progress(e - s)
+            progress(min(n, s + batch_size) - s)
     return AlignmentResult.concatenate(parts)

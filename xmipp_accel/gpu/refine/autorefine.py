@@ -54,6 +54,7 @@ from ...em.geometry import angular_distance_deg
 from ...em.masks import soft_spherical_mask  # noqa: F401  (part of this module's API)
 from ...em.symmetry import symmetrize_volume, symmetry_order
 from ... import backend
+from ...threads import cpu_workers
 
 __all__ = ["RefineSettings", "RefineState", "IterationRecord", "auto_refine", "soft_spherical_mask",
            "lowpass_volume", "fsc_weighted", "half_reference", "angular_step_for", "guinier_bfactor", "sharpen",
@@ -315,7 +316,7 @@ def _align_half(images, ctf, reference, *, settings: RefineSettings, step_deg: f
                 prev_mats: Optional[np.ndarray], prev_origins: Optional[np.ndarray], device,
                 ctf_mode: str, batch: int, global_search: bool, on_batch=None):
     """Poses of one half's particles against its reference; returns (matrices, origins_px, scores) on the host."""
-    from ..align.projmatch import ProjectionMatcher, align_in_batches
+    from ..align.projmatch import ProjectionMatcher, align_in_batches, map_batches
     from ..align.refine import RefineLevel
     xp = device.xp
     px = settings.pixel_size_A
@@ -334,26 +335,33 @@ def _align_half(images, ctf, reference, *, settings: RefineSettings, step_deg: f
         sample = np.arange(min(images.shape[0], 128))
         matcher.set_whitening(xp.asarray(images[sample]), _ctf_rows(ctf, sample) if settings.ctf else None)
         use_ctf = ctf if settings.ctf else None
+        workers = cpu_workers() if xp is np else 1      # the GPU queues batches on one stream
         if global_search:
-            res = align_in_batches(matcher.align_batch, images, use_ctf, batch, on_batch)
+            matcher.gallery()                            # built once, before the batches share it
+            res = align_in_batches(matcher.align_batch, images, use_ctf, batch, on_batch, workers=workers)
             return res.matrices, res.origins_px, res.score
         r_top = matcher.plan.r_res
         sh = _shift_step_px(resolution_A, px)
         levels = [RefineLevel(step_deg=2.0 * step_deg, r_max=r_top, shift_step_px=2.0 * sh),
                   RefineLevel(step_deg=step_deg, r_max=r_top, shift_step_px=sh),
                   RefineLevel(step_deg=0.5 * step_deg, r_max=r_top, shift_step_px=0.5 * sh)]
-        mats_out, orig_out, score_out = [], [], []
-        for s in range(0, images.shape[0], batch):
+
+        def one(s: int):
             e = min(images.shape[0], s + batch)
             imgs = xp.asarray(images[s:e], dtype=xp.float32)
             m, o, sc = matcher.refine(imgs, _ctf_rows(use_ctf, np.arange(s, e)) if use_ctf is not None else None,
                                       xp.asarray(prev_mats[s:e, None], dtype=xp.float32),
                                       xp.asarray(prev_origins[s:e, None], dtype=xp.float32), levels)
-            mats_out.append(backend.to_host(m[:, 0]).astype(np.float64))
-            orig_out.append(backend.to_host(o[:, 0]).astype(np.float64))
-            score_out.append(backend.to_host(sc[:, 0]).astype(np.float64))
+            return (backend.to_host(m[:, 0]).astype(np.float64), backend.to_host(o[:, 0]).astype(np.float64),
+                    backend.to_host(sc[:, 0]).astype(np.float64))
+        mats_out, orig_out, score_out = [], [], []
+        starts = list(range(0, images.shape[0], batch))
+        for s, (m, o, sc) in zip(starts, map_batches(one, starts, workers)):
+            mats_out.append(m)
+            orig_out.append(o)
+            score_out.append(sc)
             if on_batch is not None:
-                on_batch(e - s)
+                on_batch(min(images.shape[0], s + batch) - s)
         mats = np.concatenate(mats_out)
         u, _, vt = np.linalg.svd(mats)                       # back onto rotations (float32 drift)
         mats = u @ vt
