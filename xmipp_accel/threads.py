@@ -35,13 +35,19 @@ BLAS_THREAD_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
 applied_before_numpy: Optional[bool] = None
 
 
-def cpu_workers() -> int:
-    """Threads this process may keep busy: ``OMP_NUM_THREADS`` when set (a pipeline's or MPI rank's share),
-    else the cores it may use."""
-    value = str(os.environ.get("OMP_NUM_THREADS", "")).strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
+def _cores() -> int:
+    """Cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_workers() -> int:
+    """Threads this process may keep busy: the cores it may use, at most ``OMP_NUM_THREADS`` when set (a
+    pipeline's or an MPI rank's share)."""
+    cores = _cores()
+    limit = str(os.environ.get("OMP_NUM_THREADS", "")).strip()
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return max(1, cores)
 
 
 def thread_limits(processes: int, cores: Optional[int] = None) -> Dict[str, str]:
@@ -50,7 +56,7 @@ def thread_limits(processes: int, cores: Optional[int] = None) -> Dict[str, str]
     ``cores`` defaults to the cores this process may use.
     """
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = _cores()
     share = max(1, int(cores) // max(1, int(processes)))
     return {name: str(share) for name in THREAD_VARIABLES}
 

@@ -34,12 +34,12 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import numpy as np
 
+from ...threads import cpu_workers
 from .insert import FourierGrid, insertion_entries
 
 __all__ = ["HalfPlane", "TrilinearSums", "half_plane", "half_plane_values", "insert_trilinear_numpy",
@@ -330,7 +330,7 @@ def _scatter_chunks(corners, starts, grid: FourierGrid, data, weight, sums: Opti
             acc[k] += np.bincount(idx, weights=weights[k], minlength=size)
 
     if threads is None:
-        threads = _fft_workers()
+        threads = cpu_workers()
     spaces = target.spaces
     if threads > 1 and len(starts) > 1:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -347,16 +347,6 @@ def _scatter_chunks(corners, starts, grid: FourierGrid, data, weight, sums: Opti
     target.empty = False
     if sums is None:
         target.flush(data, weight)
-
-
-def _fft_workers() -> int:
-    """Threads for the FFTs and the scatter's helper: the cores this process may use, at most
-    ``OMP_NUM_THREADS`` when set (MPI ranks sharing a node get their share, :mod:`xmipp_accel.threads`)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if limit.isdigit() and int(limit) > 0:
-        cores = min(cores, int(limit))
-    return max(1, cores)
 
 
 def half_plane_values(images: np.ndarray, grid: FourierGrid, *, shifts_px=None, ctf: Optional[Dict] = None,
@@ -386,8 +376,8 @@ def half_plane_values(images: np.ndarray, grid: FourierGrid, *, shifts_px=None, 
     M, Mh = grid.padded_box, grid.half
     n, N = int(images.shape[0]), int(images.shape[-1])
     # zero-padded rfft2 in two passes: the x transforms of the N image rows only, then y
-    rows = scipy.fft.rfft(np.asarray(images, dtype=np.float32), n=M, axis=-1, workers=_fft_workers())
-    ft = scipy.fft.fft(rows, n=M, axis=-2, workers=_fft_workers())
+    rows = scipy.fft.rfft(np.asarray(images, dtype=np.float32), n=M, axis=-1, workers=cpu_workers())
+    ft = scipy.fft.fft(rows, n=M, axis=-2, workers=cpu_workers())
     vals = ft.reshape(n, -1)[:, hp.flat]
     # centre N//2 to the origin and the shift, as two separable phase ramps gathered at the pixels
     c = N // 2
