@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from .. import backend
 
-__all__ = ["project_volume", "FourierProjector", "shift_images", "fourier_shift_phase"]
+__all__ = ["project_volume", "FourierProjector", "shift_images", "fourier_shift_phase", "rfft_column_weights"]
 
 
 def _check_volume(volume) -> int:
@@ -89,6 +89,16 @@ def project_volume(volume, matrices, *, xp=None):
         sz = a[0, 2] * x + a[1, 2] * y + a[2, 2] * z
         out[i] = _trilinear_gather(vol, sz + c, sy + c, sx + c, xp).sum(axis=0)
     return out[0] if single else out
+
+
+def rfft_column_weights(nx: int, *, xp=np, dtype=np.float64):
+    """(nx//2+1,) multiplicity of each ``rfft`` column in the full spectrum: 1 on column 0 (and on the
+    Nyquist column of an even ``nx``), 2 elsewhere, so that a weighted half-spectrum sum equals the full one."""
+    w = np.full(nx // 2 + 1, 2.0, dtype=dtype)
+    w[0] = 1.0
+    if nx % 2 == 0:
+        w[-1] = 1.0
+    return xp.asarray(w)
 
 
 def fourier_shift_phase(box: int, shifts_xy_px, *, xp=np, rfft: bool = True, dtype=None):

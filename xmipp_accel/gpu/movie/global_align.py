@@ -33,6 +33,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from ... import backend
+from ...em.projection import rfft_column_weights
 from ._fft import fast_size, irfft2, rfft2, rfft_freqs
 from .shift_solver import reference_frame, solve_relative_shifts, solve_relative_shifts_batched  # noqa: F401
 
@@ -170,15 +171,6 @@ def _no_timer(name: str):
     return contextlib.nullcontext()
 
 
-def _hermitian_weights(nx: int, xp):
-    """Weights of the columns of an rfft half spectrum so that Re(sum) equals the full-spectrum sum."""
-    w = np.full(nx // 2 + 1, 2.0)
-    w[0] = 1.0
-    if nx % 2 == 0:
-        w[-1] = 1.0
-    return xp.asarray(w)
-
-
 class BandSpectra:
     """rfft2 half spectra restricted to the frequencies below ``band`` × Nyquist.
 
@@ -209,7 +201,7 @@ class BandSpectra:
         self.shape = (ny, nx)
         self.ky = xp.asarray(ky_all[keep_y])
         self.kx = xp.asarray(np.arange(keep_x, dtype=np.float64))
-        self.weights = _hermitian_weights(nx, xp)[:keep_x]
+        self.weights = rfft_column_weights(nx, xp=xp)[:keep_x]
 
     def phase_x(self, offsets, dtype=np.complex64):
         """(Kx, m) matrix ``w(kx) exp(2πi kx x / nx)`` for x in ``offsets`` (pixels)."""

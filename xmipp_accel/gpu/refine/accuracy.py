@@ -27,7 +27,7 @@ import numpy as np
 
 from ... import backend
 from ...constants import CTF_IMAGES_NORMAL
-from ...em.projection import FourierProjector, fourier_shift_phase
+from ...em.projection import FourierProjector, fourier_shift_phase, rfft_column_weights
 from ...em.symmetry import rotation_about_axis
 
 __all__ = ["RELION_LOG_RATIO", "angular_accuracy_deg", "likelihood_drop"]
@@ -38,15 +38,6 @@ RELION_LOG_RATIO = math.log(100.0)
 LADDER_DEG = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
-def _rfft_weights(box: int, xp):
-    """(N, N//2+1) multiplicity of each rfft2 coefficient in the full FFT (1 on columns 0 and N/2, else 2)."""
-    w = np.full((box, box // 2 + 1), 2.0, np.float32)
-    w[:, 0] = 1.0
-    if box % 2 == 0:
-        w[:, -1] = 1.0
-    return xp.asarray(w)
-
-
 def _frequency_radius(box: int):
     ky = np.fft.fftfreq(box) * box
     kx = np.fft.rfftfreq(box) * box
@@ -54,30 +45,27 @@ def _frequency_radius(box: int):
     return kxx, kyy, np.hypot(kxx, kyy)
 
 
-def likelihood_drop(projector: FourierProjector, spectra, ctf_k, matrices, *, band, shells, sigma2, weights,
-                    delta_deg: float, axes: np.ndarray):
+def likelihood_drop(projector: FourierProjector, model, ctf_k, matrices, *, scale, inv_noise, delta_deg: float,
+                    axes: np.ndarray):
     """``D(delta)`` per particle: the log-likelihood drop when each pose is rotated by ``delta_deg``.
 
     Parameters
     ----------
     projector : the reference's FourierProjector.
-    spectra : (n, N, N//2+1) centred particle spectra (origins removed).
+    model : (n, N, N//2+1) ``C P(A)``, the projections at the poses times the CTF.
     ctf_k : (n, N, N//2+1) effective CTF or None.
     matrices : (n, 3, 3) poses.
-    band : (N, N//2+1) bool, the frequencies compared; shells : (N, N//2+1) int shell index.
-    sigma2 : (n_shells,) noise power per coefficient of the full FFT; weights : rfft multiplicities.
+    scale : (n,) least-squares scale ``a`` of ``model`` to each particle.
+    inv_noise : (N, N//2+1) ``multiplicity / sigma2`` on the compared frequencies, 0 elsewhere.
     delta_deg : rotation angle (degrees); axes : (n, 3) unit axes.
 
     Returns (n,) float64 on the host.
     """
     xp = projector.xp
-    base = projector.project_fourier(matrices, ctf=ctf_k)
     rot = np.stack([rotation_about_axis(ax, delta_deg) @ m for ax, m in zip(axes, backend.to_host(matrices))])
     moved = projector.project_fourier(xp.asarray(rot, dtype=xp.float32), ctf=ctf_k)
-    scale = _scales(spectra, base, band, weights)
-    diff = xp.abs(moved - base) ** 2 * (scale[:, None, None] ** 2)
-    inv = xp.where(band, weights / xp.asarray(sigma2, dtype=xp.float32)[shells], 0.0)
-    return backend.to_host(0.5 * xp.sum(diff * inv[None], axis=(1, 2))).astype(np.float64)
+    diff = xp.abs(moved - model) ** 2 * (scale[:, None, None] ** 2)
+    return backend.to_host(0.5 * xp.sum(diff * inv_noise[None], axis=(1, 2))).astype(np.float64)
 
 
 def _scales(spectra, model, band, weights):
@@ -136,9 +124,8 @@ def angular_accuracy_deg(reference, images, matrices, origins_px, *, pixel_size_
     spectra *= fourier_shift_phase(box, np.asarray(origins_px, np.float64), xp=xp)   # centre them
     kxx, kyy, rad = _frequency_radius(box)
     band = xp.asarray((rad > 0.5) & (rad <= r_max_px))
-    shells_h = np.minimum(np.rint(rad).astype(np.int64), box)
-    shells = xp.asarray(shells_h)
-    weights = _rfft_weights(box, xp)
+    shells = xp.asarray(np.minimum(np.rint(rad).astype(np.int64), box))
+    weights = xp.broadcast_to(rfft_column_weights(box, xp=xp, dtype=np.float32)[None, :], kxx.shape)
     ctf_k = None
     if ctf is not None:
         ctf_k = ctf_values(ctf, kxx.ravel(), kyy.ravel(), box=box, pixel_size_A=pixel_size_A, xp=xp,
@@ -147,17 +134,14 @@ def angular_accuracy_deg(reference, images, matrices, origins_px, *, pixel_size_
     model = projector.project_fourier(mats, ctf=ctf_k)
     scale = _scales(spectra, model, band, weights)
     resid = xp.abs(spectra - scale[:, None, None] * model) ** 2 * weights[None]
-    power = xp.zeros(box + 1, dtype=xp.float64)
-    count = xp.zeros(box + 1, dtype=xp.float64)
-    flat = xp.broadcast_to(shells, resid.shape).ravel()
-    power = power + xp.bincount(flat, weights=resid.ravel().astype(xp.float64), minlength=box + 1)
-    count = count + xp.bincount(shells.ravel(), weights=weights.ravel().astype(xp.float64),
-                                minlength=box + 1) * n
-    sigma2 = xp.where(count > 0, power / xp.maximum(count, 1.0), 1.0)
-    sigma2 = xp.maximum(sigma2, 1e-30)
+    power = xp.bincount(xp.broadcast_to(shells, resid.shape).ravel(), weights=resid.ravel().astype(xp.float64),
+                        minlength=box + 1)
+    count = xp.bincount(shells.ravel(), weights=weights.ravel().astype(xp.float64), minlength=box + 1) * n
+    sigma2 = xp.maximum(xp.where(count > 0, power / xp.maximum(count, 1.0), 1.0), 1e-30)
+    inv_noise = xp.where(band, weights / sigma2.astype(xp.float32)[shells], 0.0)
     axes = np.random.default_rng(seed + 1).normal(size=(n, 3))
     axes /= np.linalg.norm(axes, axis=1, keepdims=True)
     ladder = np.asarray(LADDER_DEG)
-    drops = np.stack([likelihood_drop(projector, spectra, ctf_k, mats, band=band, shells=shells, sigma2=sigma2,
-                                      weights=weights, delta_deg=float(d), axes=axes) for d in ladder], axis=1)
+    drops = np.stack([likelihood_drop(projector, model, ctf_k, mats, scale=scale, inv_noise=inv_noise,
+                                      delta_deg=float(d), axes=axes) for d in ladder], axis=1)
     return float(np.median(_crossing_deg(drops, ladder, RELION_LOG_RATIO)))

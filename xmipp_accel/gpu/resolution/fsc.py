@@ -27,10 +27,11 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
+from ...em.projection import rfft_column_weights
 from ...errors import InputError
 from ... import backend
 from .fsc_curves import (CRITERIA, DirectionalFSC, FSCResult, MaskedFSC, Threshold, crossing_frequency,  # noqa: F401
@@ -81,16 +82,6 @@ def _shell_index(shape: Tuple[int, int, int], xp, direction=None, cos_half_angle
     return s
 
 
-def _hermitian_weight(shape: Tuple[int, int, int], xp, dtype) -> Any:
-    """(nx//2+1,) weights: 1 on the x = 0 (and even-nx Nyquist) planes, 2 elsewhere."""
-    nx = shape[2]
-    w = xp.full(nx // 2 + 1, 2.0, dtype=dtype)
-    w[0] = 1.0
-    if nx % 2 == 0:
-        w[-1] = 1.0
-    return w
-
-
 @functools.lru_cache(maxsize=2)
 def _host_shell_index_and_count(shape: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """NumPy shell index (flat, intp) and per-shell voxel counts (Hermitian-weighted) of an unconed shape,
@@ -107,7 +98,7 @@ def _host_shell_index_and_count(shape: Tuple[int, int, int]) -> Tuple[np.ndarray
         idx = np.minimum(table, nshell)[r2].ravel()
     else:
         idx = _shell_index(shape, np).ravel().astype(np.intp)
-    w = _hermitian_weight(shape, np, np.float64)
+    w = rfft_column_weights(shape[2])
     weights = np.broadcast_to(w[None, None, :], _rfft_shape(shape)).ravel()
     count = np.bincount(idx, weights=weights, minlength=nshell + 1)[:nshell]
     idx.flags.writeable = False
@@ -127,7 +118,7 @@ def _shell_sums_xp(f1, f2, shape, direction=None, cos_half_angle: float = -2.0) 
     xp = backend.get_xp(f1)
     nshell = _n_ref(shape) // 2 + 1
     real_dtype = f1.real.dtype
-    w = _hermitian_weight(shape, xp, real_dtype)[None, None, :]
+    w = rfft_column_weights(shape[2], xp=xp, dtype=real_dtype)[None, None, :]
     if xp is np and direction is None:
         idx, count = _host_shell_index_and_count(tuple(shape))
         sums = []
