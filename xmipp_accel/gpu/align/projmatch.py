@@ -434,19 +434,29 @@ def _orthonormalise(m: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
-def map_batches(fn: Callable, items: Sequence, workers: int = 1):
-    """``fn`` over ``items`` in order, on ``workers`` threads when more than one (results in order)."""
-    if workers <= 1 or len(items) <= 1:
-        return map(fn, items)
-    from concurrent.futures import ThreadPoolExecutor
-    pool = ThreadPoolExecutor(min(int(workers), len(items)))
-
-    def results():
-        try:
-            yield from pool.map(fn, items)
-        finally:
+def map_batches(fn: Callable[[int, int], object], n: int, batch_size: int, *, workers: int = 1,
+                progress: Optional[Callable[[int], None]] = None) -> list:
+    """``[fn(s, e) for each batch [s, e) of range(n)]`` in order, ``workers`` batches at once on threads when
+    more than one (the NumPy path: its element-wise work is single-threaded and releases the GIL); the results
+    are the same and in the same order. ``progress(k)`` is called with the particles done after each batch.
+    ``fn`` must not build caches lazily when it runs on threads."""
+    ranges = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    if workers > 1 and len(ranges) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(min(int(workers), len(ranges)))
+        results = pool.map(lambda r: fn(*r), ranges)
+    else:
+        pool, results = None, (fn(*r) for r in ranges)
+    out = []
+    try:
+        for (s, e), result in zip(ranges, results):
+            out.append(result)
+            if progress is not None:
+                progress(e - s)
+    finally:
+        if pool is not None:
             pool.shutdown(wait=True)
-    return results()
+    return out
 
 
 def align_in_batches(align_batch: Callable, images, ctf, batch_size: int,
@@ -454,20 +464,10 @@ def align_in_batches(align_batch: Callable, images, ctf, batch_size: int,
     """Run ``align_batch(images[s:e], ctf[s:e])`` over consecutive batches and concatenate the results.
 
     ``ctf`` holds per-particle arrays of length n (scalars are passed through); ``progress(k)`` is called
-    with the number of particles done after each batch. ``workers > 1`` runs that many batches at once on
-    threads (the NumPy path: its element-wise work is single-threaded and releases the GIL); the results
-    are the same and in the same order. ``align_batch`` must not build caches lazily then.
+    with the number of particles done after each batch; ``workers`` as :func:`map_batches`.
     """
-    n = images.shape[0]
-    starts = list(range(0, n, batch_size))
-
-    def one(s: int):
-        e = min(n, s + batch_size)
+    def one(s: int, e: int):
         sub = None if ctf is None else {k: np.asarray(v)[s:e] if np.ndim(v) else v for k, v in ctf.items()}
         return align_batch(images[s:e], sub)
-    parts = []
-    for s, part in zip(starts, map_batches(one, starts, workers)):
-        parts.append(part)
-        if progress is not None:
-            progress(min(n, s + batch_size) - s)
+    parts = map_batches(one, images.shape[0], batch_size, workers=workers, progress=progress)
     return AlignmentResult.concatenate(parts)

@@ -346,22 +346,15 @@ def _align_half(images, ctf, reference, *, settings: RefineSettings, step_deg: f
                   RefineLevel(step_deg=step_deg, r_max=r_top, shift_step_px=sh),
                   RefineLevel(step_deg=0.5 * step_deg, r_max=r_top, shift_step_px=0.5 * sh)]
 
-        def one(s: int):
-            e = min(images.shape[0], s + batch)
+        def one(s: int, e: int):
             imgs = xp.asarray(images[s:e], dtype=xp.float32)
             m, o, sc = matcher.refine(imgs, _ctf_rows(use_ctf, np.arange(s, e)) if use_ctf is not None else None,
                                       xp.asarray(prev_mats[s:e, None], dtype=xp.float32),
                                       xp.asarray(prev_origins[s:e, None], dtype=xp.float32), levels)
             return (backend.to_host(m[:, 0]).astype(np.float64), backend.to_host(o[:, 0]).astype(np.float64),
                     backend.to_host(sc[:, 0]).astype(np.float64))
-        mats_out, orig_out, score_out = [], [], []
-        starts = list(range(0, images.shape[0], batch))
-        for s, (m, o, sc) in zip(starts, map_batches(one, starts, workers)):
-            mats_out.append(m)
-            orig_out.append(o)
-            score_out.append(sc)
-            if on_batch is not None:
-                on_batch(min(images.shape[0], s + batch) - s)
+        mats_out, orig_out, score_out = zip(*map_batches(one, images.shape[0], batch, workers=workers,
+                                                         progress=on_batch))
         mats = np.concatenate(mats_out)
         u, _, vt = np.linalg.svd(mats)                       # back onto rotations (float32 drift)
         mats = u @ vt
