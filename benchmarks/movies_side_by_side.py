@@ -62,9 +62,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.relion_cpu_motioncorr import (DOSE, KV, PIXEL_A, _children_cpu, _commit, run_ours,  # noqa: E402
+from benchmarks.relion_cpu_motioncorr import (DOSE, KV, PIXEL_A, _commit, run_ours,  # noqa: E402
                                               run_relion, shift_errors, write_movies_star)
-from benchmarks.side_by_side import cpu_name  # noqa: E402
+from benchmarks.side_by_side import children_cpu_s, cpu_name  # noqa: E402
 from xmipp_accel import backend  # noqa: E402
 from xmipp_accel.em.synthetic_movies import make_movie  # noqa: E402
 from xmipp_accel.io.mrc import write_mrc  # noqa: E402
@@ -242,7 +242,7 @@ def run_motioncor3(exe: str, d: str, n_movies: int, cores: str, gpu: int, extra:
     os.makedirs(os.path.join(out, "logs"))
     env = dict(os.environ, LD_LIBRARY_PATH=mc3_library_path(exe))
     calls = [None] if mode == "serial" else movie_paths(d, n_movies)
-    t0, c0 = time.time(), _children_cpu()
+    t0, c0 = time.time(), children_cpu_s()
     texts = []
     for movie in calls:
         cmd = ["taskset", "-c", cores, *mc3_command(exe, d, out, gpu, extra, movie=movie)]
@@ -250,7 +250,7 @@ def run_motioncor3(exe: str, d: str, n_movies: int, cores: str, gpu: int, extra:
         texts.append(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         if proc.returncode != 0:
             break
-    wall, cpu = time.time() - t0, _children_cpu() - c0
+    wall, cpu = time.time() - t0, children_cpu_s() - c0
     with open(os.path.join(out, "stdout.txt"), "w") as f:
         f.write("\n".join(texts))
     if proc.returncode != 0:

@@ -43,7 +43,6 @@ import glob
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -55,6 +54,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from benchmarks.side_by_side import children_cpu_s  # noqa: E402
 from xmipp_accel.em.geometry import angular_distance_deg, euler_to_matrix  # noqa: E402
 from xmipp_accel.em.symmetry import symmetry_matrices  # noqa: E402
 from xmipp_accel.em.synthetic import make_particles, phantom_volume  # noqa: E402
@@ -96,12 +96,6 @@ class Stopped(Exception):
         self.seconds, self.cpu_seconds = seconds, cpu_seconds
 
 
-def _children_cpu() -> float:
-    """User + system CPU seconds of the waited-for child processes of this process so far."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
 def session_cpu(session: int) -> float:
     """User + system CPU seconds (their waited-for children included) of the live processes of ``session``
     (Linux /proc; 0 elsewhere): sampled while a command runs, the CPU time of a run that has to be stopped,
@@ -127,7 +121,7 @@ def run_timed(cmd: list, *, cwd: str, env: dict, timeout: float, log: str, stop_
     (user + system): of the command and the descendants it waited for; for a stopped run, the last sample of
     :func:`session_cpu` (every 2 s; up to 2 s of CPU time may be missing).
     """
-    t0, c0 = time.perf_counter(), _children_cpu()
+    t0, c0 = time.perf_counter(), children_cpu_s()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         sampled, end = 0.0, t0 + max(timeout, 1.0)
@@ -143,7 +137,7 @@ def run_timed(cmd: list, *, cwd: str, env: dict, timeout: float, log: str, stop_
             if stop_ok:
                 raise Stopped(seconds, sampled) from None
             raise RuntimeError(f"{' '.join(cmd)} ran past {timeout:.0f} s and was stopped") from None
-    seconds, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    seconds, cpu = time.perf_counter() - t0, children_cpu_s() - c0
     if proc.returncode != 0:
         with open(log) as fh:
             tail = fh.read()[-3000:]

@@ -36,7 +36,6 @@ import glob
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,10 +43,13 @@ import time
 
 import numpy as np
 
-from xmipp_accel.em.synthetic_movies import make_movie
-from xmipp_accel.io.mrc import write_mrc
-from xmipp_accel.io.relion_motion import read_global_shifts
-from xmipp_accel.io.star import Table, read_star, write_star
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.side_by_side import children_cpu_s  # noqa: E402
+from xmipp_accel.em.synthetic_movies import make_movie  # noqa: E402
+from xmipp_accel.io.mrc import write_mrc  # noqa: E402
+from xmipp_accel.io.relion_motion import read_global_shifts  # noqa: E402
+from xmipp_accel.io.star import Table, read_star, write_star  # noqa: E402
 
 PIXEL_A, DOSE, KV = 1.0, 1.0, 300.0
 
@@ -97,19 +99,14 @@ def run_relion(d: str, n_movies: int, cores: str, extra: tuple = ("--patch_x", "
     cmd = ["taskset", "-c", cores, "relion_run_motioncorr", "--i", "movies.star", "--o", "MotionCorr/", "--use_own",
            "--j", str(len(cores.split(","))), *extra, "--bin_factor", "1",
            "--bfactor", "150", "--dose_weighting", "--dose_per_frame", str(DOSE), "--voltage", str(KV)]
-    t0, c0 = time.time(), _children_cpu()
+    t0, c0 = time.time(), children_cpu_s()
     subprocess.run(cmd, cwd=d, env=_env(cores), check=True, capture_output=True)
-    wall, cpu = time.time() - t0, _children_cpu() - c0
+    wall, cpu = time.time() - t0, children_cpu_s() - c0
     stars = [os.path.join(out, "Movies", f"m{i}.star") for i in range(n_movies)]
     done = [os.path.getmtime(s) for s in stars]
     per = np.diff([t0] + done)   # movies are processed in order, one after the other
     return {"wall_s": wall, "cpu_s": cpu, "per_movie_s": per.tolist(),
             "shifts": [read_global_shifts(read_star(s))[1] for s in stars]}
-
-
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def _fastest(runs: list) -> dict:
@@ -124,9 +121,9 @@ def run_ours(d: str, n_movies: int, cores: str, extra: tuple = ("--patches", "3x
     movies = sorted(glob.glob(os.path.join(d, "Movies", "m*.mrcs")), key=lambda p: int(os.path.basename(p)[1:-5]))
     cmd = ["taskset", "-c", cores, sys.executable, "-m", "xmipp_accel", "align-movies", *movies, "-o", out,
            *extra, "--dose-per-frame", str(DOSE), "--voltage", str(KV), "--device", device, "--json", "-q"]
-    t0, c0 = time.time(), _children_cpu()
+    t0, c0 = time.time(), children_cpu_s()
     proc = subprocess.run(cmd, cwd=d, env=_env(cores), check=True, capture_output=True, text=True)
-    wall, cpu = time.time() - t0, _children_cpu() - c0
+    wall, cpu = time.time() - t0, children_cpu_s() - c0
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     ms = summary["movies"]
     return {"wall_s": wall, "cpu_s": cpu, "read_s": [m["read_ms"] / 1e3 for m in ms],

@@ -40,6 +40,12 @@ def relion(program: str) -> Optional[str]:
     return shutil.which(program)
 
 
+def children_cpu_s() -> float:
+    """User + system CPU seconds of the waited-for child processes of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_timed(cmd: Sequence[str], cwd: str, cores: Sequence[int], repeats: int = 1) -> dict:
     """Run ``cmd`` ``repeats`` times pinned to ``cores``: the best wall time (s), that run's CPU time
     (user + system, s: less sensitive than the wall time to other jobs on the cores) and its stdout."""
@@ -48,12 +54,11 @@ def run_timed(cmd: Sequence[str], cwd: str, cores: Sequence[int], repeats: int =
     prefix = ["taskset", "-c", ",".join(map(str, cores))] if shutil.which("taskset") else []
     best, out, cpu = float("inf"), None, None
     for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        before = children_cpu_s()
         t0 = time.perf_counter()
         proc = subprocess.run(prefix + [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        used = children_cpu_s() - before
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
                                f"{proc.stderr[-2000:]}")
