@@ -74,7 +74,8 @@ def _fake_device_xp():
 def test_correct_local_motion_launches_with_the_tuned_block(tmp_cache, monkeypatch):
     from xmipp_accel.gpu.movie import apply
     kern = _RecordingKernel()
-    monkeypatch.setattr(apply, "_kernel", lambda device_id: kern)
+    asked = []
+    monkeypatch.setattr(apply, "_kernel", lambda device_id, interpolation: asked.append(interpolation) or kern)
     monkeypatch.setattr(apply.backend, "get_xp", lambda *a: _fake_device_xp())
     n, ny, nx = MOVIE["frames"], MOVIE["height"], MOVIE["width"]
     frames = np.zeros((n, ny, nx), np.float32)
@@ -88,6 +89,8 @@ def test_correct_local_motion_launches_with_the_tuned_block(tmp_cache, monkeypat
     assert kern.launches[-1] == ((nx // 16, ny // 16, n), (16, 16, 1))        # explicit
     with pytest.raises(ValueError, match="block"):
         apply.correct_local_motion(frames, coef, (ny / 3, nx / 3), block=(64, 32))
+    apply.correct_local_motion(frames, coef, (ny / 3, nx / 3), interpolation="linear")
+    assert asked == ["keys"] * 3 + ["linear"]                                 # the bilinear kernel on request
 
 
 @pytest.mark.gpu

@@ -181,6 +181,14 @@ def _linear_weights_into(t, w) -> None:
     w[2] = t
 
 
+def _weights_into(t, w, tmp, linear: bool) -> None:
+    """The weights of fractional parts ``t`` (M,) into ``w`` (4, M): bilinear (rows 1, 2) or Keys (all rows)."""
+    if linear:
+        _linear_weights_into(t, w)
+    else:
+        _keys_weights_into(t, w, tmp)
+
+
 def _interpolate_rows(taps, by, cx, cy, offset: int, width: int, out, rows_per_chunk: int, *,
                       linear: bool = False) -> None:
     """Keys samples ``out(y, x) = frame(y - sy, x - sx)`` of one frame, ``rows_per_chunk`` rows at a time.
@@ -222,10 +230,7 @@ def _interpolate_rows(taps, by, cx, cy, offset: int, width: int, out, rows_per_c
         np.add(q.ravel(), offset, out=idx, casting="unsafe")
         idx *= width
         p -= q
-        if linear:
-            _linear_weights_into(pos[:k], wy[:, :k])
-        else:
-            _keys_weights_into(pos[:k], wy[:, :k], tmp[:, :k])
+        _weights_into(pos[:k], wy[:, :k], tmp[:, :k], linear)
         # x
         np.matmul(by[r0:r1], cx, out=s)
         np.subtract(xs_all, s, out=p)
@@ -233,10 +238,7 @@ def _interpolate_rows(taps, by, cx, cy, offset: int, width: int, out, rows_per_c
         np.add(q.ravel(), offset, out=ixk, casting="unsafe")
         idx += ixk
         p -= q
-        if linear:
-            _linear_weights_into(pos[:k], wx[:, :k])
-        else:
-            _keys_weights_into(pos[:k], wx[:, :k], tmp[:, :k])
+        _weights_into(pos[:k], wx[:, :k], tmp[:, :k], linear)
         a_k, r_k, v_k = acc[:k], row[:k], v[:k]
         a_k[:] = 0.0
         first, last = (1, 3) if linear else (0, 4)
@@ -259,16 +261,14 @@ def _module(device_id: int):
     return backend.get_raw_module(src, name_expressions=None)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(device_id: int):
-    """The Keys cubic local-motion kernel of ``apply.cu`` on this device."""
-    return _module(device_id).get_function("correct_local_motion")
+#: The entry point of ``apply.cu`` for each of :data:`LOCAL_INTERPOLATIONS` (all take the same arguments).
+_KERNEL_NAMES = {"keys": "correct_local_motion", "linear": "correct_local_motion_linear"}
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_kernel(device_id: int):
-    """The bilinear local-motion kernel of ``apply.cu`` (same arguments as :func:`_kernel`'s)."""
-    return _module(device_id).get_function("correct_local_motion_linear")
+def _kernel(device_id: int, interpolation: str = "keys"):
+    """The local-motion kernel of ``apply.cu`` for ``interpolation`` ("keys" or "linear") on this device."""
+    return _module(device_id).get_function(_KERNEL_NAMES[interpolation])
 
 
 #: Launch geometry of the local-motion kernel when nothing is tuned (also the adapter's default).
@@ -318,25 +318,34 @@ def correct_local_motion(frames, frame_coefficients, spacing_yx: Sequence[float]
         :func:`local_motion_block`: the autotuned configuration for this GPU and movie size.
     """
     xp = backend.get_xp(frames)
-    linear = _check_interpolation(interpolation) == "linear"
+    _check_interpolation(interpolation)
     if xp is np:
         return correct_local_motion_reference(frames, frame_coefficients, spacing_yx, out=out,
                                               interpolation=interpolation)
-    n, ny, nx = frames.shape
     frames = xp.ascontiguousarray(frames, dtype=np.float32)
     coef = xp.ascontiguousarray(xp.asarray(frame_coefficients, dtype=np.float32))
-    ly, lx = coef.shape[-2:]
     if out is None:
         out = xp.empty_like(frames)
-    hy, hx = (float(v) for v in spacing_yx)
-    kern = (_linear_kernel if linear else _kernel)(xp.cuda.Device().id)
-    bx, by = (int(v) for v in (block if block is not None else local_motion_block(n, ny, nx)))
+    bx, by = (int(v) for v in (block if block is not None else local_motion_block(*frames.shape)))
     if bx < 1 or by < 1 or bx * by > 1024:
         raise ValueError(f"block must be two positive ints with a product <= 1024, got {block}")
-    grid = ((nx + bx - 1) // bx, (ny + by - 1) // by, n)
-    kern(grid, (bx, by, 1), (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
-                             np.float32(1.0 / hx), np.float32(1.0 / hy)))
+    _launch(_kernel(xp.cuda.Device().id, interpolation), frames, coef, out, spacing_yx, (bx, by))
     return out
+
+
+def _launch(kern, frames, coef, out, spacing_yx: Sequence[float], block: Tuple[int, int]) -> None:
+    """Run a local-motion kernel of ``apply.cu``: one thread per output pixel, ``block`` (x, y) threads a block.
+
+    ``frames``, ``out`` float32 (N, ny, nx) and ``coef`` float32 (N, 2, Ly, Lx) contiguous CuPy arrays;
+    ``spacing_yx`` the control-point spacing (pixels).
+    """
+    n, ny, nx = frames.shape
+    ly, lx = coef.shape[-2:]
+    hy, hx = (float(v) for v in spacing_yx)
+    bx, by = block
+    kern(((nx + bx - 1) // bx, (ny + by - 1) // by, n), (bx, by, 1),
+         (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
+          np.float32(1.0 / hx), np.float32(1.0 / hy)))
 
 
 def power_spectrum(image, *, tile: int = 512):
@@ -404,14 +413,8 @@ def _movie_build(params: Dict[str, Any]):
     bx, by = int(params["block_x"]), int(params["block_y"])
 
     def launch(inp):
-        frames, coef, out = inp["frames"], inp["coef"], inp["out"]
-        n, ny, nx = frames.shape
-        ly, lx = coef.shape[-2:]
-        hy, hx = inp["spacing"]
-        kern(((nx + bx - 1) // bx, (ny + by - 1) // by, n), (bx, by, 1),
-             (frames, out, coef, np.int32(nx), np.int32(ny), np.int32(lx), np.int32(ly),
-              np.float32(1.0 / hx), np.float32(1.0 / hy)))
-        return out
+        _launch(kern, inp["frames"], inp["coef"], inp["out"], inp["spacing"], (bx, by))
+        return inp["out"]
     return launch
 
 
