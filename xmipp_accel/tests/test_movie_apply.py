@@ -45,57 +45,65 @@ def test_local_correction_of_a_smooth_image_by_a_fractional_shift():
     assert np.abs(out - expect)[4:-4, 4:-4].max() < 5e-3
 
 
+def _sample_positions(coef, shape, spacing_yx):
+    """Per frame, where the output pixels sample it: ``(y - sy, x - sx)`` (float32 (ny, nx) each) for the B-spline
+    field of ``coef`` (N, 2, Ly, Lx) evaluated per pixel; each field reaches past 2 px (past the frame's edges)."""
+    from xmipp_accel.gpu.movie.bspline import basis_matrix
+    (ny, nx), (hy, hx) = shape, spacing_yx
+    bx = basis_matrix(np.arange(float(nx)), coef.shape[-1], hx).astype(np.float32)
+    by = basis_matrix(np.arange(float(ny)), coef.shape[-2], hy).astype(np.float32)
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    for c in coef:
+        sx, sy = by @ (c[0] @ bx.T), by @ (c[1] @ bx.T)
+        assert np.abs(sx).max() > 2                                  # the test reaches past the edges
+        yield y - sy, x - sx
+
+
 def test_numpy_twin_equals_keys_sampling_with_clamped_indices():
     """The padded, offset-view gathers of the twin against plain per-pixel Keys sampling (``sample_keys``,
     indices clamped at every tap) of the same field: shifts up to ~5 px reach past the frame's edges."""
     from xmipp_accel.em.interpolation import sample_keys
-    from xmipp_accel.gpu.movie.bspline import basis_matrix
     rng = np.random.default_rng(3)
     frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
     m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.0, (4, 4, 5, 2)))
     hx, hy, _ = m.spacing
     coef = rng.normal(0, 4.0, m.frame_coefficients().shape).astype(np.float32)   # (N, 2, Ly, Lx), px
     out = correct_local_motion_reference(frames, coef, (hy, hx), rows_per_chunk=16, workers=2)
-    bx = basis_matrix(np.arange(90.0), coef.shape[-1], hx).astype(np.float32)
-    by = basis_matrix(np.arange(70.0), coef.shape[-2], hy).astype(np.float32)
-    y, x = np.mgrid[0:70, 0:90].astype(np.float32)
-    for f in range(3):
-        sx, sy = by @ (coef[f, 0] @ bx.T), by @ (coef[f, 1] @ bx.T)
-        assert np.abs(sx).max() > 2                                  # the test reaches past the edges
-        expect = sample_keys(frames[f], y - sy, x - sx)
+    for f, (y, x) in enumerate(_sample_positions(coef, (70, 90), (hy, hx))):
+        expect = sample_keys(frames[f], y, x)
         np.testing.assert_allclose(out[f], expect, rtol=0, atol=1e-5)   # float32 sums in another order
+
+
+def _assert_gpu_kernel_matches_numpy_twin(seed: int, **options) -> None:
+    """The CUDA kernel against :func:`correct_local_motion_reference` (same ``options``) on 3 random frames of
+    70 x 90 px moved by a random B-spline field (coefficients of standard deviation 1.5 px)."""
+    cp = backend.cupy_module()
+    rng = np.random.default_rng(seed)
+    frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
+    m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.5, (4, 4, 5, 2)))
+    hx, hy, _ = m.spacing
+    ref = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx), **options)
+    gpu = correct_local_motion(cp.asarray(frames), cp.asarray(m.frame_coefficients()), (hy, hx), **options)
+    np.testing.assert_allclose(backend.to_host(gpu), ref, atol=2e-4)
 
 
 @pytest.mark.gpu
 def test_gpu_kernel_matches_numpy_twin():
-    cp = backend.cupy_module()
-    rng = np.random.default_rng(2)
-    frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
-    m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.5, (4, 4, 5, 2)))
-    hx, hy, _ = m.spacing
-    ref = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx))
-    gpu = correct_local_motion(cp.asarray(frames), cp.asarray(m.frame_coefficients()), (hy, hx))
-    np.testing.assert_allclose(backend.to_host(gpu), ref, atol=2e-4)
+    _assert_gpu_kernel_matches_numpy_twin(2)
 
 
 def test_linear_option_equals_scipy_bilinear_sampling_with_nearest_edges():
     """``interpolation="linear"`` against an independent bilinear sampler (``scipy.ndimage.map_coordinates``,
     order 1, edge pixels repeated, which is the twin's clamping) of the same field, reaching past the edges."""
     from scipy.ndimage import map_coordinates
-    from xmipp_accel.gpu.movie.bspline import basis_matrix
     rng = np.random.default_rng(6)
     frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
     coef = rng.normal(0, 4.0, (3, 2, 5, 6)).astype(np.float32)
     hy, hx = 70 / 2.0, 90 / 3.0
     out = correct_local_motion_reference(frames, coef, (hy, hx), rows_per_chunk=16, workers=2,
                                          interpolation="linear")
-    bx = basis_matrix(np.arange(90.0), coef.shape[-1], hx).astype(np.float32)
-    by = basis_matrix(np.arange(70.0), coef.shape[-2], hy).astype(np.float32)
-    y, x = np.mgrid[0:70, 0:90].astype(np.float32)
-    for f in range(3):
-        sx, sy = by @ (coef[f, 0] @ bx.T), by @ (coef[f, 1] @ bx.T)
-        assert np.abs(sx).max() > 2
-        expect = map_coordinates(frames[f].astype(np.float64), [y - sy, x - sx], order=1, mode="nearest")
+    for f, (y, x) in enumerate(_sample_positions(coef, (70, 90), (hy, hx))):
+        expect = map_coordinates(frames[f].astype(np.float64), [y, x], order=1, mode="nearest")
         np.testing.assert_allclose(out[f], expect, rtol=0, atol=1e-5)
     keys = correct_local_motion_reference(frames, coef, (hy, hx))
     assert np.abs(keys - out).max() > 0.1                           # the option does change the sampling
@@ -115,15 +123,7 @@ def test_linear_option_keeps_integer_shifts_exact_and_unknown_names_fail():
 
 @pytest.mark.gpu
 def test_gpu_linear_kernel_matches_numpy_twin():
-    cp = backend.cupy_module()
-    rng = np.random.default_rng(8)
-    frames = rng.standard_normal((3, 70, 90)).astype(np.float32)
-    m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.5, (4, 4, 5, 2)))
-    hx, hy, _ = m.spacing
-    ref = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx), interpolation="linear")
-    gpu = correct_local_motion(cp.asarray(frames), cp.asarray(m.frame_coefficients()), (hy, hx),
-                               interpolation="linear")
-    np.testing.assert_allclose(backend.to_host(gpu), ref, atol=2e-4)
+    _assert_gpu_kernel_matches_numpy_twin(8, interpolation="linear")
 
 
 def test_power_spectrum_peaks_at_the_cosine_frequency(xp):
