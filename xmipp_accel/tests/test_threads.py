@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from xmipp_accel.threads import (THREAD_VARIABLES, local_ranks, share_cores_with_local_ranks, thread_limits,
                                      with_thread_limits)
 
@@ -78,3 +80,40 @@ def test_idle_blas_threads_sleep_unless_the_user_said_otherwise():
     assert let_idle_blas_threads_sleep(env) == {name: value} and env[name] == value
     env = {name: "20"}
     assert let_idle_blas_threads_sleep(env) == {} and env[name] == "20"
+
+
+def test_omp_num_threads_set_after_import_limits_the_cpu_ffts_and_the_local_motion_twin(monkeypatch):
+    """The movie FFTs (``movie/_fft.py``), the polar module's FFTs and the local-motion twin's frame threads
+    follow :func:`cpu_workers` at each call: the cores (4, made so here), or 1 once ``OMP_NUM_THREADS=1``."""
+    import concurrent.futures
+
+    import scipy.fft
+
+    from xmipp_accel import threads
+    from xmipp_accel.gpu.align import polar
+    from xmipp_accel.gpu.movie import _fft, apply
+    monkeypatch.setattr(threads, "_cores", lambda: 4)
+    workers, pools = [], []
+    for name in ("fft", "ifft", "rfft", "irfft", "rfft2"):
+        def spy(*args, _transform=getattr(scipy.fft, name), **kw):
+            workers.append(kw["workers"])
+            return _transform(*args, **kw)
+        monkeypatch.setattr(scipy.fft, name, spy)
+
+    def pool(n, _pool=concurrent.futures.ThreadPoolExecutor):
+        pools.append(n)
+        return _pool(n)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", pool)
+
+    def run():
+        workers.clear(), pools.clear()
+        x = np.random.default_rng(0).standard_normal((3, 16, 16)).astype(np.float32)
+        _fft.irfft2(_fft.rfft2(x), (16, 16))                              # rfft, fft, ifft, irfft
+        polar.fft_last(x), polar.centred_rfft2(x)                         # fft, rfft2
+        apply.correct_local_motion_reference(x, np.zeros((3, 2, 4, 4), np.float32), (8.0, 8.0))
+        return len(workers), set(workers), list(pools)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert run() == (6, {4}, [3])                                         # 3 frames: a pool of min(4, 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert run() == (6, {1}, [])                                          # one worker, no pool

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ... import backend
+from ...threads import cpu_workers
 from ..tuning.autotune import TunableKernel, register, size_class, tuned_params
 from ._fft import rfft2, rfft_freqs
 from ...em.interpolation import keys_weights, sample_keys  # noqa: F401  (keys_weights re-exported)
@@ -96,7 +97,8 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
     rows_per_chunk : int
         Rows interpolated at once (bounds the temporaries).
     workers : int, optional
-        Frames interpolated at once in threads (default: the cores of this process).
+        Frames interpolated at once in threads (default :func:`xmipp_accel.threads.cpu_workers`: the cores
+        of this process, at most ``OMP_NUM_THREADS``).
     interpolation : {"keys", "linear"}
         ``"keys"``: Keys cubic convolution (a = -0.5, 4 × 4 taps); ``"linear"``: bilinear (2 × 2 taps,
         ``((1 - tx) f00 + tx f01) (1 - ty) + ((1 - tx) f10 + tx f11) ty``, the kernel's order of operations).
@@ -114,7 +116,6 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ._fft import _WORKERS
     from .bspline import basis_matrix
     linear = _check_interpolation(interpolation) == "linear"
     n, ny, nx = frames.shape
@@ -137,7 +138,7 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
         taps = [flat[a * width + b:] for a in range(4) for b in range(4)]   # tap (a, b): offset view
         _interpolate_rows(taps, by, cx, cy, pad - 1, width, out[f], rows_per_chunk, linear=linear)
 
-    n_workers = max(1, min(int(workers or _WORKERS), n))
+    n_workers = max(1, min(int(workers or cpu_workers()), n))
     if n_workers == 1:
         for f in range(n):
             one(f)
