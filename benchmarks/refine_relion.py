@@ -77,8 +77,13 @@ def write_dataset(folder: str, args) -> dict:
                                 max_shift_px=args.max_shift, seed=args.seed + 1, defocus_range_A=(lo, hi))
     write_stack(os.path.join(folder, "particles.mrcs"), images, args.apix)
     star = os.path.join(folder, "particles.star")
-    write_particles_from_arrays(star, [f"{i + 1}@particles.mrcs" for i in range(args.particles)], args.apix,
-                                ctf=tr, subset=tr["subset"], box_size=args.box)
+    here = os.getcwd()
+    os.chdir(folder)          # image names relative to the data folder, where both programs run (as RELION's users)
+    try:
+        write_particles_from_arrays(star, [f"{i + 1}@particles.mrcs" for i in range(args.particles)], args.apix,
+                                    ctf=tr, subset=tr["subset"], box_size=args.box)
+    finally:
+        os.chdir(here)
     write_mrc(os.path.join(folder, "truth.mrc"), truth, args.apix)
     init = os.path.join(folder, "initial.mrc")
     write_mrc(init, lowpass_volume(truth, args.initial_lowpass, args.apix), args.apix)
@@ -223,6 +228,48 @@ def last_finished_relion_iteration(out: str) -> tuple:
     raise RuntimeError(f"RELION was stopped before finishing an iteration (no complete run_itNNN_* in {out})")
 
 
+def relion_command(data: dict, out: str, args, continue_from: str | None = None) -> list:
+    """``mpirun -np M relion_refine_mpi --auto_refine --split_random_halves ...`` (or ``--continue`` from an
+    optimiser file of a run that was stopped), writing ``out/run_*``."""
+    exe = shutil.which("relion_refine_mpi")
+    if exe is None:
+        raise RuntimeError("relion_refine_mpi not found on PATH (apt-get install relion)")
+    head = [shutil.which("mpirun") or "mpirun", "-np", str(args.mpi), "--oversubscribe", exe,
+            "--o", os.path.join(out, "run")]
+    if continue_from:
+        return head + ["--continue", continue_from, "--dont_combine_weights_via_disc", "--pool", "30",
+                       "--j", str(args.relion_threads)]
+    return head + ["--auto_refine", "--split_random_halves",
+                   "--i", data["star"], "--ref", data["initial"], "--firstiter_cc", "--ini_high",
+                   str(args.initial_lowpass), "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2",
+                   "--ctf", "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",
+                   "--oversampling", str(RELION_OVERSAMPLING), "--healpix_order", "2",
+                   "--auto_local_healpix_order", "4", "--offset_range", str(max(3, int(round(args.max_shift * 2)))),
+                   "--offset_step", "2", "--sym", args.sym.upper(), "--low_resol_join_halves", "40", "--norm",
+                   "--scale", "--j", str(args.relion_threads)]
+
+
+def relion_env(args) -> dict:
+    env = thread_env(args.relion_threads)
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
+def finished_relion_result(out: str) -> dict:
+    """Map, poses, resolution, iterations and step of a RELION auto-refine that finished (``run_model.star``)."""
+    its = _relion_iterations(out)
+    general = read_star(os.path.join(out, "run_model.star"))["model_general"]
+    reported = float(np.asarray(general["rlnCurrentResolution"]).ravel()[0])
+    parts = read_particles(os.path.join(out, "run_data.star"))
+    last = its[-1] if its else None
+    step = _relion_step_deg(os.path.join(out, "run_sampling.star"))
+    if step is None and last is not None:
+        step = _relion_step_deg(relion_iteration_files(out, last)["sampling"])
+    return {"map": os.path.join(out, "run_class001.mrc"), "particles": parts, "reported_A": reported,
+            "iterations": last, "step_deg": step, "stopped_at": None}
+
+
 def run_relion(data: dict, folder: str, args, timeout: float) -> dict:
     """``relion_refine_mpi --auto_refine --split_random_halves`` for at most ``timeout`` seconds; returns map,
     poses, resolution, iterations, step, wall and CPU seconds. Stopped at the limit, it is scored at its last
@@ -231,40 +278,148 @@ def run_relion(data: dict, folder: str, args, timeout: float) -> dict:
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    exe = shutil.which("relion_refine_mpi")
-    if exe is None:
-        raise RuntimeError("relion_refine_mpi not found on PATH (apt-get install relion)")
-    cmd = [shutil.which("mpirun") or "mpirun", "-np", str(args.mpi), "--oversubscribe", exe,
-           "--o", os.path.join(out, "run"), "--auto_refine", "--split_random_halves",
-           "--i", data["star"], "--ref", data["initial"], "--firstiter_cc", "--ini_high", str(args.initial_lowpass),
-           "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "2", "--ctf",
-           "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask",
-           "--oversampling", str(RELION_OVERSAMPLING), "--healpix_order", "2", "--auto_local_healpix_order", "4",
-           "--offset_range", str(max(3, int(round(args.max_shift * 2)))), "--offset_step", "2",
-           "--sym", args.sym.upper(), "--low_resol_join_halves", "40", "--norm", "--scale",
-           "--j", str(args.relion_threads)]
-    env = thread_env(args.relion_threads)
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    cmd = relion_command(data, out, args)
     # RELION reads image names relative to its working folder: run it where the STAR file is
     try:
-        seconds, cpu = run_timed(cmd, cwd=os.path.dirname(data["star"]), env=env, timeout=timeout,
+        seconds, cpu = run_timed(cmd, cwd=os.path.dirname(data["star"]), env=relion_env(args), timeout=timeout,
                                  log=os.path.join(out, "relion.log"), stop_ok=True)
     except Stopped as stop:
         it, result = last_finished_relion_iteration(out)
         result.update(seconds=stop.seconds, cpu_seconds=stop.cpu_seconds, stopped_at=it)
         return result
-    its = _relion_iterations(out)
-    model = read_star(os.path.join(out, "run_model.star"))
-    general = model["model_general"]
-    reported = float(np.asarray(general["rlnCurrentResolution"]).ravel()[0])
-    parts = read_particles(os.path.join(out, "run_data.star"))
-    last = its[-1] if its else None
-    step = _relion_step_deg(os.path.join(out, "run_sampling.star"))
-    if step is None and last is not None:
-        step = _relion_step_deg(relion_iteration_files(out, last)["sampling"])
-    return {"map": os.path.join(out, "run_class001.mrc"), "particles": parts, "reported_A": reported,
-            "iterations": last, "seconds": seconds, "cpu_seconds": cpu, "step_deg": step, "stopped_at": None}
+    result = finished_relion_result(out)
+    result.update(seconds=seconds, cpu_seconds=cpu)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ RELION detached
+
+LAUNCH_FILE = "launch.json"     # in the RELION folder: pid, start time, segments, sampled CPU, settings
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (not gone, not a zombie); Linux /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _save_launch(out: str, launch: dict) -> None:
+    tmp = os.path.join(out, LAUNCH_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(launch, fh, indent=1)
+    os.replace(tmp, os.path.join(out, LAUNCH_FILE))
+
+
+def _start_segment(cmd: list, data: dict, out: str, args) -> int:
+    """Start ``cmd`` in its own session, detached (survives this script); its pid."""
+    with open(os.path.join(out, "relion.log"), "a") as log:
+        proc = subprocess.Popen(cmd, cwd=os.path.dirname(data["star"]), env=relion_env(args), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid
+
+
+def start_relion_detached(data: dict, folder: str, args) -> dict:
+    """Start RELION's auto-refine detached; ``relion/launch.json`` records it for :func:`wait_relion_detached`
+    (in this call or a later one: ``--attach``)."""
+    out = os.path.join(folder, "relion")
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    pid = _start_segment(relion_command(data, out, args), data, out, args)
+    launch = {"started": time.time(), "segments": [{"pid": pid, "start": time.time()}], "cpu_s": 0.0,
+              "lost_s": 0.0, "settings": {k: v for k, v in vars(args).items() if k != "json"}}
+    _save_launch(out, launch)
+    return launch
+
+
+def _continue_relion(data: dict, out: str, args, launch: dict) -> None:
+    """RELION was killed between calls: continue it from its last optimiser file (the time from that file to the
+    kill is counted as lost, not as RELION's)."""
+    its = [i for i in _relion_iterations(out) if i > 0]
+    if not its:
+        raise RuntimeError(f"RELION in {out} was killed before finishing an iteration")
+    optimiser = relion_iteration_files(out, its[-1])["optimiser"]
+    seg = launch["segments"][-1]
+    seg["end_productive"] = os.path.getmtime(optimiser)
+    seg["lost_s"] = max(0.0, time.time() - seg["end_productive"])       # from that file to the new start
+    launch["cpu_done_s"] = launch["cpu_s"]
+    launch["lost_s"] += seg["lost_s"]
+    pid = _start_segment(relion_command(data, out, args, continue_from=optimiser), data, out, args)
+    launch["segments"].append({"pid": pid, "start": time.time(), "continued_from": its[-1]})
+    _save_launch(out, launch)
+    print(f"relion: continued from iteration {its[-1]} (pid {pid})", flush=True)
+
+
+def wait_relion_detached(data: dict, folder: str, args, launch: dict, timeout: float) -> dict:
+    """Wait up to ``timeout`` s for the detached RELION; score it finished, or at its last finished iteration
+    while it runs on (``stopped_at``; ``still_running``). Wall seconds: from the start to ``run_model.star``
+    (finished) or to now, less the time lost between a kill and a continuation."""
+    out = os.path.join(folder, "relion")
+    finished = os.path.exists(os.path.join(out, "run_model.star"))
+    if not finished and not _alive(launch["segments"][-1]["pid"]):
+        _continue_relion(data, out, args, launch)
+    end = time.perf_counter() + max(timeout, 0.0)
+    while not finished and time.perf_counter() < end:
+        seg = launch["segments"][-1]
+        launch["cpu_s"] = max(launch["cpu_s"], launch.get("cpu_done_s", 0.0) + session_cpu(seg["pid"]))
+        seg["last_seen"] = time.time()
+        _save_launch(out, launch)
+        if not _alive(seg["pid"]):
+            finished = os.path.exists(os.path.join(out, "run_model.star"))
+            if not finished:
+                raise RuntimeError(f"RELION exited without finishing; see {os.path.join(out, 'relion.log')}")
+            break
+        time.sleep(2.0)
+    if finished:
+        result = finished_relion_result(out)
+        result["seconds"] = os.path.getmtime(os.path.join(out, "run_model.star")) - launch["started"] - launch["lost_s"]
+        result["still_running"] = False
+    else:
+        it, result = last_finished_relion_iteration(out)
+        result.update(seconds=time.time() - launch["started"] - launch["lost_s"], stopped_at=it, still_running=True)
+    result["cpu_seconds"] = launch["cpu_s"]
+    result["segments"] = len(launch["segments"])
+    result["trajectory"] = relion_trajectory(out, launch, data, args)
+    return result
+
+
+def relion_trajectory(out: str, launch: dict, data: dict, args) -> list:
+    """Per finished RELION iteration: seconds since the start (file time, lost time removed), its reported
+    resolution, and the FSC-to-truth resolution and median angular error of that iteration (scored as
+    :func:`score`), so that the time RELION takes to reach a given resolution can be read."""
+    rows = []
+    for it in [i for i in _relion_iterations(out) if i > 0]:
+        files = relion_iteration_files(out, it)
+        if not all(os.path.exists(f) for k, f in files.items() if k != "optimiser"):
+            continue
+        t = os.path.getmtime(files["model"]) - launch["started"]
+        lost = sum(s["lost_s"] for s in launch["segments"]
+                   if "lost_s" in s and s["end_productive"] < os.path.getmtime(files["model"]))
+        try:
+            h1, _ = read_mrc(files["half1"])
+            h2, _ = read_mrc(files["half2"])
+            general = read_star(files["model"])["model_general"]
+            parts = read_particles(files["data"])
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+        mean = os.path.join(out, f"traj_it{it:03d}_mean_halves.mrc")
+        write_mrc(mean, 0.5 * (np.asarray(h1, np.float32) + np.asarray(h2, np.float32)), args.apix)
+        scored = score({"map": mean, "particles": parts, "seconds": t - lost, "cpu_seconds": 0.0,
+                        "reported_A": float(np.asarray(general["rlnCurrentResolution"]).ravel()[0]),
+                        "iterations": it, "step_deg": _relion_step_deg(files["sampling"])}, data, args)
+        rows.append({k: scored[k] for k in ("iterations", "seconds", "reported_A", "truth_fsc05_A",
+                                            "median_angular_error_deg", "final_step_deg")})
+    return rows
+
+
+def load_dataset(folder: str) -> dict:
+    """The data set :func:`write_dataset` wrote in ``folder`` (for ``--attach``)."""
+    truth, _ = read_mrc(os.path.join(folder, "truth.mrc"))
+    return {"star": os.path.join(folder, "particles.star"), "initial": os.path.join(folder, "initial.mrc"),
+            "truth": np.asarray(truth, np.float32), "matrices": np.load(os.path.join(folder, "true_matrices.npy"))}
 
 
 def run_ours(data: dict, folder: str, device: str, args) -> dict:
@@ -276,7 +431,8 @@ def run_ours(data: dict, folder: str, device: str, args) -> dict:
            "--diameter", str(args.diameter), "--symmetry", args.sym, "--initial-lowpass", str(args.initial_lowpass),
            "--max-iterations", str(args.max_iterations), "-o", out, "--device", device, "--json", "--quiet"]
     log = os.path.join(folder, f"ours_{device}.log")
-    seconds, cpu = run_timed(cmd, cwd=folder, env=thread_env(args.threads), timeout=args.timeout, log=log)
+    seconds, cpu = run_timed(cmd, cwd=os.path.dirname(data["star"]), env=thread_env(args.threads),
+                             timeout=args.timeout, log=log)
     with open(log) as fh:
         summary = json.loads([line for line in fh.read().splitlines() if line.startswith("{")][-1])
     with open(summary["outputs"]["iterations"]) as fh:
@@ -336,7 +492,8 @@ def table(rows: dict) -> str:
                      f"{'pass' if r['error_below_step'] else 'FAIL':>9}{its:>7}{r['seconds']:>9.1f}"
                      f"{r['cpu_seconds']:>9.1f}{ratio:>10}")
         if r.get("stopped_at") is not None:
-            notes.append(f"* {name}: stopped at iteration {r['stopped_at']} after {r['seconds']:.0f} s "
+            how = "still running (detached)" if r.get("still_running") else "stopped"
+            notes.append(f"* {name}: {how} at iteration {r['stopped_at']} after {r['seconds']:.0f} s "
                          "(scored at that iteration: mean of its half maps, its poses and resolution)")
     lines.append("ratio = reported (0.143) / against truth (0.5); ±10%: |ratio - 1| < 0.10; err<step: median "
                  "angular error below the final angular step (ours: the last iteration's step; RELION: its HEALPix "
@@ -390,6 +547,13 @@ def main(argv=None) -> int:
     p.add_argument("--total-budget", type=float, default=None, metavar="SECONDS",
                    help="with --order ours-first: RELION gets what is left of this many seconds (from the start "
                         f"of the script, less {SCORING_RESERVE_S:.0f} s for scoring), at most --relion-timeout")
+    p.add_argument("--relion-detach", action="store_true",
+                   help="start RELION detached (it outlives this call; relion/launch.json records it) and wait "
+                        "at most the RELION limit; a later --attach waits on and scores it")
+    p.add_argument("--attach", action="store_true",
+                   help="wait (at most --relion-timeout) for the detached RELION of --workdir, continue it from its "
+                        "last iteration if it was killed, and score it; --merge-json adds the rows of ours")
+    p.add_argument("--merge-json", default=None, help="with --attach: a JSON of an earlier call whose rows to add")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--workdir", default=None, help="folder for data and runs (default: a new temporary one)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -400,6 +564,8 @@ def main(argv=None) -> int:
         args.relion_threads = args.threads
     if args.diameter is None:
         args.diameter = 0.85 * args.box * args.apix
+    if args.attach:
+        return attach(args)
     import tempfile
     t_start = time.perf_counter()
     folder = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="refine_relion_"))
@@ -413,17 +579,61 @@ def main(argv=None) -> int:
     if not args.no_relion:
         timeout = relion_timeout(args, time.perf_counter() - t_start)
         if timeout is None:
-            print(f"relion: not run, {args.total_budget:.0f} s budget spent", flush=True)
+            print("relion: not run, less than a minute left of its time limit or the budget", flush=True)
         else:
-            rows["relion"] = score(run_relion(data, folder, args, timeout), data, args)
+            if args.relion_detach:
+                launch = start_relion_detached(data, folder, args)
+                rows["relion"] = score_relion(wait_relion_detached(data, folder, args, launch, timeout), data, args)
+            else:
+                rows["relion"] = score(run_relion(data, folder, args, timeout), data, args)
             print("relion:", rows["relion"], flush=True)
     if args.order == "relion-first":
         run_all_ours(rows, ours, data, folder, args)
+    report(rows, args)
+    return 0
+
+
+def report(rows: dict, args) -> None:
+    """Print the table (and RELION's trajectory, if any); write --json."""
     print(table(rows))
+    for it in rows.get("relion", {}).get("trajectory", []):
+        print(f"relion iteration {it['iterations']:>2}: {it['seconds']:7.0f} s  reported {it['reported_A']:6.2f} Å  "
+              f"truth {it['truth_fsc05_A']:6.2f} Å  median error {it['median_angular_error_deg']:6.2f}°  "
+              f"step {_fmt(it['final_step_deg'], '.2f')}°", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": rows}, fh,
                       indent=1)
+
+
+def score_relion(result: dict, data: dict, args) -> dict:
+    """:func:`score` plus the detached run's extras (trajectory, segments, still running)."""
+    row = score(result, data, args)
+    row.update({k: result[k] for k in ("trajectory", "segments", "still_running") if k in result})
+    return row
+
+
+def attach(args) -> int:
+    """``--attach``: wait for, continue if killed, and score the detached RELION of ``--workdir``."""
+    if not args.workdir:
+        raise SystemExit("--attach needs --workdir (the folder of the call that started RELION)")
+    folder = os.path.abspath(args.workdir)
+    out = os.path.join(folder, "relion")
+    with open(os.path.join(out, LAUNCH_FILE)) as fh:
+        launch = json.load(fh)
+    keep = {"relion_timeout", "timeout", "json", "merge_json", "attach", "workdir"}
+    for k, v in launch["settings"].items():
+        if k not in keep:
+            setattr(args, k, v)
+    data = load_dataset(os.path.join(folder, "data"))
+    limit = args.relion_timeout if args.relion_timeout is not None else args.timeout
+    rows = {}
+    if args.merge_json:
+        with open(args.merge_json) as fh:
+            rows = {k: v for k, v in json.load(fh)["results"].items() if k != "relion"}
+    rows["relion"] = score_relion(wait_relion_detached(data, folder, args, launch, limit), data, args)
+    print("relion:", rows["relion"], flush=True)
+    report(rows, args)
     return 0
 
 
