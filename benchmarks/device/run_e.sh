@@ -23,8 +23,8 @@ if [ "$STAGE" = start ]; then
   LEFT=$(( 578 - ($(date +%s) - T0) ))
   python3 benchmarks/refine_relion.py $SIZE $RELION --ours gpu --order ours-first --relion-detach \
       --total-budget $LEFT --workdir $W --json $OUT/refine_start.json > $OUT/refine_start.log 2>&1
-  cp $OUT/refine_start.json $W/ 2>/dev/null
   echo "refine rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/device_$STAGE.txt
+  cp $OUT/refine_start.json $W/ 2>/dev/null
   cp $W/ours_gpu.log $OUT/ 2>/dev/null; cp $W/ours_gpu/iterations.jsonl $OUT/ours_gpu_iterations.jsonl 2>/dev/null
 else
   python3 benchmarks/refine_relion.py --attach --workdir $W --relion-timeout $(( 570 - ($(date +%s) - T0) )) \
