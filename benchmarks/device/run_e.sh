@@ -15,7 +15,7 @@ W=$PWD/.rr/e
 SIZE="--box 64 --particles 4000 --snr 0.05"
 RELION="--threads 16 --relion-threads 8 --mpi 3"
 if [ "$STAGE" = start ]; then
-  timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 xmipp_accel/tests > $OUT/gpu_tests.log 2>&1
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 xmipp_accel/tests/test_movie_apply.py xmipp_accel/tests/test_machinery_integration.py xmipp_accel/tests/test_tuning_autotune.py xmipp_accel/tests/test_refine_accuracy.py xmipp_accel/tests/test_fsc.py xmipp_accel/tests/test_movie_global.py xmipp_accel/tests/test_movie_local.py xmipp_accel/tests/test_projmatch.py xmipp_accel/tests/test_local_resolution.py xmipp_accel/tests/test_jobs_watch.py xmipp_accel/tests/test_deepalign.py > $OUT/gpu_tests.log 2>&1
   echo "gpu tests rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/device_$STAGE.txt
   timeout 60 python3 benchmarks/disk_read.py --files 4 --readers 1,4 --json $OUT/disk.json > $OUT/disk.log 2>&1
   echo "disk rc $? at $(( $(date +%s) - T0 )) s" >> $OUT/device_$STAGE.txt
