@@ -34,6 +34,7 @@ import numpy as np
 from ...em.projection import rfft_column_weights
 from ...errors import InputError
 from ... import backend
+from ...threads import cpu_workers
 from .fsc_curves import (CRITERIA, DirectionalFSC, FSCResult, MaskedFSC, Threshold, crossing_frequency,  # noqa: F401
                          resolution_at, threshold_curve)
 
@@ -200,15 +201,11 @@ def _result_from_sums(sums: np.ndarray, shape) -> FSCResult:
 
 
 # ------------------------------------------------------------------------------------------- FFTs
-def _workers() -> int:
-    return os.cpu_count() or 1
-
-
 def _rfftn(a):
     xp = backend.get_xp(a)
     if xp is np:
         import scipy.fft
-        return scipy.fft.rfftn(a, workers=_workers())
+        return scipy.fft.rfftn(a, workers=cpu_workers())
     return xp.fft.rfftn(a)
 
 
@@ -216,7 +213,7 @@ def _irfftn(f, shape):
     xp = backend.get_xp(f)
     if xp is np:
         import scipy.fft
-        return scipy.fft.irfftn(f, s=shape, workers=_workers())
+        return scipy.fft.irfftn(f, s=shape, workers=cpu_workers())
     return xp.fft.irfftn(f, s=shape)
 
 
