@@ -94,7 +94,9 @@ def make_stock(folder: str, args, xp) -> List[str]:
     header[8:12] = np.int32(args.frames + 7).tobytes()          # nz larger than the data
     with open(os.path.join(bad, "wrong_header.mrcs"), "wb") as f:
         f.write(bytes(header) + good[1024:])
-    write_mrc(os.path.join(bad, "no_signal.mrcs"), np.zeros((args.frames, args.size, args.size), np.float32),
+    # same dtype and size as the good movies: a larger file would raise the pools' high-water mark once (a step
+    # that the growth slope would read as a leak; seen in run E with a float32 one among int8 movies)
+    write_mrc(os.path.join(bad, "no_signal.mrcs"), np.zeros((args.frames, args.size, args.size), args.dtype),
               args.pixel_size)
     return paths
 
