@@ -22,7 +22,9 @@ all cores) with ``taskset``:
 
 Passes: ``cold`` drops every movie from the page cache (``os.posix_fadvise(POSIX_FADV_DONTNEED)`` after
 ``sync``) before each program, so each reads the disk; ``warm`` reads every movie once before each program
-so each reads the page cache.
+so each reads the page cache. Before the passes each program aligns one movie of its own (``warmup/``, not
+timed in the table; ``--no-warmup`` skips it), so that one-time costs (CuPy compiling its kernels, which run C's
+first, cold, pass paid) land in neither pass.
 
 Per program and pass: read, compute and write seconds per movie (median) where the program reports them
 (MotionCor3's stdout lines ``*** <file>: loaded in``, ``Computation time`` (gain, defects, alignment and
@@ -323,6 +325,27 @@ def programs(a, cores: str, n_movies: int) -> List[tuple]:
     return out
 
 
+def warm_up(a, d: str, cores: str) -> Dict[str, float]:
+    """Run every program once, untimed in the table, on one movie of its own (``d/warmup``, not among the
+    timed ones, so no timed file enters the page cache): one-time costs (CuPy compiling its kernels into its
+    disk cache, first CUDA use of the machine) then land in neither pass. Returns the seconds of each."""
+    w = os.path.join(d, "warmup")
+    make_movies(w, 1, a.size, a.frames, backend.cupy_module() or np)
+    took = {}
+    for name, _command, fn, _reason, n_used in programs(a, cores, 1):
+        if fn is None or n_used == 0 or name.lower() in a.skip.lower().split(","):
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn(w, 1)
+        except (RuntimeError, subprocess.CalledProcessError, OSError, ValueError) as e:
+            print(f"[warm-up] {name}: FAILED: {str(getattr(e, 'stderr', None) or e)[-500:]}", flush=True)
+            continue
+        took[name] = round(time.perf_counter() - t0, 2)
+        print(f"[warm-up] {name}: {took[name]:.1f} s for one movie (not in the table)", flush=True)
+    return took
+
+
 def run_all(a, d: str, truths: List[np.ndarray], cores: str) -> List[dict]:
     n = len(truths)
     paths = movie_paths(d, n)
@@ -402,6 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/movies_sbs")
     ap.add_argument("--json", default=None, help="write all figures to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (movies, outputs)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="no untimed run of each program on a movie of its own before the passes")
     a = ap.parse_args(argv)
     d = os.path.abspath(a.workdir)
     if a.motioncor3:
@@ -425,6 +450,7 @@ def main(argv=None) -> int:
     else:
         gen_s = None
         print(f"reusing the {a.movies} movies in {d}", flush=True)
+    warmup_s = warm_up(a, d, cores) if a.warmup else {}
     rows = run_all(a, d, truths, cores)
     device = backend.gpu_info(0)["name"] if cp is not None else "no GPU"
     header = (f"Movie alignment side by side: {a.movies} distinct movies {a.size}² × {a.frames} (int16 MRC, 1 Å/px, "
@@ -437,7 +463,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"header": header, "movies": a.movies, "shape": [a.frames, a.size, a.size],
-                       "generate_s": gen_s, "device": device, "cores": cores, "rows": rows,
+                       "generate_s": gen_s, "warmup_s": warmup_s, "device": device, "cores": cores, "rows": rows,
                        "drift_scales": drift_scales(a.movies).tolist()}, f, indent=1)
     if not a.keep:
         shutil.rmtree(d, ignore_errors=True)
