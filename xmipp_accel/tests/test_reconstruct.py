@@ -223,6 +223,26 @@ def test_gather_is_the_blob_weighted_sum_of_pixels():
     assert checked == 40
 
 
+def test_gather_threads_and_chunks_give_the_same_bits():
+    """The blob gather on threads adds its chunks' sums in the chunks' order: bit for bit the one-thread sum."""
+    rng = np.random.default_rng(11)
+    M = 32
+    g = FourierGrid(M, 15)
+    proj = (rng.normal(size=(6, M, M // 2 + 1)) + 1j * rng.normal(size=(6, M, M // 2 + 1))).astype(np.complex64)
+    pw = rng.uniform(0.2, 1.0, (6, M, M // 2 + 1)).astype(np.float32)
+    A = random_rotations(12, 4)
+    idx = np.arange(12) % 6
+    out = []
+    for threads in (1, 2, 4):
+        d = np.zeros(g.shape, np.complex64)
+        w = np.zeros(g.shape, np.float32)
+        insert_gather_numpy(d, w, proj, pw, A, idx, g, chunk_elements=1 << 12, threads=threads)
+        out.append((d, w))
+    assert out[0][1].sum() > 0
+    for d, w in out[1:]:
+        assert np.array_equal(d, out[0][0]) and np.array_equal(w, out[0][1])
+
+
 def test_packed_layout_holds_pixels_and_hermitian_mates():
     from xmipp_accel.gpu.reconstruct.insert import pack_projections_numpy, packed_width
     rng = np.random.default_rng(8)

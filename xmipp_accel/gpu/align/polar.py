@@ -22,20 +22,17 @@ theorem with the package's projection convention).
 from __future__ import annotations
 
 import math
-import os
 from typing import Tuple
 
 import numpy as np
 
 from ... import backend
+from ...threads import fft_workers
 from ..tuning.fft_advisor import good_fft_size
 
 __all__ = ["fft_last", "centred_rfft2", "fourier_crop", "good_size", "polar_points", "polar_samples_hermitian",
            "halfplane_points",
            "shift_phases", "oversampled_spectrum", "sample_rfft", "CentralSlicer", "angular_spectrum"]
-
-_WORKERS = max(1, os.cpu_count() or 1)
-
 
 # ------------------------------------------------------------------------------------------------------------
 # FFT helpers (scipy.fft on the CPU keeps single precision; cuFFT on the GPU)
@@ -44,7 +41,7 @@ _WORKERS = max(1, os.cpu_count() or 1)
 def _fft_module(xp):
     if xp is np:
         import scipy.fft as sfft
-        return sfft, {"workers": _WORKERS}
+        return sfft, {"workers": fft_workers()}   # 1 inside the batch threads of map_in_order
     return xp.fft, {}
 
 
