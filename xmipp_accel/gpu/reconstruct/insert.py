@@ -224,8 +224,8 @@ def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, 
     Notes
     -----
     The sums are done in float64 and added to the accumulators once per call; the voxels visited and the
-    pixels gathered are the kernel's (``insert.cu``). The gathers (~85% of the time) run on the threads, the
-    scatter of each chunk's voxel sums (``np.bincount``, which holds the interpreter lock) on the caller's.
+    pixels gathered are the kernel's (``insert.cu``). The chunks run on the threads; the caller's thread adds
+    each chunk's sums over its distinct voxels (the same bits as adding a bincount over the whole volume).
     """
     if blob_mode not in BLOB_MODES:
         raise ValueError(f"blob_mode must be one of {BLOB_MODES}, got {blob_mode!r}")
@@ -236,18 +236,13 @@ def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, 
                         np.ascontiguousarray(proj.real, dtype=np.float64).reshape(-1),
                         np.ascontiguousarray(proj.imag, dtype=np.float64).reshape(-1),
                         None if proj_weight is None else np.asarray(proj_weight, dtype=np.float64).reshape(-1))
-    size = data.size
-    acc_re, acc_im, acc_w = np.zeros(size), np.zeros(size), np.zeros(size)
+    acc = np.zeros((3, data.size))                     # real part, imaginary part, weight
     workers = cpu_workers() if threads is None else max(1, int(threads))
     for sums in map_in_order(src.gather, _gather_chunks(grid, blob, matrices, chunk_elements), workers):
-        if sums is None:
-            continue
-        vox, s_re, s_im, s_w = sums
-        acc_re += np.bincount(vox, weights=s_re, minlength=size)
-        acc_im += np.bincount(vox, weights=s_im, minlength=size)
-        acc_w += np.bincount(vox, weights=s_w, minlength=size)
-    data += (acc_re + 1j * acc_im).reshape(data.shape).astype(data.dtype)
-    weight += acc_w.reshape(weight.shape).astype(weight.dtype)
+        if sums is not None:
+            acc[:, sums[0]] += sums[1]
+    data += (acc[0] + 1j * acc[1]).reshape(data.shape).astype(data.dtype)
+    weight += acc[2].reshape(weight.shape).astype(weight.dtype)
 
 
 def _gather_chunks(grid: FourierGrid, blob: KaiserBesselBlob, matrices: np.ndarray, chunk_elements: int) -> list:
@@ -280,8 +275,8 @@ class _GatherSource:
     pw_flat: Optional[np.ndarray]
 
     def gather(self, chunk) -> Optional[tuple]:
-        """Voxel sums of a chunk ``(axis, face, entries)``: flat voxel indices into the half volume and their
-        gathered real part, imaginary part and weight ``(vox, s_re, s_im, s_w)``; None when empty."""
+        """Voxel sums of a chunk ``(axis, face, entries)``: its distinct voxels (flat indices into the half
+        volume) and their gathered real part, imaginary part and weight ``(vox, (3, V) sums)``; None if empty."""
         axis, (uu, vv, c_lo, c_hi), ent = chunk
         grid = self.grid
         M, Mh = grid.padded_box, grid.half
@@ -329,14 +324,16 @@ class _GatherSource:
         neg = pxv < 0
         ay = np.where(neg, -pyv, pyv)
         pix = self.image_index[ent[e_i[vi]]] * (M * Mh) + np.where(ay < 0, ay + M, ay) * Mh + np.abs(pxv)
-        # sum over each voxel's pixels first; the caller scatters the voxel sums into the volume
+        # sum over each voxel's pixels first, then over the chunk's visits of each voxel (in their order, as a
+        # bincount over the whole volume would); the caller adds those into the volume
         nv = e_i.size
-        s_re = np.bincount(vi, weights=w * self.proj_re[pix], minlength=nv)
-        s_im = np.bincount(vi, weights=np.where(neg, -w, w) * self.proj_im[pix], minlength=nv)
-        s_w = np.bincount(vi, weights=w if self.pw_flat is None else w * self.pw_flat[pix], minlength=nv)
         vox = ((np.where(k[:, 2] < 0, k[:, 2] + M, k[:, 2]) * M
                 + np.where(k[:, 1] < 0, k[:, 1] + M, k[:, 1])) * Mh + k[:, 0])
-        return vox, s_re, s_im, s_w
+        vox, visit = np.unique(vox, return_inverse=True)
+        return vox, np.stack([np.bincount(visit, weights=np.bincount(vi, weights=values, minlength=nv),
+                                          minlength=vox.size)
+                              for values in (w * self.proj_re[pix], np.where(neg, -w, w) * self.proj_im[pix],
+                                             w if self.pw_flat is None else w * self.pw_flat[pix])])
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

@@ -34,6 +34,7 @@ import numpy as np
 from ...em.projection import rfft_column_weights
 from ...errors import InputError
 from ... import backend
+from ...threads import fft_workers
 from .fsc_curves import (CRITERIA, DirectionalFSC, FSCResult, MaskedFSC, Threshold, crossing_frequency,  # noqa: F401
                          resolution_at, threshold_curve)
 
@@ -201,7 +202,8 @@ def _result_from_sums(sums: np.ndarray, shape) -> FSCResult:
 
 # ------------------------------------------------------------------------------------------- FFTs
 def _workers() -> int:
-    return os.cpu_count() or 1
+    """FFT threads: the cores this process may use, at most OMP_NUM_THREADS (1 inside a batch thread)."""
+    return fft_workers()
 
 
 def _rfftn(a):
