@@ -28,6 +28,9 @@ D. Střelák, C. O. S. Sorzano, J. M. Carazo, J. Filipovič, "A GPU acceleration
 Fourier reconstruction in cryo-EM", IJHPCA 33 (2019) 948, doi:10.1177/1094342019832958.
 S. H. W. Scheres, "RELION", J. Struct. Biol. 180 (2012) 519 (symmetrising the
 accumulated data and weights), doi:10.1016/j.jsb.2012.09.006.
+
+The module is a little longer than 600 lines: the NumPy twin and the CUDA kernel's driver are one idea,
+kept side by side so that the twin stays the kernel's oracle.
 """
 from __future__ import annotations
 
@@ -307,23 +310,32 @@ class _GatherSource:
         qz2 = q[:, 2] ** 2
         inslab = qz2 <= r2
         e_i, k, q, qz2 = e_i[inslab], k[inslab], q[inslab], qz2[inslab]
-        # candidate pixels: an n_p x n_p square around (qx, qy), separable distances
-        px = np.ceil(q[:, 0] - r).astype(np.int64)[:, None] + offsets[None, :]
-        py = np.ceil(q[:, 1] - r).astype(np.int64)[:, None] + offsets[None, :]
+        # candidate pixels: an n_p x n_p square from (x0, y0) around (qx, qy), separable distances
+        x0 = np.ceil(q[:, 0] - r).astype(np.int64)
+        y0 = np.ceil(q[:, 1] - r).astype(np.int64)
+        px = x0[:, None] + offsets[None, :]
+        py = y0[:, None] + offsets[None, :]
         dx2 = (px - q[:, 0, None]) ** 2
         dy2 = (py - q[:, 1, None]) ** 2 + qz2[:, None]
         d2 = dy2[:, :, None] + dx2[:, None, :]
-        valid = ((d2 <= r2) & ((py * py)[:, :, None] + (px * px)[:, None, :] <= kmax2)
-                 & (np.abs(py) <= K)[:, :, None] & (np.abs(px) <= K)[:, None, :])
+        valid = d2 <= r2
+        # pixels beyond kmax or K: tested only in the squares that reach past them (near the rim)
+        mx = np.maximum(np.abs(x0), np.abs(x0 + n_p - 1))           # largest |px|, |py| of each square
+        my = np.maximum(np.abs(y0), np.abs(y0 + n_p - 1))
+        rim = np.nonzero((mx * mx + my * my > kmax2) | (mx > K) | (my > K))[0]
+        if rim.size:
+            bx, by = px[rim], py[rim]
+            valid[rim] &= (((by * by)[:, :, None] + (bx * bx)[:, None, :] <= kmax2)
+                           & (np.abs(by) <= K)[:, :, None] & (np.abs(bx) <= K)[:, None, :])
         flat = np.flatnonzero(valid)
         vi, rest = np.divmod(flat, n_p * n_p)
         yi, xi = np.divmod(rest, n_p)
         w = self.blob_at(d2.reshape(-1)[flat])
-        pxv = px[vi, xi]
-        pyv = py[vi, yi]
+        pxv = x0[vi] + xi
+        pyv = y0[vi] + yi
         neg = pxv < 0
         ay = np.where(neg, -pyv, pyv)
-        pix = self.image_index[ent[e_i[vi]]] * (M * Mh) + np.where(ay < 0, ay + M, ay) * Mh + np.abs(pxv)
+        pix = (self.image_index[ent[e_i]] * (M * Mh))[vi] + np.where(ay < 0, ay + M, ay) * Mh + np.abs(pxv)
         # sum over each voxel's pixels first, then over the chunk's visits of each voxel (in their order, as a
         # bincount over the whole volume would); the caller adds those into the volume
         nv = e_i.size
