@@ -430,6 +430,8 @@ def run_ours(data: dict, folder: str, device: str, args) -> dict:
     cmd = [sys.executable, "-m", "xmipp_accel", "refine", data["star"], "--initial-volume", data["initial"],
            "--diameter", str(args.diameter), "--symmetry", args.sym, "--initial-lowpass", str(args.initial_lowpass),
            "--max-iterations", str(args.max_iterations), "-o", out, "--device", device, "--json", "--quiet"]
+    if args.interp:
+        cmd += ["--interp", args.interp]
     log = os.path.join(folder, f"ours_{device}.log")
     seconds, cpu = run_timed(cmd, cwd=os.path.dirname(data["star"]), env=thread_env(args.threads),
                              timeout=args.timeout, log=log)
@@ -538,6 +540,8 @@ def main(argv=None) -> int:
     p.add_argument("--mpi", type=int, default=3, help="RELION MPI ranks, at least 3 (default: %(default)s)")
     p.add_argument("--ours", default="cpu", help="comma-separated devices for ours: cpu, gpu (default: cpu)")
     p.add_argument("--no-relion", action="store_true", help="run only ours")
+    p.add_argument("--interp", choices=("blob", "trilinear", "auto"), default=None,
+                   help="reconstruction kernel of ours (its --interp; default: its own default, blob)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per run of ours (default: %(default)s)")
     p.add_argument("--relion-timeout", type=float, default=None, metavar="SECONDS",
                    help="stop RELION after this many seconds and score its last finished iteration "

@@ -13,10 +13,11 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from ..threads import let_idle_blas_threads_sleep, share_cores_with_local_ranks
+from ..threads import keep_freed_heap_memory, let_idle_blas_threads_sleep, share_cores_with_local_ranks
 
 share_cores_with_local_ranks()   # MPI ranks on one node: each its share of the cores, set before NumPy loads
 let_idle_blas_threads_sleep()    # OpenBLAS's idle threads sleep instead of spinning (read when NumPy loads)
+keep_freed_heap_memory()         # freed temporaries stay in the heap: the NumPy paths' chunks reuse their pages
 
 from .. import __version__  # noqa: E402
 from ..errors import USER_ERRORS  # noqa: E402

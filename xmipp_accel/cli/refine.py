@@ -58,6 +58,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--continue", dest="resume", action="store_true",
                    help="resume from the last finished iteration saved in OUTDIR")
     g.add_argument("--seed", type=int, default=0, help="seed of the half-set split (default: %(default)s)")
+    g.add_argument("--interp", choices=("blob", "trilinear", "auto"), default="blob",
+                   help="reconstruction kernel: blob (Kaiser-Bessel gather, the GPU's: the same maps on CPU "
+                        "and GPU), trilinear (RELION's scatter, CPU only, ~15x less CPU time there) or auto "
+                        "(trilinear on the CPU, blob on GPUs) (default: %(default)s)")
     add_path_args(parser)
     add_common_args(parser)
 
@@ -313,10 +317,12 @@ def main(args: argparse.Namespace) -> int:
     check_finite(images, f"particles of {args.particles}", item_name="particle")
     subset = assign_subsets(pset.n, pset.subset, seed=args.seed) if state is None else state.subset
     devices = resolve_devices(args)
+    from ..gpu.reconstruct.fourier import resolve_interp
+    resolve_interp(args.interp, gpu=devices[0].is_gpu)      # trilinear on a GPU: refused before any work
     settings = RefineSettings(pixel_size_A=px, diameter_A=args.diameter, sym=args.sym,
                               initial_lowpass_A=args.initial_lowpass, max_iterations=args.max_iterations,
                               global_iterations=args.global_iterations, global_step_deg=args.global_step,
-                              max_shift_px=args.max_shift, ctf=ctf is not None)
+                              max_shift_px=args.max_shift, ctf=ctf is not None, interp=args.interp)
     os.makedirs(args.output, exist_ok=True)
     logger.info("refining %d particles (%d px, %.4g Å/px, sym %s, CTF %s) on %s", pset.n, box, px, args.sym,
                 "on" if ctf is not None else "off", devices[0].describe())

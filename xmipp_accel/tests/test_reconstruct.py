@@ -223,6 +223,55 @@ def test_gather_is_the_blob_weighted_sum_of_pixels():
     assert checked == 40
 
 
+def test_gather_threads_and_chunks_give_the_same_bits():
+    """The blob gather on threads adds its chunks' sums in the chunks' order: bit for bit the one-thread sum."""
+    rng = np.random.default_rng(11)
+    M = 32
+    g = FourierGrid(M, 15)
+    proj = (rng.normal(size=(6, M, M // 2 + 1)) + 1j * rng.normal(size=(6, M, M // 2 + 1))).astype(np.complex64)
+    pw = rng.uniform(0.2, 1.0, (6, M, M // 2 + 1)).astype(np.float32)
+    A = random_rotations(12, 4)
+    idx = np.arange(12) % 6
+    out = []
+    for threads in (1, 2, 4):
+        d = np.zeros(g.shape, np.complex64)
+        w = np.zeros(g.shape, np.float32)
+        insert_gather_numpy(d, w, proj, pw, A, idx, g, chunk_elements=1 << 12, threads=threads)
+        out.append((d, w))
+    assert out[0][1].sum() > 0
+    for d, w in out[1:]:
+        assert np.array_equal(d, out[0][0]) and np.array_equal(w, out[0][1])
+
+
+def test_gather_at_the_rim_leaves_out_the_pixels_beyond_kmax():
+    """Voxels near kmax (where the candidate squares reach past it and the pixel bounds are tested): the weight
+    is the blob-weighted sum of the pixels with |p|² <= kmax² only, as a direct loop gives it."""
+    M, kmax = 24, 6.5
+    g = FourierGrid(M, kmax)
+    A = random_rotations(1, 9)
+    pw = np.random.default_rng(2).uniform(0.2, 1.0, (1, M, M // 2 + 1)).astype(np.float32)
+    pw = 0.5 * (pw + pw[:, (-np.arange(M)) % M])              # W(0, -py) = W(0, py): the kx = 0 mates agree
+    d = np.zeros(g.shape, np.complex64)
+    w = np.zeros(g.shape, np.float32)
+    blob = KaiserBesselBlob()
+    insert_gather_numpy(d, w, np.ones((1, M, M // 2 + 1), np.complex64), pw, A, [0], g, blob, blob_mode="onthefly")
+    checked = 0
+    for iz, iy, ix in zip(*np.nonzero(w > 0)):
+        k = np.array([ix, iy if iy < M // 2 else iy - M, iz if iz < M // 2 else iz - M], float)
+        if k @ k < (kmax - 2) ** 2:
+            continue
+        q = A[0] @ k
+        ref = 0.0
+        for py in range(int(np.floor(q[1] - 2)), int(np.ceil(q[1] + 2)) + 1):
+            for px in range(int(np.floor(q[0] - 2)), int(np.ceil(q[0] + 2)) + 1):
+                d2 = (px - q[0]) ** 2 + (py - q[1]) ** 2 + q[2] ** 2
+                if d2 <= 1.9 ** 2 and px * px + py * py <= g.kmax2 and max(abs(px), abs(py)) <= g.K:
+                    ref += blob.value_squared(d2) * pw[0, (py if px >= 0 else -py) % M, abs(px)]
+        np.testing.assert_allclose(w[iz, iy, ix], ref, rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked > 50
+
+
 def test_packed_layout_holds_pixels_and_hermitian_mates():
     from xmipp_accel.gpu.reconstruct.insert import pack_projections_numpy, packed_width
     rng = np.random.default_rng(8)

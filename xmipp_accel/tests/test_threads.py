@@ -117,3 +117,63 @@ def test_omp_num_threads_set_after_import_limits_the_cpu_ffts_and_the_local_moti
     assert run() == (6, {4}, [3])                                         # 3 frames: a pool of min(4, 3)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert run() == (6, {1}, [])                                          # one worker, no pool
+
+
+def test_map_in_order_keeps_the_order_and_runs_the_libraries_single_threaded():
+    """Results in the items' order whatever the workers and their speed; inside a worker FFTs get 1 thread
+    (outside: cpu_workers) and BLAS is held at 1 thread while the map runs, with one worker too."""
+    import time
+
+    from xmipp_accel import threads
+
+    def fn(i):
+        time.sleep(0.002 * ((7 * i) % 5))                  # later items often finish first
+        blas = [getter() for _, getter in threads._loaded_blas()]
+        return i * i, threads.fft_workers(), threads.in_pool_thread(), blas
+
+    outside = threads.fft_workers()
+    assert outside == threads.cpu_workers() and not threads.in_pool_thread()
+    for workers in (1, 3):
+        out = list(threads.map_in_order(fn, range(12), workers, ahead=4))
+        assert [o[0] for o in out] == [i * i for i in range(12)]
+        assert all(o[1] == (1 if workers > 1 else outside) and o[2] == (workers > 1) for o in out)
+        assert all(set(o[3]) <= {1} for o in out)
+    assert threads.fft_workers() == outside
+
+
+def test_blas_threads_are_restored_after_nested_holds():
+    import numpy  # noqa: F401  (loads NumPy's BLAS)
+    import pytest
+
+    from xmipp_accel import threads
+    libs = threads._loaded_blas()
+    if not libs:
+        pytest.skip("no OpenBLAS or MKL loaded")
+    setter, getter = libs[0]
+    before = getter()
+    try:
+        setter(2)
+        held = getter()                                   # 2, or 1 where OpenBLAS caps it at one core
+        with threads.blas_threads(1):
+            with threads.blas_threads(1):
+                assert getter() == 1
+            assert getter() == 1                          # the inner block does not give the count back
+        assert getter() == held
+    finally:
+        setter(before)
+
+
+def test_heap_settings_are_applied_unless_the_user_set_them():
+    """In a fresh process: the glibc settings are applied (Linux), each one skipped where its variable is set."""
+    import pytest
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc mallopt")
+    code = ("import os\n"
+            "from xmipp_accel.threads import keep_freed_heap_memory\n"
+            "print(sorted(keep_freed_heap_memory()))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(sorted(["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX"]))
+    env["MALLOC_ARENA_MAX"] = "4"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(sorted(["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"]))

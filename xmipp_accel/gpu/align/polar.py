@@ -27,7 +27,7 @@ from typing import Tuple
 import numpy as np
 
 from ... import backend
-from ...threads import cpu_workers
+from ...threads import fft_workers
 from ..tuning.fft_advisor import good_fft_size
 
 __all__ = ["fft_last", "centred_rfft2", "fourier_crop", "good_size", "polar_points", "polar_samples_hermitian",
@@ -35,13 +35,13 @@ __all__ = ["fft_last", "centred_rfft2", "fourier_crop", "good_size", "polar_poin
            "shift_phases", "oversampled_spectrum", "sample_rfft", "CentralSlicer", "angular_spectrum"]
 
 # ------------------------------------------------------------------------------------------------------------
-# FFT helpers (scipy.fft on the CPU keeps single precision, threads.cpu_workers() threads; cuFFT on the GPU)
+# FFT helpers (scipy.fft on the CPU keeps single precision; cuFFT on the GPU)
 # ------------------------------------------------------------------------------------------------------------
 
 def _fft_module(xp):
     if xp is np:
         import scipy.fft as sfft
-        return sfft, {"workers": cpu_workers()}
+        return sfft, {"workers": fft_workers()}   # 1 inside the batch threads of map_in_order
     return xp.fft, {}
 
 

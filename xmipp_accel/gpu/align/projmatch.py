@@ -43,6 +43,7 @@ import numpy as np
 from ...constants import CTF_IMAGES_NORMAL
 from ...em.geometry import euler_to_matrix, matrix_to_euler
 from ... import backend
+from ...threads import fft_workers, map_in_order
 from .polar import (CentralSlicer, angular_spectrum, centred_rfft2, good_size, halfplane_points,
                     oversampled_spectrum, polar_points, polar_samples_hermitian, sample_rfft, shift_phases)
 from .refine import RefineLevel, refine_candidates
@@ -413,7 +414,7 @@ def _irfft_last(y, n: int):
     xp = backend.get_xp(y)
     if xp is np:
         import scipy.fft as sfft
-        return sfft.irfft(y, n=n, axis=-1, workers=-1)
+        return sfft.irfft(y, n=n, axis=-1, workers=fft_workers())
     return xp.fft.irfft(y, n=n, axis=-1)
 
 
@@ -437,25 +438,17 @@ def _orthonormalise(m: np.ndarray) -> np.ndarray:
 def map_batches(fn: Callable[[int, int], object], n: int, batch_size: int, *, workers: int = 1,
                 progress: Optional[Callable[[int], None]] = None) -> list:
     """``[fn(s, e) for each batch [s, e) of range(n)]`` in order, ``workers`` batches at once on threads when
-    more than one (the NumPy path: its element-wise work is single-threaded and releases the GIL); the results
-    are the same and in the same order. ``progress(k)`` is called with the particles done after each batch.
-    ``fn`` must not build caches lazily when it runs on threads."""
+    more than one (the NumPy path: its element-wise work releases the GIL; inside the threads FFTs and BLAS are
+    single-threaded, :func:`xmipp_accel.threads.map_in_order`); the results are the same and in the same
+    order. ``progress(k)`` is called with the particles done after each batch. ``fn`` must not build caches
+    lazily when it runs on threads."""
     ranges = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
-    if workers > 1 and len(ranges) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-        pool = ThreadPoolExecutor(min(int(workers), len(ranges)))
-        results = pool.map(lambda r: fn(*r), ranges)
-    else:
-        pool, results = None, (fn(*r) for r in ranges)
     out = []
-    try:
-        for (s, e), result in zip(ranges, results):
-            out.append(result)
-            if progress is not None:
-                progress(e - s)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+    for (s, e), result in zip(ranges, map_in_order(lambda r: fn(*r), ranges, min(int(workers), len(ranges)),
+                                                   ahead=len(ranges))):
+        out.append(result)
+        if progress is not None:
+            progress(e - s)
     return out
 
 

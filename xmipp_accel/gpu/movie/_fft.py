@@ -1,6 +1,6 @@
 """FFT helpers shared by the movie-alignment stages (private).
 
-NumPy arrays go through :mod:`scipy.fft` (single precision kept, :func:`xmipp_accel.threads.cpu_workers`
+NumPy arrays go through :mod:`scipy.fft` (single precision kept, :func:`xmipp_accel.threads.fft_workers`
 threads: the cores, at most ``OMP_NUM_THREADS``, read at each call), CuPy
 arrays through ``cupy.fft`` (cuFFT, plans cached by CuPy). Transform sizes come
 from the FFT size advisor (:mod:`xmipp_accel.gpu.tuning.fft_advisor`).
@@ -12,7 +12,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from ... import backend
-from ...threads import cpu_workers
+from ...threads import fft_workers
 
 __all__ = ["rfft2", "irfft2", "fast_size", "fast_shape", "rfft_freqs", "fourier_crop_rfft"]
 
@@ -23,10 +23,10 @@ def rfft2(x):
     if xp is np:
         import scipy.fft as sfft
         if x.ndim < 2 or x.dtype.kind != "f":
-            return sfft.rfft2(x, axes=(-2, -1), workers=cpu_workers())
+            return sfft.rfft2(x, axes=(-2, -1), workers=fft_workers())
         # SciPy's rfft2 in two steps (real along x, then complex along y in place): the same numbers, no
         # second full-size temporary
-        workers = cpu_workers()
+        workers = fft_workers()
         return sfft.fft(sfft.rfft(x, axis=-1, workers=workers), axis=-2, workers=workers, overwrite_x=True)
     return xp.fft.rfft2(x, axes=(-2, -1))
 
@@ -43,7 +43,7 @@ def irfft2(spec, shape: Sequence[int], *, overwrite: bool = False):
     shape = tuple(int(s) for s in shape)
     if xp is np:
         import scipy.fft as sfft
-        workers = cpu_workers()
+        workers = fft_workers()
         if spec.shape[-2] != shape[0] or spec.shape[-1] != shape[1] // 2 + 1 or spec.dtype.kind != "c":
             return sfft.irfft2(spec, s=shape, axes=(-2, -1), workers=workers)
         tmp = sfft.ifft(spec if overwrite else spec.copy(), axis=-2, workers=workers, overwrite_x=True)

@@ -28,6 +28,9 @@ D. Střelák, C. O. S. Sorzano, J. M. Carazo, J. Filipovič, "A GPU acceleration
 Fourier reconstruction in cryo-EM", IJHPCA 33 (2019) 948, doi:10.1177/1094342019832958.
 S. H. W. Scheres, "RELION", J. Struct. Biol. 180 (2012) 519 (symmetrising the
 accumulated data and weights), doi:10.1016/j.jsb.2012.09.006.
+
+The module is a little longer than 600 lines: the NumPy twin and the CUDA kernel's driver are one idea,
+kept side by side so that the twin stays the kernel's oracle.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from ... import backend
+from ...threads import cpu_workers, map_in_order
 from .blob import DEFAULT_TABLE_SIZE, KaiserBesselBlob
 
 __all__ = ["FourierGrid", "INSERT_TUNING_SPACE", "DEFAULT_INSERT_TUNING", "BLOB_MODES", "PACK_MODES", "dominant_axis",
@@ -196,7 +200,8 @@ def insertion_entries(matrices, image_index) -> tuple:
 def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, proj_weight: Optional[np.ndarray],
                         matrices: np.ndarray, image_index: np.ndarray, grid: FourierGrid,
                         blob: KaiserBesselBlob = KaiserBesselBlob(), *, blob_mode: str = "table",
-                        table_size: int = DEFAULT_TABLE_SIZE, chunk_elements: int = 1 << 17) -> None:
+                        table_size: int = DEFAULT_TABLE_SIZE, chunk_elements: int = 1 << 17,
+                        threads: Optional[int] = None) -> None:
     """NumPy twin of the gather kernel: accumulate projections into ``data`` and ``weight`` in place.
 
     Parameters
@@ -215,92 +220,132 @@ def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, 
         Entries of the blob table (``"table"`` mode).
     chunk_elements : int
         Bound on the column candidates handled at once (memory use and cache locality).
+    threads : int or None
+        Chunks gathered at once (default :func:`~xmipp_accel.threads.cpu_workers`); their sums are added
+        in the chunks' order: the same result whatever the count.
 
     Notes
     -----
-    The sums are done in float64 and added to the accumulators once per call; the voxels
-    visited and the pixels gathered are the kernel's (``insert.cu``).
+    The sums are done in float64 and added to the accumulators once per call; the voxels visited and the
+    pixels gathered are the kernel's (``insert.cu``). The chunks run on the threads; the caller's thread adds
+    each chunk's sums over its distinct voxels (the same bits as adding a bincount over the whole volume).
     """
     if blob_mode not in BLOB_MODES:
         raise ValueError(f"blob_mode must be one of {BLOB_MODES}, got {blob_mode!r}")
     matrices, image_index = insertion_entries(matrices, image_index)
     if matrices.shape[0] == 0:
         return
-    M, Mh = grid.padded_box, grid.half
-    K, kmax2 = grid.K, grid.kmax2
-    r, r2 = blob.radius, blob.radius * blob.radius
-    blob_at = _blob_lookup(blob, blob_mode, table_size)
+    src = _GatherSource(grid, blob, _blob_lookup(blob, blob_mode, table_size), matrices, image_index,
+                        np.ascontiguousarray(proj.real, dtype=np.float64).reshape(-1),
+                        np.ascontiguousarray(proj.imag, dtype=np.float64).reshape(-1),
+                        None if proj_weight is None else np.asarray(proj_weight, dtype=np.float64).reshape(-1))
+    acc = np.zeros((3, data.size))                     # real part, imaginary part, weight
+    workers = cpu_workers() if threads is None else max(1, int(threads))
+    for sums in map_in_order(src.gather, _gather_chunks(grid, blob, matrices, chunk_elements), workers):
+        if sums is not None:
+            acc[:, sums[0]] += sums[1]
+    data += (acc[0] + 1j * acc[1]).reshape(data.shape).astype(data.dtype)
+    weight += acc[2].reshape(weight.shape).astype(weight.dtype)
+
+
+def _gather_chunks(grid: FourierGrid, blob: KaiserBesselBlob, matrices: np.ndarray, chunk_elements: int) -> list:
+    """The chunks of :func:`insert_gather_numpy`, in order: ``(axis, face, entries)`` with the entries whose
+    plane normal is largest along ``axis`` (a few at a time) and that axis's face (:func:`_face`)."""
+    n_c = int(math.ceil(2 * blob.radius * math.sqrt(3.0))) + 2   # voxels a column can have in a slab
     axes = dominant_axis(matrices)
-    plane = M * Mh
-    proj_re = np.ascontiguousarray(proj.real, dtype=np.float64).reshape(-1)
-    proj_im = np.ascontiguousarray(proj.imag, dtype=np.float64).reshape(-1)
-    pw_flat = None if proj_weight is None else np.asarray(proj_weight, dtype=np.float64).reshape(-1)
-    size = data.size
-    acc_re = np.zeros(size)
-    acc_im = np.zeros(size)
-    acc_w = np.zeros(size)
-    n_c = int(math.ceil(2 * r * math.sqrt(3.0))) + 2   # voxels a column can have in a slab
-    n_p = int(math.floor(2 * r)) + 1                     # pixels per axis a blob can cover
-    offsets = np.arange(n_p)
+    chunks = []
     for axis in range(3):
         sel = np.nonzero(axes == axis)[0]
         if sel.size == 0:
             continue
-        uu, vv, c_lo, c_hi = _face(grid, axis)
+        face = _face(grid, axis)
+        step = max(1, chunk_elements // max(1, face[0].size * n_c))
+        chunks += [(axis, face, sel[start:start + step]) for start in range(0, sel.size, step)]
+    return chunks
+
+
+@dataclass(frozen=True)
+class _GatherSource:
+    """What every chunk of :func:`insert_gather_numpy` reads (shared, read-only, by the threads)."""
+
+    grid: FourierGrid
+    blob: KaiserBesselBlob
+    blob_at: object
+    matrices: np.ndarray
+    image_index: np.ndarray
+    proj_re: np.ndarray
+    proj_im: np.ndarray
+    pw_flat: Optional[np.ndarray]
+
+    def gather(self, chunk) -> Optional[tuple]:
+        """Voxel sums of a chunk ``(axis, face, entries)``: its distinct voxels (flat indices into the half
+        volume) and their gathered real part, imaginary part and weight ``(vox, (3, V) sums)``; None if empty."""
+        axis, (uu, vv, c_lo, c_hi), ent = chunk
+        grid = self.grid
+        M, Mh = grid.padded_box, grid.half
+        K, kmax2 = grid.K, grid.kmax2
+        r, r2 = self.blob.radius, self.blob.radius * self.blob.radius
+        n_c = int(math.ceil(2 * r * math.sqrt(3.0))) + 2    # voxels a column can have in a slab
+        n_p = int(math.floor(2 * r)) + 1                     # pixels per axis a blob can cover
+        offsets = np.arange(n_p)
         ic, iu, iv = _axis_components(axis)
-        step = max(1, chunk_elements // max(1, uu.size * n_c))
-        for start in range(0, sel.size, step):
-            ent = sel[start:start + step]
-            A = matrices[ent]
-            n = A[:, 2, :]
-            t = n[:, iu, None] * uu[None, :] + n[:, iv, None] * vv[None, :]
-            inv = 1.0 / n[:, ic, None]
-            a = (-r - t) * inv
-            b = (r - t) * inv
-            c0 = np.maximum(np.ceil(np.minimum(a, b)).astype(np.int64), c_lo[None, :])
-            c1 = np.minimum(np.floor(np.maximum(a, b)).astype(np.int64), c_hi[None, :])
-            # voxels of each (entry, column) inside the slab
-            cand = c0[:, :, None] + np.arange(n_c)[None, None, :]
-            e_i, f_i, j_i = np.nonzero(cand <= c1[:, :, None])
-            if e_i.size == 0:
-                continue
-            k = np.empty((e_i.size, 3), dtype=np.int64)
-            k[:, ic] = cand[e_i, f_i, j_i]
-            k[:, iu] = uu[f_i]
-            k[:, iv] = vv[f_i]
-            q = np.einsum("nij,nj->ni", A[e_i], k.astype(np.float64))
-            qz2 = q[:, 2] ** 2
-            inslab = qz2 <= r2
-            e_i, k, q, qz2 = e_i[inslab], k[inslab], q[inslab], qz2[inslab]
-            # candidate pixels: an n_p x n_p square around (qx, qy), separable distances
-            px = np.ceil(q[:, 0] - r).astype(np.int64)[:, None] + offsets[None, :]
-            py = np.ceil(q[:, 1] - r).astype(np.int64)[:, None] + offsets[None, :]
-            dx2 = (px - q[:, 0, None]) ** 2
-            dy2 = (py - q[:, 1, None]) ** 2 + qz2[:, None]
-            d2 = dy2[:, :, None] + dx2[:, None, :]
-            valid = ((d2 <= r2) & ((py * py)[:, :, None] + (px * px)[:, None, :] <= kmax2)
-                     & (np.abs(py) <= K)[:, :, None] & (np.abs(px) <= K)[:, None, :])
-            flat = np.flatnonzero(valid)
-            vi, rest = np.divmod(flat, n_p * n_p)
-            yi, xi = np.divmod(rest, n_p)
-            w = blob_at(d2.reshape(-1)[flat])
-            pxv = px[vi, xi]
-            pyv = py[vi, yi]
-            neg = pxv < 0
-            ay = np.where(neg, -pyv, pyv)
-            pix = image_index[ent[e_i[vi]]] * plane + np.where(ay < 0, ay + M, ay) * Mh + np.abs(pxv)
-            # sum over each voxel's pixels first, then scatter the voxel sums into the volume
-            nv = e_i.size
-            s_re = np.bincount(vi, weights=w * proj_re[pix], minlength=nv)
-            s_im = np.bincount(vi, weights=np.where(neg, -w, w) * proj_im[pix], minlength=nv)
-            s_w = np.bincount(vi, weights=w if pw_flat is None else w * pw_flat[pix], minlength=nv)
-            vox = ((np.where(k[:, 2] < 0, k[:, 2] + M, k[:, 2]) * M
-                    + np.where(k[:, 1] < 0, k[:, 1] + M, k[:, 1])) * Mh + k[:, 0])
-            acc_re += np.bincount(vox, weights=s_re, minlength=size)
-            acc_im += np.bincount(vox, weights=s_im, minlength=size)
-            acc_w += np.bincount(vox, weights=s_w, minlength=size)
-    data += (acc_re + 1j * acc_im).reshape(data.shape).astype(data.dtype)
-    weight += acc_w.reshape(weight.shape).astype(weight.dtype)
+        A = self.matrices[ent]
+        n = A[:, 2, :]
+        t = n[:, iu, None] * uu[None, :] + n[:, iv, None] * vv[None, :]
+        inv = 1.0 / n[:, ic, None]
+        a = (-r - t) * inv
+        b = (r - t) * inv
+        c0 = np.maximum(np.ceil(np.minimum(a, b)).astype(np.int64), c_lo[None, :])
+        c1 = np.minimum(np.floor(np.maximum(a, b)).astype(np.int64), c_hi[None, :])
+        # voxels of each (entry, column) inside the slab
+        cand = c0[:, :, None] + np.arange(n_c)[None, None, :]
+        e_i, f_i, j_i = np.nonzero(cand <= c1[:, :, None])
+        if e_i.size == 0:
+            return None
+        k = np.empty((e_i.size, 3), dtype=np.int64)
+        k[:, ic] = cand[e_i, f_i, j_i]
+        k[:, iu] = uu[f_i]
+        k[:, iv] = vv[f_i]
+        q = np.einsum("nij,nj->ni", A[e_i], k.astype(np.float64))
+        qz2 = q[:, 2] ** 2
+        inslab = qz2 <= r2
+        e_i, k, q, qz2 = e_i[inslab], k[inslab], q[inslab], qz2[inslab]
+        # candidate pixels: an n_p x n_p square from (x0, y0) around (qx, qy), separable distances
+        x0 = np.ceil(q[:, 0] - r).astype(np.int64)
+        y0 = np.ceil(q[:, 1] - r).astype(np.int64)
+        px = x0[:, None] + offsets[None, :]
+        py = y0[:, None] + offsets[None, :]
+        dx2 = (px - q[:, 0, None]) ** 2
+        dy2 = (py - q[:, 1, None]) ** 2 + qz2[:, None]
+        d2 = dy2[:, :, None] + dx2[:, None, :]
+        valid = d2 <= r2
+        # pixels beyond kmax or K: tested only in the squares that reach past them (near the rim)
+        mx = np.maximum(np.abs(x0), np.abs(x0 + n_p - 1))           # largest |px|, |py| of each square
+        my = np.maximum(np.abs(y0), np.abs(y0 + n_p - 1))
+        rim = np.nonzero((mx * mx + my * my > kmax2) | (mx > K) | (my > K))[0]
+        if rim.size:
+            bx, by = px[rim], py[rim]
+            valid[rim] &= (((by * by)[:, :, None] + (bx * bx)[:, None, :] <= kmax2)
+                           & (np.abs(by) <= K)[:, :, None] & (np.abs(bx) <= K)[:, None, :])
+        flat = np.flatnonzero(valid)
+        vi, rest = np.divmod(flat, n_p * n_p)
+        yi, xi = np.divmod(rest, n_p)
+        w = self.blob_at(d2.reshape(-1)[flat])
+        pxv = x0[vi] + xi
+        pyv = y0[vi] + yi
+        neg = pxv < 0
+        ay = np.where(neg, -pyv, pyv)
+        pix = (self.image_index[ent[e_i]] * (M * Mh))[vi] + np.where(ay < 0, ay + M, ay) * Mh + np.abs(pxv)
+        # sum over each voxel's pixels first, then over the chunk's visits of each voxel (in their order, as a
+        # bincount over the whole volume would); the caller adds those into the volume
+        nv = e_i.size
+        vox = ((np.where(k[:, 2] < 0, k[:, 2] + M, k[:, 2]) * M
+                + np.where(k[:, 1] < 0, k[:, 1] + M, k[:, 1])) * Mh + k[:, 0])
+        vox, visit = np.unique(vox, return_inverse=True)
+        return vox, np.stack([np.bincount(visit, weights=np.bincount(vi, weights=values, minlength=nv),
+                                          minlength=vox.size)
+                              for values in (w * self.proj_re[pix], np.where(neg, -w, w) * self.proj_im[pix],
+                                             w if self.pw_flat is None else w * self.pw_flat[pix])])
 
 
 # ---------------------------------------------------------------------------------------------- CUDA

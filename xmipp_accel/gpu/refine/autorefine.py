@@ -89,6 +89,9 @@ class RefineSettings:
     wiener_constant : reconstruction regularisation (see ReconstructionSettings).
     accuracy_floor : local iterations never search a finer step than the angular accuracy the data allow
         (:mod:`~xmipp_accel.gpu.refine.accuracy`, RELION's rule).
+    interp : reconstruction kernel (:data:`~xmipp_accel.gpu.reconstruct.trilinear.INTERP_MODES`): ``blob``
+        (the default: the same maps on the CPU and GPUs), ``trilinear`` (CPU only, ~15x less CPU time than
+        the NumPy blob) or ``auto`` (trilinear on the CPU, blob on GPUs).
     """
     pixel_size_A: float
     diameter_A: float
@@ -106,6 +109,7 @@ class RefineSettings:
     guinier_low_A: float = 10.0
     wiener_constant: float = 0.01
     accuracy_floor: bool = True
+    interp: str = "blob"
 
     @property
     def radius_A(self) -> float:
@@ -367,7 +371,8 @@ def _reconstruct_halves(images, mats, origins_px, ctf, subset, settings: RefineS
     from ..reconstruct.fourier import ReconstructionSettings
     rs = ReconstructionSettings(sym=settings.sym,
                                 ctf_mode=CTF_WIENER if (settings.ctf and ctf is not None) else CTF_NONE,
-                                wiener_constant=settings.wiener_constant, ctf_premultiplied=premultiplied)
+                                wiener_constant=settings.wiener_constant, ctf_premultiplied=premultiplied,
+                                interp=settings.interp)
     res = reconstruct(images, mats, shifts_px=origins_px, ctf=ctf if settings.ctf else None, subset=subset,
                       pixel_size_A=settings.pixel_size_A, settings=rs, devices=list(devices), halves=True)
     return np.asarray(res.half1, np.float32), np.asarray(res.half2, np.float32)

@@ -34,7 +34,7 @@ import numpy as np
 from ...em.projection import rfft_column_weights
 from ...errors import InputError
 from ... import backend
-from ...threads import cpu_workers
+from ...threads import fft_workers
 from .fsc_curves import (CRITERIA, DirectionalFSC, FSCResult, MaskedFSC, Threshold, crossing_frequency,  # noqa: F401
                          resolution_at, threshold_curve)
 
@@ -205,7 +205,7 @@ def _rfftn(a):
     xp = backend.get_xp(a)
     if xp is np:
         import scipy.fft
-        return scipy.fft.rfftn(a, workers=cpu_workers())
+        return scipy.fft.rfftn(a, workers=fft_workers())
     return xp.fft.rfftn(a)
 
 
@@ -213,7 +213,7 @@ def _irfftn(f, shape):
     xp = backend.get_xp(f)
     if xp is np:
         import scipy.fft
-        return scipy.fft.irfftn(f, s=shape, workers=cpu_workers())
+        return scipy.fft.irfftn(f, s=shape, workers=fft_workers())
     return xp.fft.irfftn(f, s=shape)
 
 
