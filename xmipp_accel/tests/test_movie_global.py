@@ -176,3 +176,32 @@ def test_gpu_global_agrees_with_numpy(drift_movie, numpy_result):
     gpu = backend.to_host(r.sum)
     assert np.corrcoef(gpu.ravel(), numpy_result.sum.ravel())[0, 1] > 0.999   # shifts differ by < 0.01 px
     assert abs(gpu.mean() - numpy_result.sum.mean()) < 1e-3 * abs(numpy_result.sum.mean())
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_grid_at_equals_the_grid_of_the_moved_spectra_and_the_direct_sum(dtype):
+    """BandSpectra.grid_at (x ramp on the spectra, y ramp on the first product) against the old two-step
+    form grid(centred(...)) and against the correlation summed directly at the points."""
+    from xmipp_accel.gpu.movie.global_align import BandSpectra
+    rng = np.random.default_rng(3)
+    ny, nx = 40, 48
+    frames = rng.standard_normal((5, ny, nx)).astype(np.float32)
+    bs = BandSpectra(rfft2(frames), (ny, nx), band=0.7)
+    prod = bs.data[[0, 1, 2]] * np.conj(bs.data[[3, 4, 0]])
+    centres = rng.uniform(-6, 6, (3, 2))
+    offs = (np.arange(5) - 2) * 0.25
+    ey, ex = bs.phase_y(offs, dtype), bs.phase_x(offs, dtype)
+    new = bs.grid_at(prod.astype(dtype), centres, ey, ex)
+    old = bs.grid(bs.centred(prod, centres, dtype), ey, ex)
+    tol = 2e-5 if dtype == np.complex64 else 1e-11
+    scale = np.abs(old).max()
+    assert np.abs(new - old).max() <= tol * scale
+    # direct: c(x, y) = Re Σ w(kx) P(ky, kx) exp(2πi (kx x / nx + ky y / ny))
+    p = prod.astype(np.complex128)
+    for b in range(3):
+        for iy, oy in enumerate(offs):
+            for ix, ox in enumerate(offs):
+                x, y = centres[b, 0] + ox, centres[b, 1] + oy
+                ph = np.exp(2j * np.pi * (bs.kx[None, :] * x / nx + bs.ky[:, None] * y / ny))
+                direct = float((p[b] * ph * bs.weights[None, :]).sum().real)
+                assert abs(new[b, iy, ix] - direct) <= tol * scale

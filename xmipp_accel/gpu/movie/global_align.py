@@ -240,6 +240,31 @@ class BandSpectra:
         g = xp.matmul(ey, t).reshape(my, b, mx)
         return xp.ascontiguousarray(g.real.transpose(1, 0, 2))
 
+    def grid_at(self, products, centres_xy, ey, ex, *, scratch=None):
+        """:meth:`grid` of ``products`` moved so that ``centres_xy`` (B, 2) are the origin, i.e.
+        ``grid(centred(products, centres_xy), ey, ex)`` without the moved copy of the spectra.
+
+        Only the x ramp is applied to the spectra (into ``scratch``, an array like ``products`` of the
+        dtype of ``ex``, or a new one); the y ramp multiplies the (B, Ky, mx) result of the first GEMM,
+        which is ``Kx / mx`` times smaller. Equal to the two-step form to rounding (the factors are the
+        same, only the order of the multiplications differs).
+        """
+        xp = self.xp
+        dtype = ex.dtype
+        b, ky, kx = products.shape
+        my, mx = ey.shape[0], ex.shape[1]
+        c = xp.asarray(centres_xy, dtype=np.float64)
+        rx = xp.exp((2j * np.pi / self.shape[1]) * c[:, 0:1] * self.kx[None, :]).astype(dtype)   # (B, Kx)
+        ry = xp.exp((2j * np.pi / self.shape[0]) * c[:, 1:2] * self.ky[None, :]).astype(dtype)   # (B, Ky)
+        if scratch is None:
+            scratch = xp.empty(products.shape, dtype=dtype)
+        xp.multiply(products, rx[:, None, :], out=scratch)
+        t = xp.matmul(scratch.reshape(b * ky, kx), ex).reshape(b, ky, mx)         # (B, Ky, mx)
+        t *= ry[:, :, None]
+        t = xp.ascontiguousarray(t.transpose(1, 0, 2)).reshape(ky, b * mx)
+        g = xp.matmul(ey, t).reshape(my, b, mx)
+        return xp.ascontiguousarray(g.real.transpose(1, 0, 2))
+
 
 def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
                      stages: Sequence[Tuple[int, float, object]] = ((9, 0.25, np.complex64),
@@ -280,8 +305,11 @@ def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
         ex = band.phase_x(offs, dtype)
         ey = band.phase_y(offs, dtype)
         offs_d = xp.asarray(offs)
+        # the spectra in this stage's precision once (not per re-centring), and one scratch for the x ramp
+        spectra = products if products.dtype == dtype else products.astype(dtype)
+        scratch = xp.empty(products.shape, dtype=dtype)
         for _ in range(3):  # re-centre while the maximum sits on the grid's border
-            grid = band.grid(band.centred(products, best, dtype), ey, ex)      # (B, m_y, m_x)
+            grid = band.grid_at(spectra, best, ey, ex, scratch=scratch)          # (B, m_y, m_x)
             flat = grid.reshape(B, -1).argmax(axis=1)
             iy, ix = flat // m, flat % m
             best = best + xp.stack([offs_d[ix], offs_d[iy]], axis=1)
@@ -289,6 +317,7 @@ def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
             on_border = (iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)
             if not bool(on_border.any()):
                 break
+        del spectra, scratch
         last_step = float(step)
         last = (iy, ix, m)
     # parabola through the 3x3 neighbourhood of the last grid's maximum (skipped on the grid border)
