@@ -205,3 +205,53 @@ def test_grid_at_equals_the_grid_of_the_moved_spectra_and_the_direct_sum(dtype):
                 ph = np.exp(2j * np.pi * (bs.kx[None, :] * x / nx + bs.ky[:, None] * y / ny))
                 direct = float((p[b] * ph * bs.weights[None, :]).sum().real)
                 assert abs(new[b, iy, ix] - direct) <= tol * scale
+
+
+def _refine_peaks_every_pair(band, products, centres_xy, stages=((9, 0.25, np.complex64), (9, 0.03125, np.complex128))):
+    """The sub-pixel refinement as it was before the re-centring of the border pairs only: every pair
+    re-evaluated on a moved copy of its spectrum at each re-centring (the oracle for refine_peaks_dft)."""
+    B = products.shape[0]
+    start = np.asarray(centres_xy, dtype=np.float64).reshape(B, 2)
+    best, rows = start.copy(), np.arange(B)
+    for m, step, dtype in stages:
+        offs = (np.arange(m) - m // 2) * float(step)
+        ex, ey = band.phase_x(offs, dtype), band.phase_y(offs, dtype)
+        for _ in range(3):
+            grid = band.grid(band.centred(products, best, dtype), ey, ex)
+            flat = grid.reshape(B, -1).argmax(axis=1)
+            iy, ix = flat // m, flat % m
+            best = np.clip(best + np.stack([offs[ix], offs[iy]], axis=1), start - 1.0, start + 1.0)
+            if not ((iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)).any():
+                break
+    inner = (iy > 0) & (iy < m - 1) & (ix > 0) & (ix < m - 1)
+    iyc, ixc = np.clip(iy, 1, m - 2), np.clip(ix, 1, m - 2)
+    c0 = grid[rows, iyc, ixc]
+    dx = (grid[rows, iyc, ixc + 1] - grid[rows, iyc, ixc - 1]) / 2.0
+    dxx = grid[rows, iyc, ixc + 1] - 2.0 * c0 + grid[rows, iyc, ixc - 1]
+    dy = (grid[rows, iyc + 1, ixc] - grid[rows, iyc - 1, ixc]) / 2.0
+    dyy = grid[rows, iyc + 1, ixc] - 2.0 * c0 + grid[rows, iyc - 1, ixc]
+    ox = np.where((dxx < 0) & inner, -dx / np.where(dxx < 0, dxx, -1.0), 0.0)
+    oy = np.where((dyy < 0) & inner, -dy / np.where(dyy < 0, dyy, -1.0), 0.0)
+    off = np.stack([np.clip(ox, -0.5, 0.5), np.clip(oy, -0.5, 0.5)], axis=1) * float(stages[-1][1])
+    return np.clip(best + off, start - 1.0, start + 1.0)
+
+
+def test_refine_peaks_recentres_only_border_pairs_with_the_same_result():
+    """Pairs whose maximum is far from the grid centre (re-centred up to 3 times) and pairs whose maximum is
+    inside at once: the same maxima as re-evaluating every pair at every re-centring, and the true shifts."""
+    from xmipp_accel.gpu.movie.global_align import BandSpectra, refine_peaks_dft
+    from xmipp_accel.gpu.movie.apply import shift_spectra
+    rng = np.random.default_rng(5)
+    ny = nx = 64
+    base = rng.standard_normal((ny, nx)).astype(np.float32)
+    spec0 = rfft2(base[None])[0] * lowpass_filter((ny, nx), (1.0, 1.0), 6.0)
+    true = rng.uniform(-0.5, 0.5, (12, 2))                       # sub-pixel shifts around the integer start
+    frames_spec = shift_spectra(np.repeat(spec0[None], 12, axis=0), true, (ny, nx))
+    bs = BandSpectra(frames_spec, (ny, nx), band=0.8)
+    ref_b = BandSpectra(spec0[None], (ny, nx), band=0.8)
+    prod = bs.data * np.conj(ref_b.data[[0] * 12])                # correlation peaks at +true
+    start = np.round(true) + rng.choice([-0.45, 0.0, 0.45], (12, 2))   # some starts far off: re-centring
+    got = refine_peaks_dft(bs, prod, start)
+    want = _refine_peaks_every_pair(bs, prod, start)
+    assert np.abs(got - want).max() < 1e-9
+    assert np.abs(got - true).max() < 0.005

@@ -273,8 +273,8 @@ def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
 
     The correlation is band limited, so it can be evaluated at any point. Each stage moves every
     spectrum so that its current best point is the origin (a phase ramp) and evaluates the correlation on
-    an ``m × m`` grid of spacing ``step`` around it with :meth:`BandSpectra.grid` (matrices shared by
-    the whole batch); the grid is re-centred while the maximum sits on its border (3 times at most). A
+    an ``m × m`` grid of spacing ``step`` around it with :meth:`BandSpectra.grid_at` (matrices shared by
+    the whole batch); the grids whose maximum sits on their border are re-centred (3 times at most). A
     parabola through the final 3×3 neighbourhood gives the last digits. The last stage runs in double
     precision: single-precision sums over ~10^5 frequencies are not precise enough at 1/32 pixel.
 
@@ -308,15 +308,30 @@ def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
         # the spectra in this stage's precision once (not per re-centring), and one scratch for the x ramp
         spectra = products if products.dtype == dtype else products.astype(dtype)
         scratch = xp.empty(products.shape, dtype=dtype)
-        for _ in range(3):  # re-centre while the maximum sits on the grid's border
-            grid = band.grid_at(spectra, best, ey, ex, scratch=scratch)          # (B, m_y, m_x)
-            flat = grid.reshape(B, -1).argmax(axis=1)
-            iy, ix = flat // m, flat % m
-            best = best + xp.stack([offs_d[ix], offs_d[iy]], axis=1)
-            best = xp.clip(best, start - 1.0, start + 1.0)  # stay by the integer maximum (inside max-shift)
-            on_border = (iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)
+        # re-centre while the maximum sits on the grid's border (3 times at most), only the pairs whose
+        # maximum does: a grid re-centred on an inner maximum has that maximum at its centre and the same
+        # 3 × 3 neighbourhood for the parabola (the same points, equal values to rounding)
+        active = None
+        for it in range(3):
+            if it == 0:
+                g = band.grid_at(spectra, best, ey, ex, scratch=scratch)         # (B, m_y, m_x)
+            else:
+                g = band.grid_at(spectra[active], best[active], ey, ex, scratch=scratch[:active.size])
+            flat = g.reshape(g.shape[0], -1).argmax(axis=1)
+            giy, gix = flat // m, flat % m
+            moved = best if it == 0 else best[active]
+            moved = moved + xp.stack([offs_d[gix], offs_d[giy]], axis=1)
+            if it == 0:
+                grid, iy, ix = g, giy, gix
+                best = xp.clip(moved, start - 1.0, start + 1.0)   # stay by the integer maximum (inside max-shift)
+                active = rows
+            else:
+                grid[active], iy[active], ix[active] = g, giy, gix
+                best[active] = xp.clip(moved, start[active] - 1.0, start[active] + 1.0)
+            on_border = (giy == 0) | (giy == m - 1) | (gix == 0) | (gix == m - 1)
             if not bool(on_border.any()):
                 break
+            active = active[on_border]
         del spectra, scratch
         last_step = float(step)
         last = (iy, ix, m)
