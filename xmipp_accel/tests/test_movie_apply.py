@@ -163,6 +163,21 @@ def test_numpy_twin_does_not_depend_on_the_threads_and_hardly_on_the_chunk():
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("interpolation", ["keys", "linear"])
+def test_numpy_twin_into_a_strided_output_equals_a_contiguous_one(interpolation):
+    """The samples are summed straight into contiguous output rows, or in a scratch copied to a strided
+    ``out`` (a view of a wider array): both give the same bits, and leave the columns beyond untouched."""
+    rng = np.random.default_rng(6)
+    frames = rng.standard_normal((2, 40, 60)).astype(np.float32)
+    coef = rng.normal(0, 2.0, (2, 2, 4, 5)).astype(np.float32)
+    ref = correct_local_motion_reference(frames, coef, (20.0, 30.0), rows_per_chunk=16, workers=1,
+                                         interpolation=interpolation)
+    wide = np.full((2, 40, 64), 7.0, dtype=np.float32)
+    got = correct_local_motion_reference(frames, coef, (20.0, 30.0), rows_per_chunk=16, workers=1,
+                                         interpolation=interpolation, out=wide[:, :, :60])
+    assert np.array_equal(got, ref) and np.all(wide[:, :, 60:] == 7.0)
+
+
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 96, 90), (2, 97, 64), (48, 50)])
 def test_cpu_ffts_equal_scipy_to_float32_rounding(shape):
     """rfft2/irfft2 on the CPU run SciPy's transforms in two in-place steps: equal to ``scipy.fft.rfft2`` and
