@@ -176,20 +176,6 @@ def _keys_weights_into(t, w, tmp) -> None:
     w3 -= t2
 
 
-def _linear_weights_into(t, w) -> None:
-    """Bilinear weights ``(1 - t, t)`` of float32 ``t`` (M,) into rows 1 and 2 of ``w`` (4, M) (taps 0, 3 unused)."""
-    np.subtract(1.0, t, out=w[1])
-    w[2] = t
-
-
-def _weights_into(t, w, tmp, linear: bool) -> None:
-    """The weights of fractional parts ``t`` (M,) into ``w`` (4, M): bilinear (rows 1, 2) or Keys (all rows)."""
-    if linear:
-        _linear_weights_into(t, w)
-    else:
-        _keys_weights_into(t, w, tmp)
-
-
 def _interpolate_rows(taps, by, cx, cy, offset: int, width: int, out, rows_per_chunk: int, *,
                       linear: bool = False) -> None:
     """Keys samples ``out(y, x) = frame(y - sy, x - sx)`` of one frame, ``rows_per_chunk`` rows at a time.
@@ -236,7 +222,12 @@ def _interpolate_rows(taps, by, cx, cy, offset: int, width: int, out, rows_per_c
         np.add(q.ravel(), offset, out=idx, casting="unsafe")
         idx *= width
         p -= q
-        _weights_into(pos[:k], wy[:, :k], tmp[:, :k], linear)
+        if linear:                                  # weights 1 - t and t (t: the y fraction's buffer itself)
+            np.subtract(1.0, pos[:k], out=wy[1, :k])
+            wys = (None, wy[1, :k], pos[:k], None)
+        else:
+            _keys_weights_into(pos[:k], wy[:, :k], tmp[:, :k])
+            wys = tuple(wy[:, :k])
         # x (its fractional part in its own buffer, so the bilinear weight t is that buffer itself)
         px = pos_x[:k].reshape(r1 - r0, nx)
         np.matmul(by[r0:r1], cx, out=s)
@@ -261,7 +252,7 @@ def _interpolate_rows(taps, by, cx, cy, offset: int, width: int, out, rows_per_c
                 np.take(taps[4 * a + b], idx, out=v_k, mode="clip")
                 v_k *= wxs[b]
                 dest += v_k
-            dest *= wy[a, :k]
+            dest *= wys[a]
             if a != first:
                 a_k += r_k
         if not direct:
