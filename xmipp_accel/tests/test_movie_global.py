@@ -255,3 +255,23 @@ def test_refine_peaks_recentres_only_border_pairs_with_the_same_result():
     want = _refine_peaks_every_pair(bs, prod, start)
     assert np.abs(got - want).max() < 1e-9
     assert np.abs(got - true).max() < 0.005
+
+
+def test_pair_batches_change_no_shift():
+    """The CPU batches of pairs (at most CPU_BATCH_BYTES): one pair per batch, the default, and all pairs in one
+    batch give the same shifts (to rounding) and peak heights."""
+    from xmipp_accel.gpu.movie import global_align as ga
+    rng = np.random.default_rng(8)
+    spectra = rfft2(rng.standard_normal((10, 48, 64)).astype(np.float32))
+    a, b = frame_pairs(10)
+    one = correlate_pairs(spectra, a, b, (48, 64), 6.0, band=0.7, batch_bytes=1.0)
+    default = correlate_pairs(spectra, a, b, (48, 64), 6.0, band=0.7)
+    saved = ga.CPU_BATCH_BYTES
+    try:
+        ga.CPU_BATCH_BYTES = 1e12
+        whole = correlate_pairs(spectra, a, b, (48, 64), 6.0, band=0.7, batch_bytes=1e12)
+    finally:
+        ga.CPU_BATCH_BYTES = saved
+    for got in (one, default):
+        np.testing.assert_allclose(got[0], whole[0], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got[1], whole[1], rtol=1e-6)
