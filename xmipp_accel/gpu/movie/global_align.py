@@ -34,6 +34,7 @@ import numpy as np
 
 from ... import backend
 from ...em.projection import rfft_column_weights
+from ...threads import cpu_workers, map_in_order
 from ._fft import fast_size, irfft2, rfft2, rfft_freqs
 from .shift_solver import reference_frame, solve_relative_shifts, solve_relative_shifts_batched  # noqa: F401
 
@@ -415,9 +416,8 @@ def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *
     if xp is np:
         batch_bytes = min(batch_bytes, CPU_BATCH_BYTES)
     batch = int(max(1, min(P, batch_bytes // per_pair)))
-    shifts = []
-    zs = []
-    for s in range(0, P, batch):
+
+    def one_batch(s: int):
         a = xp.asarray(idx_a[s:s + batch])
         b = xp.asarray(idx_b[s:s + batch])
         prod = bs.data[a] * xp.conj(bs.data[b])
@@ -430,10 +430,17 @@ def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *
         dc = prod[:, 0, 0].real.astype(np.float64)
         power = (xp.abs(prod) ** 2 * w2[None, None, :]).sum(axis=2, dtype=np.float64).sum(axis=1)
         std = xp.sqrt(xp.maximum(power - dc * dc, 1e-30))
-        zs.append((peak - dc) / std)
         start = xp.stack([ox_d[k % ox.size], oy_d[k // ox.size]], axis=1)
-        shifts.append(refine_peaks_dft(bs, prod, start))
-        del prod, win
+        return refine_peaks_dft(bs, prod, start), (peak - dc) / std
+
+    starts = range(0, P, batch)
+    if xp is np:
+        # the batches on the cores, each with single-threaded BLAS (the same products: the pairs are independent)
+        done = list(map_in_order(one_batch, starts, min(cpu_workers(), len(starts))))
+    else:
+        done = [one_batch(s) for s in starts]
+    shifts = [d for d, _ in done]
+    zs = [z for _, z in done]
     return backend.to_host(xp.concatenate(shifts)), backend.to_host(xp.concatenate(zs))
 
 
