@@ -192,3 +192,20 @@ def test_cpu_ffts_equal_scipy_to_float32_rounding(shape):
         assert out.dtype == np.float32
         np.testing.assert_allclose(out, expect, rtol=0, atol=1e-6 * scale)
     np.testing.assert_allclose(irfft2(spec, shape[-2:]), x, rtol=0, atol=1e-5)   # and it inverts rfft2
+
+
+def test_cpu_ffts_into_given_arrays_chunk_by_chunk_are_the_same_numbers(monkeypatch):
+    """rfft2/irfft2 with ``out`` transform a few frames at a time into the given array (used by align_movie's
+    apply stage to reuse its buffers): the same bits as the whole-stack transforms, for several chunks."""
+    from xmipp_accel.gpu.movie import _fft
+    monkeypatch.setattr(_fft, "_CHUNK_BYTES", 3 * 40 * 48 * 4)      # 3 frames a chunk: chunks of 3, 3, 1
+    x = np.random.default_rng(9).standard_normal((7, 40, 48)).astype(np.float32)
+    whole = rfft2(x)
+    out = np.full(whole.shape, np.nan, dtype=np.complex64)
+    assert rfft2(x, out=out) is out and np.array_equal(out, whole)
+    back = irfft2(whole, (40, 48))
+    rout = np.full(x.shape, np.nan, dtype=np.float32)
+    assert irfft2(whole, (40, 48), out=rout) is rout and np.array_equal(rout, back)
+    scratch = whole.copy()
+    assert np.array_equal(irfft2(scratch, (40, 48), overwrite=True, out=np.empty_like(x)), back)
+    np.testing.assert_array_equal(whole, rfft2(x))                   # without overwrite the input is kept

@@ -17,8 +17,23 @@ from ...threads import fft_workers
 __all__ = ["rfft2", "irfft2", "fast_size", "fast_shape", "rfft_freqs", "fourier_crop_rfft"]
 
 
-def rfft2(x):
-    """Real-to-complex 2D transform over the last two axes (complex64 for float32 input)."""
+#: Bytes of input transformed at once when a CPU transform writes into a given ``out`` (a few frames: the
+#: temporaries stay in the heap, below glibc's 32 MB threshold for fresh pages)
+_CHUNK_BYTES = 8 << 20
+
+
+def _chunks(n: int, item_bytes: int):
+    step = max(1, int(_CHUNK_BYTES // max(1, item_bytes)))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def rfft2(x, *, out=None):
+    """Real-to-complex 2D transform over the last two axes (complex64 for float32 input).
+
+    ``out`` (CPU, float32 ``x`` of shape (n, y, x)): a complex64 array (n, y, x//2 + 1) that receives the
+    result, a few frames at a time (the same numbers: the frames are transformed independently), so no
+    fresh full-size array is made.
+    """
     xp = backend.get_xp(x)
     if xp is np:
         import scipy.fft as sfft
@@ -27,14 +42,21 @@ def rfft2(x):
         # SciPy's rfft2 in two steps (real along x, then complex along y in place): the same numbers, no
         # second full-size temporary
         workers = fft_workers()
+        if out is not None and x.ndim == 3:
+            for i, j in _chunks(x.shape[0], x[0].nbytes):
+                out[i:j] = sfft.fft(sfft.rfft(x[i:j], axis=-1, workers=workers), axis=-2, workers=workers,
+                                    overwrite_x=True)
+            return out
         return sfft.fft(sfft.rfft(x, axis=-1, workers=workers), axis=-2, workers=workers, overwrite_x=True)
     return xp.fft.rfft2(x, axes=(-2, -1))
 
 
-def irfft2(spec, shape: Sequence[int], *, overwrite: bool = False):
+def irfft2(spec, shape: Sequence[int], *, overwrite: bool = False, out=None):
     """Complex-to-real 2D transform over the last two axes to real ``shape`` (y, x).
 
     ``overwrite=True`` lets the CPU path use ``spec`` as its scratch (its values are then undefined).
+    ``out`` (CPU, spectra (n, y, x//2 + 1)): a float32 array (n, y, x) that receives the result, a few
+    frames at a time (the same numbers).
     On the CPU the transform runs as SciPy's ``irfft2`` does (a complex inverse along y, then a real one
     along x) but in place: ~40 % less CPU time (no full-size temporaries), the same numbers to float32
     rounding (relative differences ≤ 3e-7 measured; bit-identical at 1024² and 4096 × 360).
@@ -46,6 +68,12 @@ def irfft2(spec, shape: Sequence[int], *, overwrite: bool = False):
         workers = fft_workers()
         if spec.shape[-2] != shape[0] or spec.shape[-1] != shape[1] // 2 + 1 or spec.dtype.kind != "c":
             return sfft.irfft2(spec, s=shape, axes=(-2, -1), workers=workers)
+        if out is not None and spec.ndim == 3:
+            for i, j in _chunks(spec.shape[0], spec[0].nbytes):
+                part = spec[i:j] if overwrite else spec[i:j].copy()
+                tmp = sfft.ifft(part, axis=-2, workers=workers, overwrite_x=True)
+                out[i:j] = sfft.irfft(tmp, n=shape[1], axis=-1, workers=workers, overwrite_x=True)
+            return out
         tmp = sfft.ifft(spec if overwrite else spec.copy(), axis=-2, workers=workers, overwrite_x=True)
         return sfft.irfft(tmp, n=shape[1], axis=-1, workers=workers, overwrite_x=True)
     return xp.fft.irfft2(spec, s=shape, axes=(-2, -1))
