@@ -194,11 +194,17 @@ def test_cpu_ffts_equal_scipy_to_float32_rounding(shape):
     np.testing.assert_allclose(irfft2(spec, shape[-2:]), x, rtol=0, atol=1e-5)   # and it inverts rfft2
 
 
-def test_cpu_ffts_into_given_arrays_chunk_by_chunk_are_the_same_numbers(monkeypatch):
-    """rfft2/irfft2 with ``out`` transform a few frames at a time into the given array (used by align_movie's
-    apply stage to reuse its buffers): the same bits as the whole-stack transforms, for several chunks."""
+@pytest.mark.parametrize("binding", ["pocketfft", "chunks"])
+def test_cpu_ffts_into_given_arrays_are_the_same_numbers(monkeypatch, binding):
+    """rfft2/irfft2 with ``out`` write into the given array (used by align_movie's apply stage to reuse its
+    buffers), through pocketfft's ``out`` or, without that binding, a few frames at a time (chunks of 3, 3, 1
+    frames here): the same bits as the whole-stack transforms."""
     from xmipp_accel.gpu.movie import _fft
-    monkeypatch.setattr(_fft, "_CHUNK_BYTES", 3 * 40 * 48 * 4)      # 3 frames a chunk: chunks of 3, 3, 1
+    if binding == "chunks":
+        monkeypatch.setattr(_fft, "_pocketfft", lambda: None)
+    elif _fft._pocketfft() is None:
+        pytest.skip("this SciPy has no pocketfft binding with out=")
+    monkeypatch.setattr(_fft, "_CHUNK_BYTES", 3 * 40 * 48 * 4)
     x = np.random.default_rng(9).standard_normal((7, 40, 48)).astype(np.float32)
     whole = rfft2(x)
     out = np.full(whole.shape, np.nan, dtype=np.complex64)
