@@ -163,6 +163,21 @@ def test_numpy_twin_does_not_depend_on_the_threads_and_hardly_on_the_chunk():
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("interpolation", ["keys", "linear"])
+def test_numpy_twin_into_a_strided_output_equals_a_contiguous_one(interpolation):
+    """The samples are summed straight into contiguous output rows, or in a scratch copied to a strided
+    ``out`` (a view of a wider array): both give the same bits, and leave the columns beyond untouched."""
+    rng = np.random.default_rng(6)
+    frames = rng.standard_normal((2, 40, 60)).astype(np.float32)
+    coef = rng.normal(0, 2.0, (2, 2, 4, 5)).astype(np.float32)
+    ref = correct_local_motion_reference(frames, coef, (20.0, 30.0), rows_per_chunk=16, workers=1,
+                                         interpolation=interpolation)
+    wide = np.full((2, 40, 64), 7.0, dtype=np.float32)
+    got = correct_local_motion_reference(frames, coef, (20.0, 30.0), rows_per_chunk=16, workers=1,
+                                         interpolation=interpolation, out=wide[:, :, :60])
+    assert np.array_equal(got, ref) and np.all(wide[:, :, 60:] == 7.0)
+
+
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 96, 90), (2, 97, 64), (48, 50)])
 def test_cpu_ffts_equal_scipy_to_float32_rounding(shape):
     """rfft2/irfft2 on the CPU run SciPy's transforms in two in-place steps: equal to ``scipy.fft.rfft2`` and
@@ -177,3 +192,26 @@ def test_cpu_ffts_equal_scipy_to_float32_rounding(shape):
         assert out.dtype == np.float32
         np.testing.assert_allclose(out, expect, rtol=0, atol=1e-6 * scale)
     np.testing.assert_allclose(irfft2(spec, shape[-2:]), x, rtol=0, atol=1e-5)   # and it inverts rfft2
+
+
+@pytest.mark.parametrize("binding", ["pocketfft", "chunks"])
+def test_cpu_ffts_into_given_arrays_are_the_same_numbers(monkeypatch, binding):
+    """rfft2/irfft2 with ``out`` write into the given array (used by align_movie's apply stage to reuse its
+    buffers), through pocketfft's ``out`` or, without that binding, a few frames at a time (chunks of 3, 3, 1
+    frames here): the same bits as the whole-stack transforms."""
+    from xmipp_accel.gpu.movie import _fft
+    if binding == "chunks":
+        monkeypatch.setattr(_fft, "_pocketfft", lambda: None)
+    elif _fft._pocketfft() is None:
+        pytest.skip("this SciPy has no pocketfft binding with out=")
+    monkeypatch.setattr(_fft, "_CHUNK_BYTES", 3 * 40 * 48 * 4)
+    x = np.random.default_rng(9).standard_normal((7, 40, 48)).astype(np.float32)
+    whole = rfft2(x)
+    out = np.full(whole.shape, np.nan, dtype=np.complex64)
+    assert rfft2(x, out=out) is out and np.array_equal(out, whole)
+    back = irfft2(whole, (40, 48))
+    rout = np.full(x.shape, np.nan, dtype=np.float32)
+    assert irfft2(whole, (40, 48), out=rout) is rout and np.array_equal(rout, back)
+    scratch = whole.copy()
+    assert np.array_equal(irfft2(scratch, (40, 48), overwrite=True, out=np.empty_like(x)), back)
+    np.testing.assert_array_equal(whole, rfft2(x))                   # without overwrite the input is kept

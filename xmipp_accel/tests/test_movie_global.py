@@ -176,3 +176,102 @@ def test_gpu_global_agrees_with_numpy(drift_movie, numpy_result):
     gpu = backend.to_host(r.sum)
     assert np.corrcoef(gpu.ravel(), numpy_result.sum.ravel())[0, 1] > 0.999   # shifts differ by < 0.01 px
     assert abs(gpu.mean() - numpy_result.sum.mean()) < 1e-3 * abs(numpy_result.sum.mean())
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_grid_at_equals_the_grid_of_the_moved_spectra_and_the_direct_sum(dtype):
+    """BandSpectra.grid_at (x ramp on the spectra, y ramp on the first product) against the old two-step
+    form grid(centred(...)) and against the correlation summed directly at the points."""
+    from xmipp_accel.gpu.movie.global_align import BandSpectra
+    rng = np.random.default_rng(3)
+    ny, nx = 40, 48
+    frames = rng.standard_normal((5, ny, nx)).astype(np.float32)
+    bs = BandSpectra(rfft2(frames), (ny, nx), band=0.7)
+    prod = bs.data[[0, 1, 2]] * np.conj(bs.data[[3, 4, 0]])
+    centres = rng.uniform(-6, 6, (3, 2))
+    offs = (np.arange(5) - 2) * 0.25
+    ey, ex = bs.phase_y(offs, dtype), bs.phase_x(offs, dtype)
+    new = bs.grid_at(prod.astype(dtype), centres, ey, ex)
+    old = bs.grid(bs.centred(prod, centres, dtype), ey, ex)
+    tol = 2e-5 if dtype == np.complex64 else 1e-11
+    scale = np.abs(old).max()
+    assert np.abs(new - old).max() <= tol * scale
+    # direct: c(x, y) = Re Σ w(kx) P(ky, kx) exp(2πi (kx x / nx + ky y / ny))
+    p = prod.astype(np.complex128)
+    for b in range(3):
+        for iy, oy in enumerate(offs):
+            for ix, ox in enumerate(offs):
+                x, y = centres[b, 0] + ox, centres[b, 1] + oy
+                ph = np.exp(2j * np.pi * (bs.kx[None, :] * x / nx + bs.ky[:, None] * y / ny))
+                direct = float((p[b] * ph * bs.weights[None, :]).sum().real)
+                assert abs(new[b, iy, ix] - direct) <= tol * scale
+
+
+def _refine_peaks_every_pair(band, products, centres_xy, stages=((9, 0.25, np.complex64), (9, 0.03125, np.complex128))):
+    """The sub-pixel refinement as it was before the re-centring of the border pairs only: every pair
+    re-evaluated on a moved copy of its spectrum at each re-centring (the oracle for refine_peaks_dft)."""
+    B = products.shape[0]
+    start = np.asarray(centres_xy, dtype=np.float64).reshape(B, 2)
+    best, rows = start.copy(), np.arange(B)
+    for m, step, dtype in stages:
+        offs = (np.arange(m) - m // 2) * float(step)
+        ex, ey = band.phase_x(offs, dtype), band.phase_y(offs, dtype)
+        for _ in range(3):
+            grid = band.grid(band.centred(products, best, dtype), ey, ex)
+            flat = grid.reshape(B, -1).argmax(axis=1)
+            iy, ix = flat // m, flat % m
+            best = np.clip(best + np.stack([offs[ix], offs[iy]], axis=1), start - 1.0, start + 1.0)
+            if not ((iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)).any():
+                break
+    inner = (iy > 0) & (iy < m - 1) & (ix > 0) & (ix < m - 1)
+    iyc, ixc = np.clip(iy, 1, m - 2), np.clip(ix, 1, m - 2)
+    c0 = grid[rows, iyc, ixc]
+    dx = (grid[rows, iyc, ixc + 1] - grid[rows, iyc, ixc - 1]) / 2.0
+    dxx = grid[rows, iyc, ixc + 1] - 2.0 * c0 + grid[rows, iyc, ixc - 1]
+    dy = (grid[rows, iyc + 1, ixc] - grid[rows, iyc - 1, ixc]) / 2.0
+    dyy = grid[rows, iyc + 1, ixc] - 2.0 * c0 + grid[rows, iyc - 1, ixc]
+    ox = np.where((dxx < 0) & inner, -dx / np.where(dxx < 0, dxx, -1.0), 0.0)
+    oy = np.where((dyy < 0) & inner, -dy / np.where(dyy < 0, dyy, -1.0), 0.0)
+    off = np.stack([np.clip(ox, -0.5, 0.5), np.clip(oy, -0.5, 0.5)], axis=1) * float(stages[-1][1])
+    return np.clip(best + off, start - 1.0, start + 1.0)
+
+
+def test_refine_peaks_recentres_only_border_pairs_with_the_same_result():
+    """Pairs whose maximum is far from the grid centre (re-centred up to 3 times) and pairs whose maximum is
+    inside at once: the same maxima as re-evaluating every pair at every re-centring, and the true shifts."""
+    from xmipp_accel.gpu.movie.global_align import BandSpectra, refine_peaks_dft
+    from xmipp_accel.gpu.movie.apply import shift_spectra
+    rng = np.random.default_rng(5)
+    ny = nx = 64
+    base = rng.standard_normal((ny, nx)).astype(np.float32)
+    spec0 = rfft2(base[None])[0] * lowpass_filter((ny, nx), (1.0, 1.0), 6.0)
+    true = rng.uniform(-0.5, 0.5, (12, 2))                       # sub-pixel shifts around the integer start
+    frames_spec = shift_spectra(np.repeat(spec0[None], 12, axis=0), true, (ny, nx))
+    bs = BandSpectra(frames_spec, (ny, nx), band=0.8)
+    ref_b = BandSpectra(spec0[None], (ny, nx), band=0.8)
+    prod = bs.data * np.conj(ref_b.data[[0] * 12])                # correlation peaks at +true
+    start = np.round(true) + rng.choice([-0.45, 0.0, 0.45], (12, 2))   # some starts far off: re-centring
+    got = refine_peaks_dft(bs, prod, start)
+    want = _refine_peaks_every_pair(bs, prod, start)
+    assert np.abs(got - want).max() < 1e-9
+    assert np.abs(got - true).max() < 0.005
+
+
+def test_pair_batches_change_no_shift():
+    """The CPU batches of pairs (at most CPU_BATCH_BYTES): one pair per batch, the default, and all pairs in one
+    batch give the same shifts (to rounding) and peak heights."""
+    from xmipp_accel.gpu.movie import global_align as ga
+    rng = np.random.default_rng(8)
+    spectra = rfft2(rng.standard_normal((10, 48, 64)).astype(np.float32))
+    a, b = frame_pairs(10)
+    one = correlate_pairs(spectra, a, b, (48, 64), 6.0, band=0.7, batch_bytes=1.0)
+    default = correlate_pairs(spectra, a, b, (48, 64), 6.0, band=0.7)
+    saved = ga.CPU_BATCH_BYTES
+    try:
+        ga.CPU_BATCH_BYTES = 1e12
+        whole = correlate_pairs(spectra, a, b, (48, 64), 6.0, band=0.7, batch_bytes=1e12)
+    finally:
+        ga.CPU_BATCH_BYTES = saved
+    for got in (one, default):
+        np.testing.assert_allclose(got[0], whole[0], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got[1], whole[1], rtol=1e-6)

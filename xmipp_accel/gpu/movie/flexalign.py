@@ -331,6 +331,20 @@ def _pad_to(frames, shape):
     return out
 
 
+def _host_spectra_like(spec):
+    """On the CPU, an empty complex64 array like ``spec`` (one contiguous complex64 stack); None on the GPU."""
+    if backend.get_xp(spec) is not np or spec.dtype != np.complex64 or not spec.flags.c_contiguous:
+        return None
+    return np.empty(spec.shape, dtype=np.complex64)
+
+
+def _as_frames(spec, shape):
+    """Float32 frames of ``shape`` (n, y, x) in the memory of contiguous complex64 spectra (n, y, x//2 + 1),
+    which hold more bytes than their frames."""
+    size = int(np.prod(shape))
+    return spec.view(np.float32).reshape(-1)[:size].reshape(tuple(shape))
+
+
 def _even(v: float) -> int:
     return max(2, int(round(v / 2.0)) * 2)
 
@@ -435,12 +449,20 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
         sum_odd = sum_even = stack = None
         if model is not None:
             with timer("apply.inverse_fft"):
-                frames = irfft2(spec, work_shape, overwrite=True).astype(np.float32, copy=False)
+                # CPU: the frames in one spectrum-sized buffer that later receives the forward transform, the
+                # interpolated frames in the memory of these spectra (the inverse transform's scratch): one
+                # fresh full-size array instead of three (whose pages the kernel zeroes and faults in)
+                buf = _host_spectra_like(spec)
+                frame_shape = (int(spec.shape[0]),) + tuple(work_shape)
+                frames = irfft2(spec, work_shape, overwrite=True,
+                                out=None if buf is None else _as_frames(buf, frame_shape))
+                frames = frames.astype(np.float32, copy=False)
+                aligned = None if buf is None else _as_frames(spec, frame_shape)
                 del spec
             with timer("apply.interpolate"):
                 hx, hy, _ = model.spacing
                 aligned = correct_local_motion(frames, xp.asarray(model.frame_coefficients()), (hy, hx),
-                                               interpolation=options.local_interpolation)
+                                               out=aligned, interpolation=options.local_interpolation)
                 del frames
             total = aligned.sum(axis=0)
             if options.odd_even:
@@ -449,7 +471,8 @@ def align_movie(frames, options: AlignmentOptions, *, gain=None, dark=None, defe
             if options.save_stack:
                 stack = aligned[:, :out_shape[0], :out_shape[1]].copy()
             with timer("apply.forward_fft"):
-                spec = rfft2(aligned) if options.dose_per_frame else None
+                spec = rfft2(aligned, out=buf) if options.dose_per_frame else None   # buf: the frames are done
+                del buf
             del aligned
         else:
             total = irfft2(spec.sum(axis=0), work_shape)

@@ -104,9 +104,15 @@ def polish_global_shifts(spectra, shape: Sequence[int], shifts_px, *, pixel_size
             c = (s - s.mean(axis=0)) * scale
             margin = np.ceil(np.abs(c).max(axis=0) + pad_xy * scale).astype(int) + 2        # (x, y)
             taper = edge_taper((oy, ox), margin_yx=(int(margin[1]), int(margin[0])), xp=xp)
-            aligned = rfft2(irfft2(aligned, (oy, ox)).astype(np.float32) * taper)
+            # the moved spectra are this loop's own: the inverse transform may use them as scratch
+            moved = irfft2(aligned, (oy, ox), overwrite=True).astype(np.float32, copy=False)
+            moved *= taper
+            aligned = rfft2(moved)
+            del moved
         ref = aligned.sum(axis=0)
-        prod = aligned * xp.conj(ref[None] - aligned)
+        prod = ref[None] - aligned                 # A_n · conj(R - A_n), in one array
+        xp.conjugate(prod, out=prod)
+        prod *= aligned
         prod *= w
         flat = prod.reshape(n, -1)
         g = two_pi * backend.to_host(xp.ascontiguousarray(flat.imag) @ basis_im).astype(np.float64)   # (N, 2)
