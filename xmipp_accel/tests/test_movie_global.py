@@ -210,6 +210,7 @@ def test_grid_at_equals_the_grid_of_the_moved_spectra_and_the_direct_sum(dtype):
 def _refine_peaks_every_pair(band, products, centres_xy, stages=((9, 0.25, np.complex64), (9, 0.03125, np.complex128))):
     """The sub-pixel refinement as it was before the re-centring of the border pairs only: every pair
     re-evaluated on a moved copy of its spectrum at each re-centring (the oracle for refine_peaks_dft)."""
+    from xmipp_accel.gpu.movie.global_align import parabola_offsets
     B = products.shape[0]
     start = np.asarray(centres_xy, dtype=np.float64).reshape(B, 2)
     best, rows = start.copy(), np.arange(B)
@@ -223,16 +224,8 @@ def _refine_peaks_every_pair(band, products, centres_xy, stages=((9, 0.25, np.co
             best = np.clip(best + np.stack([offs[ix], offs[iy]], axis=1), start - 1.0, start + 1.0)
             if not ((iy == 0) | (iy == m - 1) | (ix == 0) | (ix == m - 1)).any():
                 break
-    inner = (iy > 0) & (iy < m - 1) & (ix > 0) & (ix < m - 1)
-    iyc, ixc = np.clip(iy, 1, m - 2), np.clip(ix, 1, m - 2)
-    c0 = grid[rows, iyc, ixc]
-    dx = (grid[rows, iyc, ixc + 1] - grid[rows, iyc, ixc - 1]) / 2.0
-    dxx = grid[rows, iyc, ixc + 1] - 2.0 * c0 + grid[rows, iyc, ixc - 1]
-    dy = (grid[rows, iyc + 1, ixc] - grid[rows, iyc - 1, ixc]) / 2.0
-    dyy = grid[rows, iyc + 1, ixc] - 2.0 * c0 + grid[rows, iyc - 1, ixc]
-    ox = np.where((dxx < 0) & inner, -dx / np.where(dxx < 0, dxx, -1.0), 0.0)
-    oy = np.where((dyy < 0) & inner, -dy / np.where(dyy < 0, dyy, -1.0), 0.0)
-    off = np.stack([np.clip(ox, -0.5, 0.5), np.clip(oy, -0.5, 0.5)], axis=1) * float(stages[-1][1])
+    ox, oy = parabola_offsets(grid, rows, iy, ix, m)      # the same parabola: this test is about the re-centring
+    off = np.stack([ox, oy], axis=1) * float(stages[-1][1])
     return np.clip(best + off, start - 1.0, start + 1.0)
 
 

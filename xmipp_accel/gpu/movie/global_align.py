@@ -344,8 +344,16 @@ def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
         del spectra, scratch
         last_step = float(step)
         last = (iy, ix, m)
-    # parabola through the 3x3 neighbourhood of the last grid's maximum (skipped on the grid border)
     iy, ix, m = last
+    ox, oy = parabola_offsets(grid, rows, iy, ix, m)
+    return xp.clip(best + xp.stack([ox * last_step, oy * last_step], axis=1), start - 1.0, start + 1.0)
+
+
+def parabola_offsets(grid, rows, iy, ix, m: int):
+    """Sub-grid offsets (grid steps, each in [-0.5, 0.5]) of the maxima at ``(iy, ix)`` of ``grid`` (B, m, m): a
+    parabola through the 3x3 neighbourhood in x and in y; 0 where the maximum sits on the grid border or the
+    curvature is not negative. Returns ``(ox, oy)``, shape (B,)."""
+    xp = backend.get_xp(grid)
     inner = (iy > 0) & (iy < m - 1) & (ix > 0) & (ix < m - 1)
     iyc, ixc = xp.clip(iy, 1, m - 2), xp.clip(ix, 1, m - 2)
     c0 = grid[rows, iyc, ixc]
@@ -355,9 +363,7 @@ def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,
     dyy = grid[rows, iyc + 1, ixc] - 2.0 * c0 + grid[rows, iyc - 1, ixc]
     ox = xp.where((dxx < 0) & inner, -dx / xp.where(dxx < 0, dxx, -1.0), 0.0)
     oy = xp.where((dyy < 0) & inner, -dy / xp.where(dyy < 0, dyy, -1.0), 0.0)
-    ox = xp.clip(ox, -0.5, 0.5) * last_step
-    oy = xp.clip(oy, -0.5, 0.5) * last_step
-    return xp.clip(best + xp.stack([ox, oy], axis=1), start - 1.0, start + 1.0)
+    return xp.clip(ox, -0.5, 0.5), xp.clip(oy, -0.5, 0.5)
 
 
 def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *, band: float = 1.0,
