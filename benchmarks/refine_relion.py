@@ -200,31 +200,37 @@ def _relion_step_deg(sampling: str) -> float | None:
         return None
 
 
-def last_finished_relion_iteration(out: str) -> tuple:
-    """(iteration, result) of the last iteration of a stopped RELION run whose files are all there and readable.
+def relion_iteration_result(out: str, it: int) -> dict | None:
+    """The result of RELION's iteration ``it`` when its files are all there and readable, else None (the last
+    one may have been cut while being written): the mean of its half maps (written as
+    ``itNNN_mean_halves.mrc``, scored against the truth), its poses (``run_itNNN_data.star``),
+    ``rlnCurrentResolution`` of ``run_itNNN_half1_model.star`` (the gold-standard 0.143 resolution it
+    reached), its angular step and the time its model file was written (``written``, epoch seconds)."""
+    files = relion_iteration_files(out, it)
+    if not all(os.path.exists(f) for k, f in files.items() if k != "optimiser"):
+        return None
+    try:
+        h1, _ = read_mrc(files["half1"])
+        h2, _ = read_mrc(files["half2"])
+        general = read_star(files["model"])["model_general"]
+        reported = float(np.asarray(general["rlnCurrentResolution"]).ravel()[0])
+        parts = read_particles(files["data"])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    mean = os.path.join(out, f"it{it:03d}_mean_halves.mrc")
+    px = float(np.asarray(parts.pixel_size_A).ravel()[0])
+    write_mrc(mean, 0.5 * (np.asarray(h1, np.float32) + np.asarray(h2, np.float32)), px)
+    return {"map": mean, "particles": parts, "reported_A": reported, "iterations": it,
+            "step_deg": _relion_step_deg(files["sampling"]), "written": os.path.getmtime(files["model"])}
 
-    The result holds the half maps (their mean is scored against the truth), the poses (``run_itNNN_data.star``),
-    ``rlnCurrentResolution`` of ``run_itNNN_half1_model.star`` (the gold-standard 0.143 resolution it reached)
-    and the angular step. Iteration 0 (the start, no alignment) does not count. Raises RuntimeError when no
-    iteration finished.
-    """
+
+def last_finished_relion_iteration(out: str) -> tuple:
+    """(iteration, :func:`relion_iteration_result`) of the last complete iteration of a stopped RELION run.
+    Iteration 0 (the start, no alignment) does not count. Raises RuntimeError when no iteration finished."""
     for it in reversed([i for i in _relion_iterations(out) if i > 0]):
-        files = relion_iteration_files(out, it)
-        if not all(os.path.exists(f) for k, f in files.items() if k != "optimiser"):
-            continue
-        try:                                          # the last one may have been cut while being written
-            h1, _ = read_mrc(files["half1"])
-            h2, _ = read_mrc(files["half2"])
-            general = read_star(files["model"])["model_general"]
-            reported = float(np.asarray(general["rlnCurrentResolution"]).ravel()[0])
-            parts = read_particles(files["data"])
-        except (OSError, KeyError, ValueError, IndexError):
-            continue
-        mean = os.path.join(out, f"stopped_it{it:03d}_mean_halves.mrc")
-        px = float(np.asarray(parts.pixel_size_A).ravel()[0])
-        write_mrc(mean, 0.5 * (np.asarray(h1, np.float32) + np.asarray(h2, np.float32)), px)
-        return it, {"map": mean, "particles": parts, "reported_A": reported, "iterations": it,
-                    "step_deg": _relion_step_deg(files["sampling"])}
+        result = relion_iteration_result(out, it)
+        if result is not None:
+            return it, result
     raise RuntimeError(f"RELION was stopped before finishing an iteration (no complete run_itNNN_* in {out})")
 
 
@@ -392,24 +398,12 @@ def relion_trajectory(out: str, launch: dict, data: dict, args) -> list:
     :func:`score`), so that the time RELION takes to reach a given resolution can be read."""
     rows = []
     for it in [i for i in _relion_iterations(out) if i > 0]:
-        files = relion_iteration_files(out, it)
-        if not all(os.path.exists(f) for k, f in files.items() if k != "optimiser"):
+        result = relion_iteration_result(out, it)
+        if result is None:
             continue
-        t = os.path.getmtime(files["model"]) - launch["started"]
-        lost = sum(s["lost_s"] for s in launch["segments"]
-                   if "lost_s" in s and s["end_productive"] < os.path.getmtime(files["model"]))
-        try:
-            h1, _ = read_mrc(files["half1"])
-            h2, _ = read_mrc(files["half2"])
-            general = read_star(files["model"])["model_general"]
-            parts = read_particles(files["data"])
-        except (OSError, KeyError, ValueError, IndexError):
-            continue
-        mean = os.path.join(out, f"traj_it{it:03d}_mean_halves.mrc")
-        write_mrc(mean, 0.5 * (np.asarray(h1, np.float32) + np.asarray(h2, np.float32)), args.apix)
-        scored = score({"map": mean, "particles": parts, "seconds": t - lost, "cpu_seconds": 0.0,
-                        "reported_A": float(np.asarray(general["rlnCurrentResolution"]).ravel()[0]),
-                        "iterations": it, "step_deg": _relion_step_deg(files["sampling"])}, data, args)
+        lost = sum(s["lost_s"] for s in launch["segments"] if "lost_s" in s and s["end_productive"] < result["written"])
+        result.update(seconds=result["written"] - launch["started"] - lost, cpu_seconds=0.0)
+        scored = score(result, data, args)
         rows.append({k: scored[k] for k in ("iterations", "seconds", "reported_A", "truth_fsc05_A",
                                             "median_angular_error_deg", "final_step_deg")})
     return rows
