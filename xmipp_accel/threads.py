@@ -246,9 +246,10 @@ def map_in_order(fn: Callable[[T], R], items: Iterable[T], workers: int, *, ahea
 
     ``ahead`` bounds the items started but not yet consumed (memory; default ``2 * workers``). The results are
     those of the plain loop, whatever ``workers`` (and whatever ``OMP_NUM_THREADS``). ``fn`` must not build
-    shared caches lazily.
+    shared caches lazily. Called from a worker thread of another ``map_in_order``, it runs in that thread
+    (its siblings have the other cores: no pool inside a pool).
     """
-    workers = max(1, int(workers))
+    workers = 1 if in_pool_thread() else max(1, int(workers))
     if workers == 1:
         with blas_threads(1):
             for item in items:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -139,6 +140,11 @@ def test_map_in_order_keeps_the_order_and_runs_the_libraries_single_threaded():
         assert all(o[1] == (1 if workers > 1 else outside) and o[2] == (workers > 1) for o in out)
         assert all(set(o[3]) <= {1} for o in out)
     assert threads.fft_workers() == outside
+    # a map inside a worker runs in that worker's thread (no pool inside a pool)
+    inner = list(threads.map_in_order(lambda _: list(threads.map_in_order(lambda i: threading.get_ident(),
+                                                                           range(4), 3)) + [threading.get_ident()],
+                                      range(3), 3))
+    assert all(len(set(idents)) == 1 for idents in inner)
 
 
 def test_blas_threads_are_restored_after_nested_holds():

@@ -34,7 +34,7 @@ import numpy as np
 
 from ... import backend
 from ...em.projection import rfft_column_weights
-from ...threads import cpu_workers, in_pool_thread, map_in_order
+from ...threads import cpu_workers, map_in_order
 from ._fft import fast_size, irfft2, rfft2, rfft_freqs
 from .shift_solver import reference_frame, solve_relative_shifts, solve_relative_shifts_batched  # noqa: F401
 
@@ -442,8 +442,7 @@ def correlate_pairs(spectra, idx_a, idx_b, shape: Sequence[int], max_shift_px, *
     starts = range(0, P, batch)
     if xp is np:
         # the batches on the cores, each with single-threaded BLAS (the same products: the pairs are independent)
-        workers = 1 if in_pool_thread() else cpu_workers()   # not nested in another pool's threads
-        done = list(map_in_order(one_batch, starts, min(workers, len(starts))))
+        done = list(map_in_order(one_batch, starts, min(cpu_workers(), len(starts))))
     else:
         done = [one_batch(s) for s in starts]
     shifts = [d for d, _ in done]
