@@ -116,14 +116,13 @@ def irfft2(spec, shape: Sequence[int], *, overwrite: bool = False, out=None):
         workers = fft_workers()
         if spec.shape[-2] != shape[0] or spec.shape[-1] != shape[1] // 2 + 1 or spec.dtype.kind != "c":
             return sfft.irfft2(spec, s=shape, axes=(-2, -1), workers=workers)
+        tmp = sfft.ifft(spec if overwrite else spec.copy(), axis=-2, workers=workers, overwrite_x=True)
         if out is not None and spec.ndim == 3:
-            tmp = sfft.ifft(spec if overwrite else spec.copy(), axis=-2, workers=workers, overwrite_x=True)
             if _c2r_into(tmp, shape[1], out, workers):
                 return out
             for i, j in _chunks(spec.shape[0], spec[0].nbytes):
                 out[i:j] = sfft.irfft(tmp[i:j], n=shape[1], axis=-1, workers=workers, overwrite_x=True)
             return out
-        tmp = sfft.ifft(spec if overwrite else spec.copy(), axis=-2, workers=workers, overwrite_x=True)
         return sfft.irfft(tmp, n=shape[1], axis=-1, workers=workers, overwrite_x=True)
     return xp.fft.irfft2(spec, s=shape, axes=(-2, -1))
 

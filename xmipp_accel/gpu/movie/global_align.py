@@ -225,33 +225,35 @@ class BandSpectra:
         offs = xp.asarray(offsets, dtype=np.float64)
         return xp.exp((2j * np.pi / self.shape[0]) * offs[:, None] * self.ky[None, :]).astype(dtype)
 
-    def centred(self, products, centres_xy, dtype=np.complex64):
-        """Cross-power spectra moved so that ``centres_xy`` (B, 2) become the origin (phase ramps)."""
+    def ramps(self, centres_xy, dtype=np.complex64):
+        """(B, Kx) and (B, Ky) phase ramps that move cross-power spectra so that ``centres_xy`` (B, 2) become
+        the origin (multiplied in along x and along y)."""
         xp = self.xp
         c = xp.asarray(centres_xy, dtype=np.float64)
         rx = xp.exp((2j * np.pi / self.shape[1]) * c[:, 0:1] * self.kx[None, :]).astype(dtype)   # (B, Kx)
         ry = xp.exp((2j * np.pi / self.shape[0]) * c[:, 1:2] * self.ky[None, :]).astype(dtype)   # (B, Ky)
-        out = products.astype(dtype, copy=True)
-        out *= ry[:, :, None]
-        out *= rx[:, None, :]
-        return out
+        return rx, ry
 
     def grid(self, products, ey, ex):
         """Correlation values ``(B, my, mx)`` at the points of the phase matrices ``ey`` (my, Ky), ``ex`` (Kx, mx).
 
         Two GEMMs for the whole batch: ``(B·Ky, Kx) @ (Kx, mx)``, then ``(my, Ky) @ (Ky, B·mx)``.
         """
-        xp = self.xp
         b, ky, kx = products.shape
-        my, mx = ey.shape[0], ex.shape[1]
-        t = xp.matmul(products.reshape(b * ky, kx), ex)                          # (B·Ky, mx)
-        t = xp.ascontiguousarray(t.reshape(b, ky, mx).transpose(1, 0, 2)).reshape(ky, b * mx)
-        g = xp.matmul(ey, t).reshape(my, b, mx)
+        t = self.xp.matmul(products.reshape(b * ky, kx), ex).reshape(b, ky, ex.shape[1])     # (B, Ky, mx)
+        return self._along_y(t, ey)
+
+    def _along_y(self, t, ey):
+        """The second GEMM of :meth:`grid`: ``t`` (B, Ky, mx) against ``ey`` (my, Ky) -> (B, my, mx) real."""
+        xp = self.xp
+        b, ky, mx = t.shape
+        t = xp.ascontiguousarray(t.transpose(1, 0, 2)).reshape(ky, b * mx)
+        g = xp.matmul(ey, t).reshape(ey.shape[0], b, mx)
         return xp.ascontiguousarray(g.real.transpose(1, 0, 2))
 
     def grid_at(self, products, centres_xy, ey, ex, *, scratch=None):
         """:meth:`grid` of ``products`` moved so that ``centres_xy`` (B, 2) are the origin, i.e.
-        ``grid(centred(products, centres_xy), ey, ex)`` without the moved copy of the spectra.
+        ``grid`` of a copy of ``products`` multiplied by both :meth:`ramps`, without that copy.
 
         Only the x ramp is applied to the spectra (into ``scratch``, an array like ``products`` of the
         dtype of ``ex``, or a new one); the y ramp multiplies the (B, Ky, mx) result of the first GEMM,
@@ -259,20 +261,14 @@ class BandSpectra:
         same, only the order of the multiplications differs).
         """
         xp = self.xp
-        dtype = ex.dtype
         b, ky, kx = products.shape
-        my, mx = ey.shape[0], ex.shape[1]
-        c = xp.asarray(centres_xy, dtype=np.float64)
-        rx = xp.exp((2j * np.pi / self.shape[1]) * c[:, 0:1] * self.kx[None, :]).astype(dtype)   # (B, Kx)
-        ry = xp.exp((2j * np.pi / self.shape[0]) * c[:, 1:2] * self.ky[None, :]).astype(dtype)   # (B, Ky)
+        rx, ry = self.ramps(centres_xy, ex.dtype)
         if scratch is None:
-            scratch = xp.empty(products.shape, dtype=dtype)
+            scratch = xp.empty(products.shape, dtype=ex.dtype)
         xp.multiply(products, rx[:, None, :], out=scratch)
-        t = xp.matmul(scratch.reshape(b * ky, kx), ex).reshape(b, ky, mx)         # (B, Ky, mx)
+        t = xp.matmul(scratch.reshape(b * ky, kx), ex).reshape(b, ky, ex.shape[1])     # (B, Ky, mx)
         t *= ry[:, :, None]
-        t = xp.ascontiguousarray(t.transpose(1, 0, 2)).reshape(ky, b * mx)
-        g = xp.matmul(ey, t).reshape(my, b, mx)
-        return xp.ascontiguousarray(g.real.transpose(1, 0, 2))
+        return self._along_y(t, ey)
 
 
 def refine_peaks_dft(band: BandSpectra, products, centres_xy, *,

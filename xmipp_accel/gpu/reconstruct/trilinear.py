@@ -39,7 +39,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ...threads import cpu_workers
+from ...threads import cpu_workers, fft_workers
 from .insert import FourierGrid, insertion_entries
 
 __all__ = ["HalfPlane", "TrilinearSums", "half_plane", "half_plane_values", "insert_trilinear_numpy",
@@ -376,8 +376,8 @@ def half_plane_values(images: np.ndarray, grid: FourierGrid, *, shifts_px=None, 
     M, Mh = grid.padded_box, grid.half
     n, N = int(images.shape[0]), int(images.shape[-1])
     # zero-padded rfft2 in two passes: the x transforms of the N image rows only, then y
-    rows = scipy.fft.rfft(np.asarray(images, dtype=np.float32), n=M, axis=-1, workers=cpu_workers())
-    ft = scipy.fft.fft(rows, n=M, axis=-2, workers=cpu_workers())
+    rows = scipy.fft.rfft(np.asarray(images, dtype=np.float32), n=M, axis=-1, workers=fft_workers())
+    ft = scipy.fft.fft(rows, n=M, axis=-2, workers=fft_workers())
     vals = ft.reshape(n, -1)[:, hp.flat]
     # centre N//2 to the origin and the shift, as two separable phase ramps gathered at the pixels
     c = N // 2
