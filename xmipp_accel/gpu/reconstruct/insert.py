@@ -251,7 +251,7 @@ def insert_gather_numpy(data: np.ndarray, weight: np.ndarray, proj: np.ndarray, 
 def _gather_chunks(grid: FourierGrid, blob: KaiserBesselBlob, matrices: np.ndarray, chunk_elements: int) -> list:
     """The chunks of :func:`insert_gather_numpy`, in order: ``(axis, face, entries)`` with the entries whose
     plane normal is largest along ``axis`` (a few at a time) and that axis's face (:func:`_face`)."""
-    n_c = int(math.ceil(2 * blob.radius * math.sqrt(3.0))) + 2   # voxels a column can have in a slab
+    n_c = _slab_column_voxels(blob.radius)
     axes = dominant_axis(matrices)
     chunks = []
     for axis in range(3):
@@ -262,6 +262,11 @@ def _gather_chunks(grid: FourierGrid, blob: KaiserBesselBlob, matrices: np.ndarr
         step = max(1, chunk_elements // max(1, face[0].size * n_c))
         chunks += [(axis, face, sel[start:start + step]) for start in range(0, sel.size, step)]
     return chunks
+
+
+def _slab_column_voxels(radius: float) -> int:
+    """Voxels a column can have inside the slab of half-width ``radius`` (voxels) around a plane."""
+    return int(math.ceil(2 * radius * math.sqrt(3.0))) + 2
 
 
 @dataclass(frozen=True)
@@ -285,7 +290,7 @@ class _GatherSource:
         M, Mh = grid.padded_box, grid.half
         K, kmax2 = grid.K, grid.kmax2
         r, r2 = self.blob.radius, self.blob.radius * self.blob.radius
-        n_c = int(math.ceil(2 * r * math.sqrt(3.0))) + 2    # voxels a column can have in a slab
+        n_c = _slab_column_voxels(r)
         n_p = int(math.floor(2 * r)) + 1                     # pixels per axis a blob can cover
         offsets = np.arange(n_p)
         ic, iu, iv = _axis_components(axis)
