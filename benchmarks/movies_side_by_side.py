@@ -325,6 +325,15 @@ def programs(a, cores: str, n_movies: int) -> List[tuple]:
     return out
 
 
+#: How a program's run fails here (its exit status, a missing file, unreadable output): reported, the rest go on.
+PROGRAM_ERRORS = (RuntimeError, subprocess.CalledProcessError, OSError, ValueError)
+
+
+def failure_text(e: BaseException) -> str:
+    """A failed run's message: the program's stderr where it has one, else the error."""
+    return str(getattr(e, "stderr", None) or e)
+
+
 def warm_up(a, d: str, cores: str) -> Dict[str, float]:
     """Run every program once, untimed in the table, on one movie of its own (``d/warmup``, not among the
     timed ones, so no timed file enters the page cache): one-time costs (CuPy compiling its kernels into its
@@ -338,8 +347,8 @@ def warm_up(a, d: str, cores: str) -> Dict[str, float]:
         t0 = time.perf_counter()
         try:
             fn(w, 1)
-        except (RuntimeError, subprocess.CalledProcessError, OSError, ValueError) as e:
-            print(f"[warm-up] {name}: FAILED: {str(getattr(e, 'stderr', None) or e)[-500:]}", flush=True)
+        except PROGRAM_ERRORS as e:
+            print(f"[warm-up] {name}: FAILED: {failure_text(e)[-500:]}", flush=True)
             continue
         took[name] = round(time.perf_counter() - t0, 2)
         print(f"[warm-up] {name}: {took[name]:.1f} s for one movie (not in the table)", flush=True)
@@ -366,10 +375,10 @@ def run_all(a, d: str, truths: List[np.ndarray], cores: str) -> List[dict]:
                 print(f"[warm] {name}: movies read into the page cache", flush=True)
             try:
                 row = _summary(name, command, fn(d, n_used), truths[:n_used], n_used)
-            except (RuntimeError, subprocess.CalledProcessError, OSError, ValueError) as e:
-                msg = getattr(e, "stderr", None) or str(e)
-                print(f"[{pass_}] {name}: FAILED: {str(msg)[-1500:]}", flush=True)
-                rows.append({"program": name, "pass": pass_, "ok": False, "reason": f"failed: {str(msg)[-500:]}"})
+            except PROGRAM_ERRORS as e:
+                msg = failure_text(e)
+                print(f"[{pass_}] {name}: FAILED: {msg[-1500:]}", flush=True)
+                rows.append({"program": name, "pass": pass_, "ok": False, "reason": f"failed: {msg[-500:]}"})
                 continue
             row["pass"], row["movies"] = pass_, n_used
             rows.append(row)
