@@ -284,6 +284,8 @@ def _summary(program: str, command: str, r: dict, truths: List[np.ndarray], n: i
             "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "wall_per_movie_s": r["wall_s"] / n,
             "cpu_per_movie_s": r["cpu_s"] / n, "read_s": med("read_s"), "compute_s": med("compute_s"),
             "write_s": med("write_s"), "per_movie_s": med("per_movie_s"), "pipeline_s": r.get("pipeline_s"),
+            "pipeline_per_movie_s": r["pipeline_s"] / n if r.get("pipeline_s") else None,
+            "pipeline": r.get("pipeline"),
             "program_total_s": r.get("total_s"),
             "rms_px": float(np.median([e[0] for e in errs])), "max_px": float(max(e[1] for e in errs)),
             "read_s_per_movie": list(r.get("read_s") or []), "compute_s_per_movie": list(r.get("compute_s") or []),
@@ -320,13 +322,33 @@ def programs(a, cores: str, n_movies: int) -> List[tuple]:
     else:
         out.append(("RELION", "", None, "relion_run_motioncorr is not on PATH", 0))
     patches = f"{PATCHES}x{PATCHES}"
-    out.append(("ours", f"xmipp-accel align-movies --device {a.device} --patches {patches} --dose-per-frame {DOSE}",
-                lambda d, n: run_ours(d, n, cores, ("--patches", patches), device=a.device), None, n_movies))
+    for k in ours_workers(a):
+        extra = ("--patches", patches) + (("--workers-per-gpu", str(k)) if k != 1 else ())
+        out.append((ours_name(k), f"xmipp-accel align-movies --device {a.device} {' '.join(extra)} "
+                    f"--dose-per-frame {DOSE}",
+                    lambda d, n, extra=extra: run_ours(d, n, cores, extra, device=a.device), None, n_movies))
     return out
+
+
+def ours_workers(a) -> List[int]:
+    """Our GPU compute workers per GPU to run (``--ours-workers-per-gpu``; 1 only on the CPU)."""
+    if a.device != "gpu":
+        return [1]
+    return [int(k) for k in str(a.ours_workers_per_gpu).split(",")]
+
+
+def ours_name(workers_per_gpu: int) -> str:
+    """The table's name of our run: ``ours`` for the default (1 worker per GPU, the ratios' reference)."""
+    return "ours" if workers_per_gpu == 1 else f"ours, {workers_per_gpu} workers/GPU"
 
 
 #: How a program's run fails here (its exit status, a missing file, unreadable output): reported, the rest go on.
 PROGRAM_ERRORS = (RuntimeError, subprocess.CalledProcessError, OSError, ValueError)
+
+
+def skipped(a, name: str) -> bool:
+    """Whether ``--skip`` names this program (``ours`` covers every run of ours)."""
+    return name.split(",")[0].lower() in a.skip.lower().split(",")
 
 
 def failure_text(e: BaseException) -> str:
@@ -342,7 +364,7 @@ def warm_up(a, d: str, cores: str) -> Dict[str, float]:
     make_movies(w, 1, a.size, a.frames, backend.cupy_module() or np)
     took = {}
     for name, _command, fn, _reason, n_used in programs(a, cores, 1):
-        if fn is None or n_used == 0 or name.lower() in a.skip.lower().split(","):
+        if fn is None or n_used == 0 or skipped(a, name):
             continue
         t0 = time.perf_counter()
         try:
@@ -361,7 +383,7 @@ def run_all(a, d: str, truths: List[np.ndarray], cores: str) -> List[dict]:
     rows = []
     for pass_ in a.passes.split(","):
         for name, command, fn, reason, n_used in programs(a, cores, n):
-            if name.lower() in a.skip.lower().split(","):
+            if skipped(a, name):
                 fn, reason = None, "--skip"
             if fn is None:
                 print(f"[{pass_}] {name}: skipped ({reason})", flush=True)
@@ -398,15 +420,17 @@ def _f(v, fmt: str = ".3f") -> str:
 def table(rows: List[dict], header: str) -> str:
     lines = [header, "",
              "| pass | program | movies | read s | compute s | write s | per-movie s (median) | "
-             "wall s/movie (run / n) | CPU s/movie | RMS err px (median) | max err px | wall × ours |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "wall s/movie (run / n) | pipeline s/movie | CPU s/movie | RMS err px (median) | max err px | "
+             "wall × ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["ok"]:
             why = r["reason"] if r["reason"].startswith("failed") else "skipped: " + r["reason"]
-            lines.append(f"| {r['pass']} | {r['program']} | {why[:160]} | | | | | | | | | |")
+            lines.append(f"| {r['pass']} | {r['program']} | {why[:160]} | | | | | | | | | | |")
             continue
         lines.append(f"| {r['pass']} | {r['program']} | {r['movies']} | {_f(r['read_s'])} | {_f(r['compute_s'])} | "
                      f"{_f(r['write_s'])} | {_f(r['per_movie_s'])} | {r['wall_per_movie_s']:.3f} | "
+                     f"{_f(r.get('pipeline_per_movie_s'))} | "
                      f"{r['cpu_per_movie_s']:.2f} | {r['rms_px']:.3f} | {r['max_px']:.3f} | "
                      f"{_f(r.get('wall_ratio_to_ours'), '.2f')}× |")
     return "\n".join(lines)
@@ -434,6 +458,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/movies_sbs")
     ap.add_argument("--json", default=None, help="write all figures to this file")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (movies, outputs)")
+    ap.add_argument("--ours-workers-per-gpu", default="1",
+                    help="ours once per value, e.g. '1,2' (align-movies --workers-per-gpu; the ratios use 1)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="no untimed run of each program on a movie of its own before the passes")
     a = ap.parse_args(argv)

@@ -115,3 +115,28 @@ def test_bad_options_are_user_errors(movies, tmp_path, capsys):
         code, _, err = _run(["align-movies", str(d / "good.mrcs"), "-o", str(tmp_path / "x"), "--device", "cpu"]
                             + extra, capsys)
         assert code == 2 and text in err
+
+
+@pytest.mark.gpu
+def test_two_workers_per_gpu_give_the_shifts_of_one(tmp_path, capsys):
+    """``--workers-per-gpu 2`` (two streams on one GPU, movies in flight side by side) aligns each movie as one
+    worker does: same shifts, every movie once, in input order."""
+    from xmipp_accel import backend
+    if backend.cupy_module() is None:
+        pytest.skip("no usable GPU")
+    paths = []
+    for i in range(4):
+        frames, _ = make_movie((256, 256), 10, dose_per_pixel=1.0, drift_scale=2.0 + i, doming_px=1.0, seed=20 + i)
+        paths.append(str(tmp_path / f"m{i}.mrcs"))
+        write_mrc(paths[-1], frames, 1.0)
+    shifts = {}
+    for k in (1, 2):
+        argv = ["align-movies", *paths, "-o", str(tmp_path / f"w{k}"), "--patches", "3x3", "--device", "gpu",
+                "--workers-per-gpu", str(k), "--json", "-q"]
+        code, stdout, _ = _run(argv, capsys)
+        assert code == 0
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        assert [m["status"] for m in summary["movies"]] == ["ok"] * 4
+        assert [m["movie"] for m in summary["movies"]] == paths
+        shifts[k] = np.array([m["shifts_px"] for m in summary["movies"]])
+    np.testing.assert_allclose(shifts[2], shifts[1], atol=1e-4)
