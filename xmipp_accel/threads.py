@@ -18,11 +18,12 @@ import os
 import sys
 import threading
 from collections import deque
-from typing import Callable, Dict, Iterable, Iterator, List, MutableMapping, Mapping, Optional, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, MutableMapping, Mapping, Optional, TypeVar, Union
 
 __all__ = ["THREAD_VARIABLES", "cpu_workers", "thread_limits", "with_thread_limits", "local_ranks",
            "share_cores_with_local_ranks", "BLAS_THREAD_TIMEOUT", "let_idle_blas_threads_sleep", "fft_workers",
-           "in_pool_thread", "blas_threads", "map_in_order", "MALLOC_KEEP", "keep_freed_heap_memory"]
+           "in_pool_thread", "blas_threads", "map_in_order", "MALLOC_KEEP", "keep_freed_heap_memory",
+           "core_share", "available_memory_bytes"]
 
 #: Environment variables that size the BLAS/OpenMP thread pools.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -46,13 +47,69 @@ def _cores() -> int:
 
 
 def cpu_workers() -> int:
-    """Threads this process may keep busy: the cores it may use, at most ``OMP_NUM_THREADS`` when set (a
-    pipeline's or an MPI rank's share)."""
+    """Threads the calling thread may keep busy: the cores this process may use, at most ``OMP_NUM_THREADS``
+    when set (a pipeline's or an MPI rank's share), at most the thread's :func:`core_share` inside one (one
+    of several items aligned side by side)."""
     cores = _cores()
     limit = str(os.environ.get("OMP_NUM_THREADS", "")).strip()
     if limit.isdigit() and int(limit) > 0:
         cores = min(cores, int(limit))
+    for share in getattr(_pool_state, "shares", ()):
+        cores = min(cores, int(share() if callable(share) else share))
     return max(1, cores)
+
+
+@contextlib.contextmanager
+def core_share(n: Union[int, Callable[[], int]]):
+    """Inside the block, :func:`cpu_workers` (hence :func:`fft_workers` and the NumPy paths' thread counts)
+    of the calling thread is at most ``n``: the thread's share of the cores when several threads each run
+    one item (the CPU movie workers of :class:`~xmipp_accel.jobs.movies.MovieJob`). ``n`` may be a function,
+    asked at each :func:`cpu_workers` call (a share that grows when the other workers are idle). Other
+    threads are not affected; nested blocks keep the smallest share."""
+    shares = getattr(_pool_state, "shares", ())
+    _pool_state.shares = shares + (n,)
+    try:
+        yield
+    finally:
+        _pool_state.shares = shares
+
+
+def _cgroup_memory_left() -> Optional[int]:
+    """Bytes this process's cgroup (v2) may still allocate (``memory.max - memory.current``); None when
+    unlimited or unknown."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            rel = next((line.strip().split(":", 2)[2] for line in fh if line.startswith("0::")), None)
+        if rel is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(base, "memory.max")) as fh:
+            limit = fh.read().strip()
+        if not limit.isdigit():
+            return None
+        with open(os.path.join(base, "memory.current")) as fh:
+            used = int(fh.read().strip())
+        return max(0, int(limit) - used)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory (bytes) a new allocation may take without swapping: Linux's ``MemAvailable`` (free memory plus
+    the page cache it can drop), at most what the cgroup's limit leaves; None where neither is known."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        avail = None
+    left = _cgroup_memory_left()
+    if left is not None:
+        avail = left if avail is None else min(avail, left)
+    return avail
 
 
 def thread_limits(processes: int, cores: Optional[int] = None) -> Dict[str, str]:

@@ -147,6 +147,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="movies aligned at once on each GPU, each on its own stream (%(default)s). Measured on an "
                         "H100 with 4096² x 40 movies (run F): 2 is 1.8x slower than 1 (0.94 vs 0.49 s per movie; "
                         "one movie's kernels already fill the GPU), so keep 1 unless your movies are small")
+    g.add_argument("--cpu-workers", type=int, default=0,
+                   help="with --device cpu: movies aligned at once, each with its share of the cores (0, the "
+                        "default: as many as the cores, the movies and the available memory allow; 1: one movie "
+                        "at a time on all the cores); the results are the same")
     g = parser.add_argument_group("watched folder", "align each movie that lands in INDIR once it is complete, "
                                   "with one resident worker per GPU; a restart skips the movies done before")
     g.add_argument("--watch", metavar="INDIR", default=None,
@@ -181,7 +185,8 @@ def job_settings(args: argparse.Namespace):
                             voltage_kV=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast,
                             absolute_paths=args.absolute_paths, gain=args.gain, dark=args.dark, defects=args.defects,
                             gain_rot=args.gain_rot, gain_flip=args.gain_flip, read_threads=args.read_threads,
-                            workers_per_gpu=args.workers_per_gpu, eer_fractions=args.eer_fractions,
+                            workers_per_gpu=args.workers_per_gpu, cpu_workers=args.cpu_workers,
+                            eer_fractions=args.eer_fractions,
                             eer_upsampling=args.eer_upsampling, alignment=alignment)
 
 

@@ -16,8 +16,10 @@ common to all movies (``OUTDIR/a/m.mrc``, ``OUTDIR/c/m.mrc``), as RELION keeps t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,6 +29,7 @@ import numpy as np
 from ..em.ctf import CTF_DEFAULTS
 from ..errors import InputError
 from ..gpu.movie import AlignmentOptions, align_movie
+from ..gpu.movie._fft import fast_shape
 from ..gpu.movie.flexalign import check_movie_options
 from ..gpu.movie.preprocess import check_reference_shape, orient_reference
 from ..gpu.runtime.mpi import MPIContext, mpi_context
@@ -38,8 +41,10 @@ from ..io.movie import (MovieInfo, movie_info, read_defects, read_movie_raw, rea
 from ..io.mrc import write_mrc
 from ..io.relion_motion import (BSplineMotion, MicrographEntry, MotionAcquisition, motion_star_blocks,
                                 relion_defect_file, write_corrected_micrographs, write_motion_star)
+from ..threads import available_memory_bytes, blas_threads, core_share, cpu_workers
 
-__all__ = ["MovieJobSettings", "MovieJob", "MovieJobReport", "movie_stem", "output_names", "movie_report"]
+__all__ = ["MovieJobSettings", "MovieJob", "MovieJobReport", "movie_stem", "output_names", "movie_report",
+           "cpu_movie_workers", "CPU_MOVIE_FRAME_COPIES", "CPU_MOVIE_MEMORY_FRACTION"]
 
 logger = logging.getLogger("xmipp_accel")
 
@@ -62,7 +67,8 @@ class MovieJobSettings:
     """What a :class:`MovieJob` needs besides the movies and the output folder (units in the names).
 
     ``frame_range`` is 0-based ``(start, stop)`` (stop excluded, None = to the end) or None for all
-    frames; ``pixel_size_A`` None takes it from the first movie's header; ``alignment`` holds the other
+    frames; ``pixel_size_A`` None takes it from the first movie's header; ``cpu_workers`` is the number of
+    movies aligned side by side on the CPU (0: automatic, :func:`cpu_movie_workers`); ``alignment`` holds the other
     :class:`~xmipp_accel.gpu.movie.AlignmentOptions` fields (max_res_A, binning, local, patches_xy...).
     """
     pixel_size_A: Optional[float] = None
@@ -80,6 +86,7 @@ class MovieJobSettings:
     gain_flip: int = 0
     read_threads: int = 8
     workers_per_gpu: int = 1
+    cpu_workers: int = 0
     eer_fractions: int = DEFAULT_EER_FRACTIONS
     eer_upsampling: int = 1
     alignment: Dict[str, Any] = field(default_factory=dict)
@@ -96,6 +103,8 @@ class MovieJobSettings:
             raise InputError(f"--read-threads must be at least 1, got {self.read_threads}")
         if self.workers_per_gpu < 1:
             raise InputError(f"--workers-per-gpu must be at least 1, got {self.workers_per_gpu}")
+        if self.cpu_workers < 0:
+            raise InputError(f"--cpu-workers must be 0 (automatic) or at least 1, got {self.cpu_workers}")
         if self.eer_fractions < 1:
             raise InputError(f"--eer-fractions must be at least 1 raw frame per fraction, got {self.eer_fractions}")
         if self.eer_upsampling not in (1, 2):
@@ -151,6 +160,39 @@ def output_names(paths: Sequence[str], options: AlignmentOptions) -> Dict[str, s
         raise InputError(f"movies would overwrite each other's outputs: {' and '.join(who)} both write {f}; "
                          "give each movie once, or rename the movies so that their outputs differ")
     return names
+
+
+#: Memory a CPU worker holds while it aligns one movie besides the movie's raw frames, in float32 frames of
+#: the padded size: the spectra, the spectrum-sized buffer of the local correction and the temporaries
+#: (measured, 1024² × 24 float32, 3 × 3 patches: 437 MB peak for one movie, ~100 MB of it the program,
+#: 100 MB the raw frames: ~2.4 copies; 3 keeps a margin).
+CPU_MOVIE_FRAME_COPIES = 3.0
+#: Part of the available memory (:func:`~xmipp_accel.threads.available_memory_bytes`) the CPU workers may plan on.
+CPU_MOVIE_MEMORY_FRACTION = 0.8
+
+
+def cpu_movie_workers(requested: int, *, cores: int, n_movies: Optional[int], raw_bytes: int, frames_bytes: int,
+                      available_bytes: Optional[int], waiting: int = 2) -> int:
+    """Movies the CPU aligns side by side, each with ``cores // workers`` threads.
+
+    One movie's serial parts (Python between the NumPy calls, the solvers, the reads) leave cores idle that
+    a second movie fills; the results do not change (each movie's arithmetic does not depend on its thread
+    count). ``requested`` > 0 is taken as it is; 0 (automatic) gives the most workers that (1) are at most
+    ``cores``, (2) at most ``n_movies`` (None: unknown, ``--watch``), and (3) fit in
+    :data:`CPU_MOVIE_MEMORY_FRACTION` of ``available_bytes`` (None: not bounded), a computing movie taking
+    ``raw_bytes + CPU_MOVIE_FRAME_COPIES * frames_bytes`` (raw frames as stored; float32 padded frames) and
+    each of the ``waiting`` other movies in flight (read ahead, being written) ``raw_bytes``. At least 1.
+    """
+    if requested > 0:
+        return int(requested)
+    n = max(1, int(cores))
+    if n_movies is not None:
+        n = min(n, max(1, int(n_movies)))
+    if available_bytes is not None:
+        per_movie = raw_bytes + CPU_MOVIE_FRAME_COPIES * frames_bytes
+        budget = CPU_MOVIE_MEMORY_FRACTION * available_bytes - waiting * raw_bytes
+        n = min(n, int(budget // max(per_movie, 1.0)))
+    return max(1, n)
 
 
 def _first_readable_info(paths: Sequence[str], reader: Dict[str, int]) -> Optional[MovieInfo]:
@@ -242,6 +284,9 @@ class MovieJob:
             raise InputError(f"{self.first_info.path} has no pixel size in its header: give --pixel-size (Å)")
         self.pixel_size_A = float(pixel_size)
         self.first_frame = settings.frame_range[0] if settings.frame_range else 0
+        self._cpu_share: Optional[Callable[[], int]] = None   # threads of a CPU worker when several (pipeline)
+        self._cpu_active = 0                                   # CPU workers aligning a movie now
+        self._cpu_lock = threading.Lock()
         self.options = self._alignment_options()
         check_movie_options(self.options, self.first_info.frame_shape, name=self.first_info.path)
         self.names = output_names(self.paths, self.options)
@@ -330,8 +375,9 @@ class MovieJob:
     def _compute(self, data: dict, ctx) -> dict:
         t0 = time.perf_counter()
         raw = data.pop("raw")  # the pipeline keeps `data`: drop its reference so device memory can be freed
-        result = align_movie(raw, self.options, gain=ctx.state["gain"], dark=ctx.state["dark"],
-                             defect_mask=ctx.state["defects"], name=data["path"])
+        with self._cpu_worker_share(ctx):
+            result = align_movie(raw, self.options, gain=ctx.state["gain"], dark=ctx.state["dark"],
+                                 defect_mask=ctx.state["defects"], name=data["path"])
         del raw
         if ctx.is_gpu:
             ctx.stream.synchronize()  # the pipeline waits here too: the time is the movie's
@@ -342,6 +388,23 @@ class MovieJob:
         out["eer"] = data.get("eer", False)
         out["read_ms"] = data["read_ms"]
         return out
+
+    @contextlib.contextmanager
+    def _cpu_worker_share(self, ctx):
+        """Around one movie of one of several CPU workers: counted as being aligned, its stages limited to
+        their share of the cores, BLAS at one thread (held while any of them runs); else nothing."""
+        share = None if ctx.is_gpu else self._cpu_share
+        if share is None:
+            yield
+            return
+        with self._cpu_lock:
+            self._cpu_active += 1
+        try:
+            with core_share(share), blas_threads(1):
+                yield
+        finally:
+            with self._cpu_lock:
+                self._cpu_active -= 1
 
     def _write(self, path: str, res: dict) -> dict:
         t0 = time.perf_counter()
@@ -387,14 +450,39 @@ class MovieJob:
         if gain_name and gain_name.startswith(self.output_dir + os.sep):
             write_mrc(gain_name, np.asarray(self.references["gain"], dtype=np.float32), None)
 
+    def cpu_workers(self, n_movies: Optional[int] = None) -> int:
+        """Movies aligned side by side on the CPU (:func:`cpu_movie_workers`; ``--cpu-workers``, 0: as the
+        cores, ``n_movies`` (None: unknown) and the memory allow, judged on the first movie's size)."""
+        info = self.first_info
+        start, stop = self.settings.frame_range or (0, None)
+        frames = max(1, (info.n_frames if stop is None else min(stop, info.n_frames)) - start)
+        py, px = fast_shape(info.frame_shape)
+        raw_bytes = frames * info.ny * info.nx * np.dtype(info.dtype).itemsize
+        return cpu_movie_workers(self.settings.cpu_workers, cores=cpu_workers(), n_movies=n_movies,
+                                 raw_bytes=raw_bytes, frames_bytes=frames * py * px * 4,
+                                 available_bytes=available_memory_bytes())
+
     def pipeline(self, devices: Sequence[Any], *, on_result: Optional[Callable] = None,
-                 ordered: bool = True) -> Pipeline:
+                 ordered: bool = True, n_movies: Optional[int] = None) -> Pipeline:
         """The :class:`~xmipp_accel.gpu.runtime.pipeline.Pipeline` aligning this job's movies: one reader,
         one compute worker per GPU (``workers_per_gpu`` each; their ``setup`` uploads the references once),
-        one writer; ``Pipeline.run(paths)`` takes the movie paths (a generator is consumed as room allows)."""
+        one writer; ``Pipeline.run(paths)`` takes the movie paths (a generator is consumed as room allows).
+
+        Without GPUs, :meth:`cpu_workers` ``(n_movies)`` NumPy workers; with more than one, each movie's
+        stages take ``cores // movies being aligned`` threads (:func:`~xmipp_accel.threads.core_share`,
+        asked stage by stage: the last movie of a batch gets all the cores once the others are done), BLAS
+        is held at one thread (the results do not depend on the count of workers or threads), and no movie
+        waits in their queue beyond the one read ahead (memory: ``workers + 2`` movies in flight)."""
         on_gpu = any(d.is_gpu for d in devices)
+        n_cpu = 1 if on_gpu else self.cpu_workers(n_movies)
+        self._cpu_share = None
+        if n_cpu > 1:
+            cores = cpu_workers()
+            self._cpu_share = lambda: max(1, cores // max(1, self._cpu_active))
+            logger.info("aligning up to %d movies side by side on the CPU (%d cores)", n_cpu, cores)
         return Pipeline(self._compute, read=self._read, write=self._write, setup=self._setup_refs(self.references),
-                        devices=devices, read_workers=1, queue_depth=1, ordered=ordered, pinned=True,
+                        devices=devices, cpu_workers=0 if on_gpu else n_cpu, read_workers=1,
+                        queue_depth=1 if n_cpu == 1 else 0, ordered=ordered, pinned=True,
                         workers_per_gpu=self.settings.workers_per_gpu if on_gpu else 1, on_result=on_result,
                         on_error=_reported_by_movie_report)
 
@@ -405,7 +493,7 @@ class MovieJob:
         Parameters
         ----------
         devices : sequence of :class:`~xmipp_accel.backend.Device`
-            One compute worker per GPU (``workers_per_gpu`` each), or one CPU worker.
+            One compute worker per GPU (``workers_per_gpu`` each), or CPU workers (:meth:`cpu_workers`).
         ctx : MPIContext, optional
             Under MPI the movies are split in contiguous blocks over the ranks and the summaries gathered on
             rank 0 (input order); default: this process's context.
@@ -422,7 +510,7 @@ class MovieJob:
         logger.info("aligning %d movie(s) on %s", len(paths), ", ".join(d.describe() for d in devices))
         if ctx.enabled:
             logger.info("rank %d of %d: %d movie(s)", ctx.rank, ctx.size, len(paths))
-        pipe = self.pipeline(devices, on_result=on_result)
+        pipe = self.pipeline(devices, on_result=on_result, n_movies=len(paths))
         with ctx.abort_on_error():
             run = pipe.run(paths)
             movies, lines = _movie_reports(run)

@@ -51,7 +51,7 @@ logger = logging.getLogger("xmipp_accel")
 JOURNAL_NAME = "watch_done.jsonl"
 _JOURNAL_VERSION = 1
 #: Settings that do not change the outputs (a restart may change them).
-_RUNTIME_SETTINGS = ("read_threads", "workers_per_gpu")
+_RUNTIME_SETTINGS = ("read_threads", "workers_per_gpu", "cpu_workers")
 
 
 @dataclass

@@ -140,3 +140,46 @@ def test_two_workers_per_gpu_give_the_shifts_of_one(tmp_path, capsys):
         assert [m["movie"] for m in summary["movies"]] == paths
         shifts[k] = np.array([m["shifts_px"] for m in summary["movies"]])
     np.testing.assert_allclose(shifts[2], shifts[1], atol=1e-4)
+
+
+def test_cpu_workers_side_by_side_give_the_outputs_of_one(tmp_path, capsys):
+    """``--cpu-workers 2`` (two movies aligned at once on the CPU, each with its share of the cores, the last
+    one with all of them) writes what one worker writes, bit for bit: sums, dose-weighted sums, shifts,
+    every movie once, in input order; a bad movie among them is still skipped alone."""
+    paths = []
+    for i in range(3):
+        frames, _ = make_movie((256, 256), 10, dose_per_pixel=1.0, drift_scale=2.0 + i, doming_px=1.0, seed=30 + i)
+        paths.append(str(tmp_path / f"m{i}.mrcs"))
+        write_mrc(paths[-1], frames, 1.0)
+    bad = str(tmp_path / "zbad.mrcs")
+    write_mrc(bad, np.zeros((10, 256, 256), np.float32), 1.0)
+    summaries = {}
+    for k in (1, 2):
+        argv = ["align-movies", *paths, bad, "-o", str(tmp_path / f"w{k}"), "--patches", "3x3", "--device", "cpu",
+                "--dose-per-frame", "1", "--cpu-workers", str(k), "--json", "-q"]
+        code, stdout, _ = _run(argv, capsys)
+        summaries[k] = json.loads(stdout.strip().splitlines()[-1])
+        assert code == 0 and summaries[k]["pipeline"]["workers"] == [f"cpu{i}" for i in range(k)]
+        assert [m["movie"] for m in summaries[k]["movies"]] == paths + [bad]
+        assert [m["status"] for m in summaries[k]["movies"]] == ["ok"] * 3 + ["skipped"]
+    for m1, m2 in zip(summaries[1]["movies"][:3], summaries[2]["movies"][:3]):
+        assert m1["shifts_px"] == m2["shifts_px"]
+        for kind in ("sum", "sum_dw"):
+            a, b = read_mrc(m1["outputs"][kind])[0], read_mrc(m2["outputs"][kind])[0]
+            assert a.shape == (256, 256) and np.array_equal(a, b)
+
+
+def test_cpu_movie_workers_follow_the_cores_the_movies_and_the_memory():
+    from xmipp_accel.jobs.movies import CPU_MOVIE_FRAME_COPIES, CPU_MOVIE_MEMORY_FRACTION, cpu_movie_workers
+    gb = 1 << 30
+    raw, frames = int(1.34 * gb), int(2.7 * gb)          # a 4096² × 40 int16 movie; its float32 frames
+    per = raw + CPU_MOVIE_FRAME_COPIES * frames
+    common = dict(raw_bytes=raw, frames_bytes=frames)
+    assert cpu_movie_workers(0, cores=2, n_movies=5, available_bytes=None, **common) == 2
+    assert cpu_movie_workers(0, cores=8, n_movies=3, available_bytes=None, **common) == 3
+    assert cpu_movie_workers(0, cores=8, n_movies=None, available_bytes=None, **common) == 8   # --watch
+    for n in (1, 2, 3):                                   # memory for exactly n computing + 2 waiting movies
+        avail = (n * per + 2 * raw) / CPU_MOVIE_MEMORY_FRACTION + 1
+        assert cpu_movie_workers(0, cores=16, n_movies=20, available_bytes=avail, **common) == n
+    assert cpu_movie_workers(0, cores=16, n_movies=20, available_bytes=gb, **common) == 1   # never 0
+    assert cpu_movie_workers(3, cores=2, n_movies=1, available_bytes=gb, **common) == 3     # as asked

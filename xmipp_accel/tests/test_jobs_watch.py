@@ -121,7 +121,9 @@ def test_movies_arriving_while_watching(stock, tmp_path, monkeypatch, caplog):
     status = {os.path.basename(m["movie"]): m["status"] for m in report.movies}
     assert status == {"m0.mrcs": "ok", "m1.mrcs": "ok", "bad.tiff": "skipped", "m2.mrcs": "ok", "m3.mrcs": "ok"}
     assert "bad.tiff" in caplog.text and "not a readable TIFF" in caplog.text      # named in the log
-    assert setups == ["cpu0"]                        # one resident worker, set up once for the 4 movies
+    # resident workers (as many as the cores and memory allow: --cpu-workers 0), each set up once for the 4 movies
+    assert sorted(setups) == report.workers and report.workers[0] == "cpu0"
+    assert len(report.workers) == job.job.cpu_workers()
     assert report.ended_by == "timeout" and wall < 12
     # the STAR, read ~continuously while it was rewritten, always parsed and never lost a row
     assert reader.errors == [] and reader.reads > 5

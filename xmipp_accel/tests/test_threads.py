@@ -183,3 +183,32 @@ def test_heap_settings_are_applied_unless_the_user_set_them():
     env["MALLOC_ARENA_MAX"] = "4"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(sorted(["MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"]))
+
+
+def test_core_share_limits_the_calling_thread_only():
+    from xmipp_accel import threads
+    full = threads.cpu_workers()
+    seen = {}
+    active = {"n": 2}
+    with threads.core_share(1):
+        assert threads.cpu_workers() == 1 and threads.fft_workers() == 1
+        t = threading.Thread(target=lambda: seen.setdefault("other", threads.cpu_workers()))
+        t.start()
+        t.join()
+        with threads.core_share(5):                      # nested: the smaller share stays
+            assert threads.cpu_workers() == 1
+    assert seen["other"] == full and threads.cpu_workers() == full
+    with threads.core_share(lambda: max(1, 64 // active["n"])):   # asked at each call
+        assert threads.cpu_workers() == min(full, 32)
+        active["n"] = 64
+        assert threads.cpu_workers() == 1
+    assert threads.cpu_workers() == full
+
+
+def test_available_memory_is_positive_and_below_the_machine_total():
+    from xmipp_accel import threads
+    avail = threads.available_memory_bytes()
+    if avail is None:
+        return
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < avail <= total
