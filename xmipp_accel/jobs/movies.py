@@ -347,12 +347,16 @@ class MovieJob:
                 raise InputError(f"{info.path} has frames of {info.nx} x {info.ny} pixels but the gain/dark/defect "
                                  f"references are {first.nx} x {first.ny}")
             check_movie_options(self.options, info.frame_shape, name=info.path)
-        fr = self.settings.frame_range
-        start, stop = (fr[0], fr[1]) if fr else (0, None)
-        stop = info.n_frames if stop is None else stop
+        start, stop = self._frame_span(info.n_frames)
         if stop > info.n_frames:
             raise InputError(f"{info.path} has {info.n_frames} frames; --frames asks for frames up to {stop}")
         return start, stop
+
+    def _frame_span(self, n_frames: int) -> Tuple[int, int]:
+        """``--frames`` as 0-based ``(start, stop)`` (stop excluded) for a movie of ``n_frames`` frames: the
+        end defaults to the movie's; a stop beyond it is returned as it is (the caller refuses or clips)."""
+        start, stop = self.settings.frame_range or (0, None)
+        return int(start), int(n_frames if stop is None else stop)
 
     def _read(self, path: str, alloc: Callable[..., np.ndarray]) -> dict:
         """Read a movie's frames in their stored dtype into a buffer of the pipeline (pinned on GPUs)."""
@@ -454,8 +458,8 @@ class MovieJob:
         """Movies aligned side by side on the CPU (:func:`cpu_movie_workers`; ``--cpu-workers``, 0: as the
         cores, ``n_movies`` (None: unknown) and the memory allow, judged on the first movie's size)."""
         info = self.first_info
-        start, stop = self.settings.frame_range or (0, None)
-        frames = max(1, (info.n_frames if stop is None else min(stop, info.n_frames)) - start)
+        start, stop = self._frame_span(info.n_frames)
+        frames = max(1, min(stop, info.n_frames) - start)
         py, px = fast_shape(info.frame_shape)
         raw_bytes = frames * info.ny * info.nx * np.dtype(info.dtype).itemsize
         return cpu_movie_workers(self.settings.cpu_workers, cores=cpu_workers(), n_movies=n_movies,

@@ -121,9 +121,6 @@ def test_bad_options_are_user_errors(movies, tmp_path, capsys):
 def test_two_workers_per_gpu_give_the_shifts_of_one(tmp_path, capsys):
     """``--workers-per-gpu 2`` (two streams on one GPU, movies in flight side by side) aligns each movie as one
     worker does: same shifts, every movie once, in input order."""
-    from xmipp_accel import backend
-    if backend.cupy_module() is None:
-        pytest.skip("no usable GPU")
     paths = []
     for i in range(4):
         frames, _ = make_movie((256, 256), 10, dose_per_pixel=1.0, drift_scale=2.0 + i, doming_px=1.0, seed=20 + i)
