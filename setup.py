@@ -24,6 +24,7 @@ setup(
         "scipion-em>=3.11",
         "numpy>=1.24",
         "scipy>=1.10",
+        "numba>=0.59",
         "mrcfile>=1.4",
         "tifffile>=2023.1",
         "imagecodecs>=2023.1,<2025",  # 2025+ wheels need numpy 2; Scipion pins numpy 1.26

@@ -30,6 +30,7 @@ from ..em.ctf import CTF_DEFAULTS
 from ..errors import InputError
 from ..gpu.movie import AlignmentOptions, align_movie
 from ..gpu.movie._fft import fast_shape
+from ..gpu.movie.apply import prepare_cpu_engine
 from ..gpu.movie.flexalign import check_movie_options
 from ..gpu.movie.preprocess import check_reference_shape, orient_reference
 from ..gpu.runtime.mpi import MPIContext, mpi_context
@@ -371,8 +372,12 @@ class MovieJob:
                 "read_ms": 1e3 * (time.perf_counter() - t0)}
 
     @staticmethod
-    def _setup_refs(refs):
+    def _setup_refs(refs, interpolation: Optional[str] = None):
+        """Each compute worker's set-up: the references on its device; on the CPU, with local alignment
+        (``interpolation`` given), the compiled interpolation loaded while the first movie is read."""
         def setup(ctx):
+            if interpolation is not None and not ctx.is_gpu:
+                prepare_cpu_engine(interpolation)
             return {k: (None if v is None else ctx.xp.asarray(v)) for k, v in refs.items()}
         return setup
 
@@ -484,7 +489,9 @@ class MovieJob:
             cores = cpu_workers()
             self._cpu_share = lambda: max(1, cores // max(1, self._cpu_active))
             logger.info("aligning up to %d movies side by side on the CPU (%d cores)", n_cpu, cores)
-        return Pipeline(self._compute, read=self._read, write=self._write, setup=self._setup_refs(self.references),
+        interpolation = self.options.local_interpolation if self.options.local else None
+        return Pipeline(self._compute, read=self._read, write=self._write,
+                        setup=self._setup_refs(self.references, interpolation),
                         devices=devices, cpu_workers=0 if on_gpu else n_cpu, read_workers=1,
                         queue_depth=1 if n_cpu == 1 else 0, ordered=ordered, pinned=True,
                         workers_per_gpu=self.settings.workers_per_gpu if on_gpu else 1, on_result=on_result,

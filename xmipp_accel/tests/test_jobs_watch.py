@@ -79,8 +79,8 @@ def _count_setups(monkeypatch):
     calls = []
     original = movies_module.MovieJob._setup_refs
 
-    def counting(refs):
-        setup = original(refs)
+    def counting(refs, *args):
+        setup = original(refs, *args)
 
         def wrapped(ctx):
             calls.append(ctx.name)

@@ -1,4 +1,6 @@
 """Applying shifts: Fourier shifts, the local interpolation kernel against its NumPy twin, power spectrum."""
+import os
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,25 @@ from xmipp_accel.gpu.movie._fft import irfft2, rfft2
 from xmipp_accel.gpu.movie.apply import (correct_local_motion, correct_local_motion_reference, power_spectrum,
                                          shift_spectra)
 from xmipp_accel.gpu.movie.bspline import BSplineShiftModel
+
+
+def _numba_or_skip() -> None:
+    """Skip where Numba does not import; fail instead under CI (``CI`` set), where it is installed as a
+    requirement, so that the compiled engine cannot go untested silently."""
+    from xmipp_accel.gpu.movie.apply import _numba_module
+    if _numba_module() is None:
+        msg = "Numba does not import here: the CPU twin's compiled engine is not available"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI is set)", pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def engine(request) -> str:
+    """Each CPU engine of the twin: the compiled loops and the NumPy passes."""
+    if request.param == "numba":
+        _numba_or_skip()
+    return request.param
 
 
 def test_shift_spectra_moves_content_by_plus_shift(xp):
@@ -25,22 +46,23 @@ def _constant_field_model(shape, n, shift_xy):
     return BSplineShiftModel((4, 4, 4), (float(shape[1]), float(shape[0]), n), coef)
 
 
-def test_local_correction_with_a_constant_integer_field_is_a_roll():
+def test_local_correction_with_a_constant_integer_field_is_a_roll(engine):
     rng = np.random.default_rng(1)
     frames = rng.standard_normal((2, 40, 48)).astype(np.float32)
     m = _constant_field_model((40, 48), 2, (2.0, -3.0))
     hx, hy, _ = m.spacing
-    out = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx))
+    out = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx), engine=engine)
     expect = np.roll(frames, (-3, 2), axis=(1, 2))
     np.testing.assert_allclose(out[:, 5:-5, 5:-5], expect[:, 5:-5, 5:-5], atol=1e-5)
 
 
-def test_local_correction_of_a_smooth_image_by_a_fractional_shift():
+def test_local_correction_of_a_smooth_image_by_a_fractional_shift(engine):
     y, x = np.mgrid[0:64, 0:64].astype(np.float64)
     img = np.sin(2 * np.pi * x / 23.0) * np.cos(2 * np.pi * y / 31.0)
     m = _constant_field_model((64, 64), 1, (0.4, -0.7))
     hx, hy, _ = m.spacing
-    out = correct_local_motion_reference(img[None].astype(np.float32), m.frame_coefficients(), (hy, hx))[0]
+    out = correct_local_motion_reference(img[None].astype(np.float32), m.frame_coefficients(), (hy, hx),
+                                         engine=engine)[0]
     expect = np.sin(2 * np.pi * (x - 0.4) / 23.0) * np.cos(2 * np.pi * (y + 0.7) / 31.0)
     assert np.abs(out - expect)[4:-4, 4:-4].max() < 5e-3
 
@@ -59,7 +81,7 @@ def _sample_positions(coef, shape, spacing_yx):
         yield y - sy, x - sx
 
 
-def test_numpy_twin_equals_keys_sampling_with_clamped_indices():
+def test_numpy_twin_equals_keys_sampling_with_clamped_indices(engine):
     """The padded, offset-view gathers of the twin against plain per-pixel Keys sampling (``sample_keys``,
     indices clamped at every tap) of the same field: shifts up to ~5 px reach past the frame's edges."""
     from xmipp_accel.em.interpolation import sample_keys
@@ -68,7 +90,7 @@ def test_numpy_twin_equals_keys_sampling_with_clamped_indices():
     m = BSplineShiftModel((5, 4, 4), (90.0, 70.0, 3), rng.normal(0, 1.0, (4, 4, 5, 2)))
     hx, hy, _ = m.spacing
     coef = rng.normal(0, 4.0, m.frame_coefficients().shape).astype(np.float32)   # (N, 2, Ly, Lx), px
-    out = correct_local_motion_reference(frames, coef, (hy, hx), rows_per_chunk=16, workers=2)
+    out = correct_local_motion_reference(frames, coef, (hy, hx), rows_per_chunk=16, workers=2, engine=engine)
     for f, (y, x) in enumerate(_sample_positions(coef, (70, 90), (hy, hx))):
         expect = sample_keys(frames[f], y, x)
         np.testing.assert_allclose(out[f], expect, rtol=0, atol=1e-5)   # float32 sums in another order
@@ -92,7 +114,7 @@ def test_gpu_kernel_matches_numpy_twin():
     _assert_gpu_kernel_matches_numpy_twin(2)
 
 
-def test_linear_option_equals_scipy_bilinear_sampling_with_nearest_edges():
+def test_linear_option_equals_scipy_bilinear_sampling_with_nearest_edges(engine):
     """``interpolation="linear"`` against an independent bilinear sampler (``scipy.ndimage.map_coordinates``,
     order 1, edge pixels repeated, which is the twin's clamping) of the same field, reaching past the edges."""
     from scipy.ndimage import map_coordinates
@@ -101,20 +123,21 @@ def test_linear_option_equals_scipy_bilinear_sampling_with_nearest_edges():
     coef = rng.normal(0, 4.0, (3, 2, 5, 6)).astype(np.float32)
     hy, hx = 70 / 2.0, 90 / 3.0
     out = correct_local_motion_reference(frames, coef, (hy, hx), rows_per_chunk=16, workers=2,
-                                         interpolation="linear")
+                                         interpolation="linear", engine=engine)
     for f, (y, x) in enumerate(_sample_positions(coef, (70, 90), (hy, hx))):
         expect = map_coordinates(frames[f].astype(np.float64), [y, x], order=1, mode="nearest")
         np.testing.assert_allclose(out[f], expect, rtol=0, atol=1e-5)
-    keys = correct_local_motion_reference(frames, coef, (hy, hx))
+    keys = correct_local_motion_reference(frames, coef, (hy, hx), engine=engine)
     assert np.abs(keys - out).max() > 0.1                           # the option does change the sampling
 
 
-def test_linear_option_keeps_integer_shifts_exact_and_unknown_names_fail():
+def test_linear_option_keeps_integer_shifts_exact_and_unknown_names_fail(engine):
     rng = np.random.default_rng(7)
     frames = rng.standard_normal((2, 40, 48)).astype(np.float32)
     m = _constant_field_model((40, 48), 2, (2.0, -3.0))
     hx, hy, _ = m.spacing
-    out = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx), interpolation="linear")
+    out = correct_local_motion_reference(frames, m.frame_coefficients(), (hy, hx), interpolation="linear",
+                                         engine=engine)
     expect = np.roll(frames, (-3, 2), axis=(1, 2))
     np.testing.assert_allclose(out[:, 5:-5, 5:-5], expect[:, 5:-5, 5:-5], atol=1e-5)
     with pytest.raises(ValueError, match="interpolation"):
@@ -147,7 +170,7 @@ def test_in_place_keys_weights_are_bit_identical_to_keys_weights():
         assert expect.dtype == np.float32 and np.array_equal(got, expect)
 
 
-def test_numpy_twin_does_not_depend_on_the_threads_and_hardly_on_the_chunk():
+def test_numpy_twin_does_not_depend_on_the_threads_and_hardly_on_the_chunk(engine):
     """Threads change nothing (same bits). The shift field is made chunk by chunk (a small matrix product
     per chunk), and BLAS may round a product's last bit differently for another number of rows: that moves a
     sample by ~1 ulp of its coordinate (< 1e-5 px here), i.e. values by < 1e-5 for these unit-variance
@@ -155,27 +178,84 @@ def test_numpy_twin_does_not_depend_on_the_threads_and_hardly_on_the_chunk():
     rng = np.random.default_rng(5)
     frames = rng.standard_normal((3, 50, 70)).astype(np.float32)
     coef = rng.normal(0, 2.0, (3, 2, 4, 5)).astype(np.float32)
-    ref = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=1)
-    assert np.array_equal(correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=3),
-                          ref)
+    ref = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=1, engine=engine)
+    assert np.array_equal(correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=50, workers=3,
+                                                         engine=engine), ref)
     for rows, workers in ((1, 1), (7, 2), (32, 3)):
-        out = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=rows, workers=workers)
+        out = correct_local_motion_reference(frames, coef, (25.0, 35.0), rows_per_chunk=rows, workers=workers,
+                                             engine=engine)
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("interpolation", ["keys", "linear"])
-def test_numpy_twin_into_a_strided_output_equals_a_contiguous_one(interpolation):
+def test_numpy_twin_into_a_strided_output_equals_a_contiguous_one(interpolation, engine):
     """The samples are summed straight into contiguous output rows, or in a scratch copied to a strided
     ``out`` (a view of a wider array): both give the same bits, and leave the columns beyond untouched."""
     rng = np.random.default_rng(6)
     frames = rng.standard_normal((2, 40, 60)).astype(np.float32)
     coef = rng.normal(0, 2.0, (2, 2, 4, 5)).astype(np.float32)
     ref = correct_local_motion_reference(frames, coef, (20.0, 30.0), rows_per_chunk=16, workers=1,
-                                         interpolation=interpolation)
+                                         interpolation=interpolation, engine=engine)
     wide = np.full((2, 40, 64), 7.0, dtype=np.float32)
     got = correct_local_motion_reference(frames, coef, (20.0, 30.0), rows_per_chunk=16, workers=1,
-                                         interpolation=interpolation, out=wide[:, :, :60])
+                                         interpolation=interpolation, out=wide[:, :, :60], engine=engine)
     assert np.array_equal(got, ref) and np.all(wide[:, :, 60:] == 7.0)
+
+
+@pytest.mark.parametrize("interpolation", ["keys", "linear"])
+def test_compiled_engine_gives_the_numpy_engines_bits(interpolation):
+    """The Numba loops against the NumPy passes on frames whose fields reach ~10 px past the edges (clamped
+    taps on every side), for a float64, non-contiguous input and a strided output: the same bits, since
+    both do the same float32 operations in the same order on the same BLAS field."""
+    _numba_or_skip()
+    rng = np.random.default_rng(11)
+    frames = rng.standard_normal((3, 90, 2 * 77)).astype(np.float64)[:, :, ::2]   # (3, 90, 77), strided
+    coef = rng.normal(0, 5.0, (3, 2, 5, 6)).astype(np.float32)
+    options = dict(rows_per_chunk=32, workers=2, interpolation=interpolation)
+    ref = correct_local_motion_reference(frames, coef, (30.0, 26.0), engine="numpy", **options)
+    wide = np.zeros((3, 90, 80), np.float32)
+    got = correct_local_motion_reference(frames, coef, (30.0, 26.0), engine="numba", out=wide[:, :, :77],
+                                         **options)
+    assert np.array_equal(got, ref)
+    assert np.array_equal(correct_local_motion_reference(frames, coef, (30.0, 26.0), **options), ref)   # auto
+
+
+@pytest.mark.parametrize("interpolation", ["keys", "linear"])
+def test_prepare_cpu_engine_loads_the_compiled_loop_before_the_first_frame(interpolation):
+    """The movie workers' set-up calls it: afterwards the loop of ``interpolation`` has its compiled code
+    for the layouts of the frames' rows, so the first movie does not compile or load it."""
+    _numba_or_skip()
+    from xmipp_accel.gpu.movie import _interp_cpu
+    from xmipp_accel.gpu.movie.apply import prepare_cpu_engine
+    loop = _interp_cpu.keys_rows if interpolation == "keys" else _interp_cpu.linear_rows
+    assert prepare_cpu_engine(interpolation) is True
+    before = len(loop.signatures)
+    assert before >= 1
+    rng = np.random.default_rng(12)
+    correct_local_motion_reference(rng.standard_normal((2, 20, 24)).astype(np.float32),
+                                   rng.normal(0, 1.0, (2, 2, 4, 4)).astype(np.float32), (10.0, 12.0),
+                                   interpolation=interpolation, workers=1, engine="numba")
+    assert len(loop.signatures) == before                  # no new compilation for a movie's frames
+
+
+def test_without_numba_auto_falls_back_to_numpy_and_numba_asked_for_is_a_clear_error(monkeypatch):
+    from xmipp_accel.gpu.movie import apply
+    monkeypatch.setattr(apply, "_numba_module", lambda: None)       # as where Numba does not import
+    rng = np.random.default_rng(13)
+    frames = rng.standard_normal((2, 20, 24)).astype(np.float32)
+    coef = rng.normal(0, 1.0, (2, 2, 4, 4)).astype(np.float32)
+    auto = correct_local_motion_reference(frames, coef, (10.0, 12.0), workers=1)
+    assert np.array_equal(auto, correct_local_motion_reference(frames, coef, (10.0, 12.0), workers=1,
+                                                               engine="numpy"))
+    assert apply.prepare_cpu_engine("keys") is False
+    with pytest.raises(RuntimeError, match="pip install numba"):
+        correct_local_motion_reference(frames, coef, (10.0, 12.0), engine="numba")
+
+
+def test_unknown_cpu_engine_names_the_choices():
+    frames = np.zeros((1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        correct_local_motion_reference(frames, np.zeros((1, 2, 4, 4), np.float32), (4.0, 4.0), engine="cython")
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 96, 90), (2, 97, 64), (48, 50)])
