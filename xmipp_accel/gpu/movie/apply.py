@@ -178,9 +178,10 @@ def _numba_module():
     """:mod:`._interp_cpu` (compiled by Numba), or None when Numba is missing or does not import here."""
     try:
         from . import _interp_cpu
-    except ImportError as exc:          # not installed, or built for another NumPy
+    except Exception as exc:            # not installed, built for another NumPy, or no writable cache folder
         logger.warning("Numba is not usable (%s): local motion is interpolated by the NumPy engine, "
-                       "~3x more CPU time; 'pip install numba' to speed it up", exc)
+                       "~3x more CPU time. To speed it up: 'pip install numba' (a release that supports "
+                       "this NumPy), or point NUMBA_CACHE_DIR at a writable folder", exc)
         return None
     return _interp_cpu
 
