@@ -28,8 +28,7 @@ import numpy as np
 
 from ..em.ctf import CTF_DEFAULTS
 from ..errors import InputError
-from ..gpu.movie import AlignmentOptions, align_movie
-from ..gpu.movie._fft import fast_shape
+from ..gpu.movie import AlignmentOptions, align_movie, fast_shape
 from ..gpu.movie.apply import prepare_cpu_engine
 from ..gpu.movie.flexalign import check_movie_options
 from ..gpu.movie.preprocess import check_reference_shape, orient_reference

@@ -4,6 +4,7 @@ Public names, one per line; the stages live in their own modules:
 :mod:`.preprocess`, :mod:`.global_align`, :mod:`.local_align`, :mod:`.bspline`, :mod:`.apply`,
 :mod:`.dose`, :mod:`.polish`, and :mod:`.flexalign` which chains them.
 """
+from ._fft import fast_shape
 from .bspline import BSplineShiftModel, auto_control_points, fit_bspline_grid, fit_bspline_shifts
 from .dose import dose_weighted_sum, exposure_filter
 from .flexalign import AlignmentOptions, MovieAlignment, align_movie, auto_patches
@@ -27,4 +28,5 @@ __all__ = [
     "LocalAlignment",
     "estimate_local_shifts",
     "polish_global_shifts",
+    "fast_shape",
 ]
