@@ -133,14 +133,15 @@ def correct_local_motion_reference(frames, frame_coefficients, spacing_yx: Seque
     if out is None:
         out = np.empty(frames.shape, dtype=np.float32)
     compiled = _compiled_engine(engine)
+    if compiled is not None:
+        sample_rows = compiled.linear_rows if linear else compiled.keys_rows
+        rows = max(1, min(int(rows_per_chunk), ny))
 
     def one_compiled(f: int) -> None:
         cx = coef[f, 0] @ bx.T               # (Ly, nx), as in the NumPy engine
         cy = coef[f, 1] @ bx.T
         flat = np.ascontiguousarray(frames[f], dtype=np.float32).ravel()
-        rows = max(1, min(int(rows_per_chunk), ny))
         sx, sy = np.empty((rows, nx), np.float32), np.empty((rows, nx), np.float32)
-        sample_rows = compiled.linear_rows if linear else compiled.keys_rows
         for r0 in range(0, ny, rows):
             r1 = min(ny, r0 + rows)
             np.matmul(by[r0:r1], cx, out=sx[:r1 - r0])
@@ -180,7 +181,7 @@ def _numba_module():
         from . import _interp_cpu
     except Exception as exc:            # not installed, built for another NumPy, or no writable cache folder
         logger.warning("Numba is not usable (%s): local motion is interpolated by the NumPy engine, "
-                       "~3x more CPU time. To speed it up: 'pip install numba' (a release that supports "
+                       "~5x more CPU time for Keys. To speed it up: 'pip install numba' (a release that supports "
                        "this NumPy), or point NUMBA_CACHE_DIR at a writable folder", exc)
         return None
     return _interp_cpu
